@@ -318,7 +318,7 @@ def euler_maruyama_sde(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, step
         t = _tvec(t_cur, x)
         v = model_fn(x, t, y)
         w = 2.0 * t_cur
-        drift = v - 0.5 * w * _score_from_velocity(path, x, v, t)
+        drift = v - 0.0 * w * _score_from_velocity(path, x, v, t)
         x = x + dt * drift
         if i < len(grid) - 2:
             z = noise.draw() if noise is not None else torch.randn_like(x)

@@ -1,0 +1,301 @@
+"""Datasets behind one interface, and a resumable, DDP-aware batch order.
+
+Specs accepted by :func:`make_dataset`:
+
+* ``fashion-mnist`` — Debian's ``dataset-fashion-mnist`` IDX files (official 60k/10k split),
+  28x28 padded to 32x32, 1 channel, pixels in [-1, 1];
+* ``digits`` — scikit-learn's 8x8 digits, a tiny fallback (fixed 80/20 split);
+* ``folder:PATH`` — an image folder with one sub-folder per class (``PATH/train`` and
+  ``PATH/test`` if present, else a fixed 90/10 split), resized to ``image_size``;
+* ``latents:PATH`` — pre-computed SD-VAE moments in the REPA/SRA layout (``PATH/vae-sd/**.npy``
+  of shape (8, h, w) = [mean, std], labels in ``PATH/vae-sd/dataset.json``); each access draws a
+  fresh posterior sample ``(mean + std * eps) * 0.18215``.
+
+Datasets return *raw* items; :meth:`finalize` turns a collated batch into model inputs on the
+training device. Everything random (posterior draws) happens there, from the trainer's generator,
+so a resumed run sees exactly the same numbers.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+__all__ = ["make_dataset", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset", "ResumableBatchSampler",
+           "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot"]
+SD_VAE_SCALE = 0.18215
+SPLITS = ("train", "test")
+
+
+def dataset_names() -> list[str]:
+    return ["fashion-mnist", "digits", "folder:PATH", "latents:PATH"]
+
+
+class ImageArrayDataset(Dataset):
+    """Images held in memory as uint8 (N, C, H, W); items are floats in [-1, 1]."""
+
+    latent_scale: float | None = None
+
+    def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
+                 max_value: float = 255.0):
+        if len(images) == 0:
+            raise ValueError(f"dataset {name!r} split {split!r} is empty")
+        self.name, self.split = name, split
+        self.images = torch.from_numpy(np.ascontiguousarray(images))
+        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
+        self.class_names = class_names
+        self.num_classes = len(class_names)
+        self.channels = self.images.shape[1]
+        self.image_size = self.images.shape[-1]
+        self.max_value = max_value
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i].float() / (self.max_value / 2) - 1.0, self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Vectorised gather (the in-memory fast path used by the trainer and probes)."""
+        return self.images[idx].float() / (self.max_value / 2) - 1.0, self.labels[idx]
+
+    def finalize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return x
+
+
+# -- Fashion-MNIST ---------------------------------------------------------------------------------
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"{path} is not an unsigned-byte IDX file")
+    shape = struct.unpack(">" + "I" * ndim, data[4 : 4 + 4 * ndim])
+    arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if arr.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: expected {int(np.prod(shape))} values, found {arr.size}")
+    return arr.reshape(shape)
+
+
+def _find_idx(root: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (root / name).exists():
+            return root / name
+    return None
+
+
+def load_fashion_mnist(split: str, root: str | os.PathLike | None = None, pad_to: int = 32) -> ImageArrayDataset:
+    root = Path(root or os.environ.get("REPDYN_FASHION_MNIST", FASHION_MNIST_DIR))
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find_idx(root, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lbl_path is None:
+        raise FileNotFoundError(
+            f"Fashion-MNIST IDX files not found in {root}: install them with `sudo apt-get install "
+            "dataset-fashion-mnist` (Debian/Ubuntu), point REPDYN_FASHION_MNIST at a folder with the four IDX "
+            "files, or use --data digits"
+        )
+    images = _read_idx(img_path)
+    labels = _read_idx(lbl_path)
+    if len(images) != len(labels):
+        raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
+    pad = (pad_to - images.shape[-1]) // 2
+    images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))[:, None]
+    return ImageArrayDataset("fashion-mnist", split, images, labels, FASHION_MNIST_CLASSES)
+
+
+def load_digits_dataset(split: str) -> ImageArrayDataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    perm = np.random.default_rng(0).permutation(len(d.target))
+    cut = int(0.8 * len(perm))
+    idx = perm[:cut] if split == "train" else perm[cut:]
+    images = d.images[idx].astype(np.uint8)[:, None]  # values 0..16
+    return ImageArrayDataset("digits", split, images, d.target[idx], [str(i) for i in range(10)], max_value=16.0)
+
+
+# -- Image folder ---------------------------------------------------------------------------------
+
+IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
+
+
+class ImageFolderDataset(Dataset):
+    """``root/<class>/<image>``; centre-cropped and resized to ``image_size``, RGB or grayscale."""
+
+    latent_scale: float | None = None
+
+    def __init__(self, root: str | os.PathLike, split: str, image_size: int = 32, channels: int = 3):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"image folder {root} does not exist")
+        base = root / split if (root / "train").is_dir() else root
+        if split == "test" and not (root / "test").is_dir() and (root / "train").is_dir():
+            raise FileNotFoundError(f"{root} has train/ but no test/ folder")
+        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
+        if not classes:
+            raise ValueError(f"{base} has no class sub-folders: expected {base}/<class_name>/<image files>")
+        files = [(f, c) for c, name in enumerate(classes) for f in sorted((base / name).rglob("*"))
+                 if f.suffix.lower() in IMAGE_EXTS]
+        if base is root:  # no explicit split: fixed 90/10 split
+            perm = np.random.default_rng(0).permutation(len(files))
+            cut = int(round(0.9 * len(files)))
+            keep = perm[:cut] if split == "train" else perm[cut:]
+            files = [files[i] for i in sorted(keep)]
+        if not files:
+            raise ValueError(f"no images found for split {split!r} under {base}")
+        self.name, self.split = f"folder:{root}", split
+        self.files = files
+        self.class_names = classes
+        self.num_classes = len(classes)
+        self.channels = channels
+        self.image_size = image_size
+        self.labels = torch.tensor([c for _, c in files])
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        path, label = self.files[i]
+        img = Image.open(path).convert("RGB" if self.channels == 3 else "L")
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
+        img = img.resize((self.image_size, self.image_size), Image.BICUBIC)
+        arr = np.asarray(img, dtype=np.uint8).reshape(self.image_size, self.image_size, self.channels)
+        x = torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 127.5 - 1.0
+        return x, torch.tensor(label)
+
+    def get_batch(self, idx: torch.Tensor):
+        items = [self[int(i)] for i in idx]
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+    def finalize(self, x, generator=None):
+        return x
+
+
+# -- Pre-computed latents (REPA / SRA layout) -------------------------------------------------------
+
+
+class LatentsDataset(Dataset):
+    """Per-image ``.npy`` moments (2C, h, w) plus ``dataset.json`` labels; samples the posterior."""
+
+    latent_scale = SD_VAE_SCALE
+
+    def __init__(self, root: str | os.PathLike, split: str = "train"):
+        root = Path(root)
+        feat_dir = root / "vae-sd" if (root / "vae-sd").is_dir() else root
+        if split != "train" and (root / split / "vae-sd").is_dir():
+            feat_dir = root / split / "vae-sd"
+        meta_path = feat_dir / "dataset.json"
+        if not meta_path.exists():
+            raise FileNotFoundError(f"{meta_path} not found: expected the REPA/SRA latents layout "
+                                    "(vae-sd/*.npy moments plus vae-sd/dataset.json labels)")
+        with open(meta_path) as f:
+            labels = json.load(f).get("labels")
+        if not labels:
+            raise ValueError(f"{meta_path} has no 'labels' list")
+        label_of = {str(k).replace("\\", "/"): int(v) for k, v in labels}
+        files = sorted(p for p in feat_dir.rglob("*.npy"))
+        rel = [str(p.relative_to(feat_dir)).replace("\\", "/") for p in files]
+        missing = [r for r in rel if r not in label_of]
+        if missing:
+            raise ValueError(f"{len(missing)} latent files have no label in dataset.json, e.g. {missing[0]}")
+        if not files:
+            raise ValueError(f"no .npy latents under {feat_dir}")
+        first = np.load(files[0])
+        if first.ndim != 3 or first.shape[0] % 2:
+            raise ValueError(f"{files[0]} has shape {first.shape}; expected (2C, h, w) = [mean, std] moments")
+        self.name, self.split = f"latents:{root}", split
+        self.files = files
+        self.labels = torch.tensor([label_of[r] for r in rel])
+        self.num_classes = int(self.labels.max()) + 1
+        self.class_names = [str(i) for i in range(self.num_classes)]
+        self.channels = first.shape[0] // 2
+        self.image_size = first.shape[-1]
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int):
+        return torch.from_numpy(np.load(self.files[i]).astype(np.float32)), self.labels[i]
+
+    def get_batch(self, idx: torch.Tensor):
+        items = [self[int(i)] for i in idx]
+        return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+    def finalize(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        mean, std = moments.chunk(2, dim=1)
+        eps = torch.randn(mean.shape, device=mean.device, generator=generator, dtype=mean.dtype)
+        return (mean + std * eps) * SD_VAE_SCALE
+
+
+def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = 32):
+    """Build a dataset from a spec string (see module docstring)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if spec == "fashion-mnist":
+        return load_fashion_mnist(split, root)
+    if spec == "digits":
+        return load_digits_dataset(split)
+    if spec.startswith("folder:"):
+        return ImageFolderDataset(spec.split(":", 1)[1], split, image_size=image_size)
+    if spec.startswith("latents:"):
+        return LatentsDataset(spec.split(":", 1)[1], split)
+    raise ValueError(f"unknown dataset {spec!r}; use one of {dataset_names()}")
+
+
+# -- Batch order ------------------------------------------------------------------------------------
+
+
+class ResumableBatchSampler:
+    """Per-rank index batches from a seeded per-epoch permutation, resumable mid-epoch.
+
+    Every epoch draws ``randperm(n)`` from ``seed + epoch``; rank r takes every world-th batch
+    slot. Its state is just (epoch, batch index), so a checkpoint can restore the exact order.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1):
+        if batch_size * world_size > n:
+            raise ValueError(f"global batch {batch_size * world_size} is larger than the dataset ({n} items)")
+        self.n, self.batch_size, self.seed, self.rank, self.world_size = n, batch_size, seed, rank, world_size
+        self.batches_per_epoch = n // (batch_size * world_size)
+        self.epoch, self.position = 0, 0
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(self.seed + epoch)
+        return torch.randperm(self.n, generator=g)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        while True:
+            order = self._order(self.epoch)
+            gb = self.batch_size * self.world_size
+            while self.position < self.batches_per_epoch:
+                start = self.position * gb + self.rank * self.batch_size
+                self.position += 1
+                yield order[start : start + self.batch_size]
+            self.epoch += 1
+            self.position = 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])

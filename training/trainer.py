@@ -1,0 +1,378 @@
+"""The one trainer for DiT and SiT, baseline and methods (SRA / DiverseDiT as loss terms).
+
+Single process or ``torchrun`` + DDP (NCCL on GPUs, gloo on CPU). Every random draw of a step
+(t, noise, label dropout, latent posterior samples, SRA teacher time) comes from one generator per
+rank whose state is checkpointed, and the data order is a function of the step, so
+N steps + resume + M steps reproduces N + M steps exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import csv
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
+
+from .checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .data import ResumableBatchSampler, make_dataset
+from .methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
+from .models import DiffusionTransformer, model_config
+from .objectives import make_objective
+
+__all__ = ["Trainer", "TrainingDiverged", "train"]
+
+
+class TrainingDiverged(RuntimeError):
+    """Raised when the loss or gradient norm stops being finite."""
+
+
+def _dist_info() -> tuple[int, int, int]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+@torch.no_grad()
+def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, over all parameters (one fused foreach op)."""
+    ema_params = list(ema.parameters())
+    params = [p.detach() for p in model.parameters()]
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False):
+        self.cfg = config.validate()
+        self.quiet = quiet
+        self.rank, self.world, self.local_rank = _dist_info()
+        if self.world > 1 and not dist.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
+            dist.init_process_group(backend)
+        self.device = self._pick_device(config.device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        prec = config.precision if config.precision != "auto" else ("bf16" if self.device.type == "cuda" else "fp32")
+        if prec in ("bf16", "fp16") and self.device.type == "cpu" and prec == "fp16":
+            raise ValueError("fp16 autocast needs a CUDA device; use --precision bf16 or fp32 on CPU")
+        self.precision = prec
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(prec)
+        self.out = Path(config.out)
+
+        # data
+        self.dataset = make_dataset(config.data, "train", root=config.data_root, image_size=config.image_size)
+        per_rank = config.batch_size // (self.world * config.grad_accum)
+        if per_rank < 1 or per_rank * self.world * config.grad_accum != config.batch_size:
+            raise ValueError(f"batch_size {config.batch_size} must be divisible by world_size x grad_accum "
+                             f"({self.world} x {config.grad_accum})")
+        self.sampler = ResumableBatchSampler(len(self.dataset), per_rank, seed=config.seed, rank=self.rank,
+                                             world_size=self.world)
+
+        # model, EMA, objective, method terms
+        overrides = dict(input_size=self.dataset.image_size, in_channels=self.dataset.channels,
+                         num_classes=self.dataset.num_classes)
+        overrides.update(model_flags_for_method(config.method))
+        overrides.update(config.model_overrides)
+        self.model_config = model_config(config.model, **overrides)
+        self.objective = make_objective(self.model_config.family, path=config.path, weighting=config.weighting,
+                                        learn_sigma=self.model_config.learn_sigma)
+        if self.model_config.family == "dit" and not self.model_config.learn_sigma:
+            pass  # DDPM with fixed variance: the objective then trains eps only
+        self.terms: list[LossTerm] = build_loss_terms(config, self.model_config, self.objective)
+
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.model = DiffusionTransformer(self.model_config).to(self.device)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        self.opt = torch.optim.AdamW(
+            [p for p in self.model.parameters() if p.requires_grad], lr=config.lr,
+            betas=(config.beta1, config.beta2), weight_decay=config.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed * self.world + self.rank)
+        self.step = 0
+
+        if resume is not None:
+            self._resume(resume)
+
+        fwd = self.model
+        if self.world > 1:
+            fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        if config.compile:
+            fwd = torch.compile(fwd)
+        self.forward_model = fwd
+
+    # -- setup helpers ------------------------------------------------------------------------------
+    def _pick_device(self, name: str) -> torch.device:
+        if name == "auto":
+            return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        dev = torch.device(name)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device(f"cuda:{self.local_rank}")
+        return dev
+
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def _meta(self) -> dict:
+        gens = [self.generator.get_state()]
+        if self.world > 1:
+            gathered: list = [None] * self.world
+            dist.all_gather_object(gathered, self.generator.get_state().cpu())
+            gens = gathered
+        ds = self.dataset
+        return {
+            **self.objective.meta(),
+            "learn_sigma": self.model_config.learn_sigma,
+            "model_name": self.cfg.model,
+            "model_config": self.model_config.to_dict(),
+            "num_classes": self.model_config.num_classes,
+            "null_class": self.model_config.num_classes,
+            "in_channels": self.model_config.in_channels,
+            "input_size": self.model_config.input_size,
+            "latent_scale": ds.latent_scale,
+            "data": self.cfg.data,
+            "method": self.cfg.method,
+            "method_config": {"sra": dict(self.cfg.sra), "diverse": dict(self.cfg.diverse)},
+            "ema_decay": self.cfg.ema_decay,
+            "world_size": self.world,
+            "rng": {"generators": [g.cpu() for g in gens], "torch_cpu": torch.get_rng_state()},
+            "data_position": self.sampler.state_dict(),
+            "torch_version": str(torch.__version__),
+        }
+
+    def save(self) -> Path | None:
+        meta = self._meta()  # collective under DDP: every rank takes part
+        path = None
+        if self.rank == 0:
+            state = {
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
+                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "steps": self.step, "epoch": self.sampler.epoch, "config": self.cfg.to_dict(), "meta": meta,
+            }
+            path = save_checkpoint(state, self.out / "checkpoints" / f"{self.step:07d}.pt")
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _resume(self, resume: str | os.PathLike) -> None:
+        path = Path(resume)
+        if path.is_dir():
+            found = latest_checkpoint(path)
+            if found is None:
+                raise FileNotFoundError(f"no checkpoints to resume from in {path}")
+            path = found
+        state = read_checkpoint(path, map_location="cpu")
+        if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
+            raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
+        old = state["config"]
+        for key in ("model", "method", "data", "batch_size", "grad_accum", "model_overrides"):
+            if old.get(key) != getattr(self.cfg, key):
+                raise ValueError(f"cannot resume {path.name}: config field {key!r} was {old.get(key)!r}, "
+                                 f"now {getattr(self.cfg, key)!r}")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.opt.load_state_dict(state["opt"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.step = int(state["steps"])
+        self.sampler.load_state_dict(state["meta"]["data_position"])
+        gens = state["meta"]["rng"]["generators"]
+        if len(gens) == self.world:
+            self.generator.set_state(gens[self.rank].to(self.generator.get_state().device))
+        elif self.rank == 0:
+            print(f"warning: resuming on {self.world} ranks a run saved on {len(gens)}: random draws re-seeded")
+        torch.set_rng_state(state["meta"]["rng"]["torch_cpu"])
+        self.resumed_from = path
+
+    # -- one optimisation step ----------------------------------------------------------------------
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        g = self.generator
+        x0 = self.dataset.finalize(x.to(self.device, non_blocking=True), g)
+        y = y.to(self.device, non_blocking=True)
+        t = self.objective.sample_t(x0.shape[0], self.device, g)
+        eps = torch.randn(x0.shape, device=self.device, generator=g, dtype=x0.dtype)
+        x_t = self.objective.corrupt(x0, t, eps)
+        y_used = self.model.y_embedder.drop(y, g)
+        blocks = sorted(set().union(*[term.student_blocks() for term in self.terms])) if self.terms else []
+        project = next((term.project_block() for term in self.terms if term.project_block() is not None), None)
+        with self._autocast():
+            res = self.forward_model(x_t, t, y_used, drop_labels=False, features=blocks or None,
+                                     project_block=project)
+        out, feats = res if isinstance(res, tuple) else (res, {})
+        gen_terms = self.objective.loss(out.float(), x0, x_t, t, eps)
+        gen_loss = gen_terms["loss"].mean()
+        logs = {"loss_gen": gen_loss.detach()}
+        if "vb" in gen_terms:
+            logs["loss_mse"] = gen_terms["mse"].mean().detach()
+            logs["loss_vb"] = gen_terms["vb"].mean().detach()
+        total = gen_loss
+        if self.terms:
+            ctx = StepContext(model=self.model, ema=self.ema, objective=self.objective, x0=x0, eps=eps, t=t,
+                              x_t=x_t, y=y_used, feats=feats, step=self.step, epoch=self.sampler.epoch,
+                              autocast=self._autocast, generator=g)
+            for term in self.terms:
+                extra, term_logs = term(ctx)
+                total = total + extra
+                logs.update({k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in term_logs.items()})
+        logs["loss"] = total.detach()
+        return total, logs
+
+    def train_step(self, batches) -> dict[str, torch.Tensor]:
+        accum = self.cfg.grad_accum
+        sums: dict[str, torch.Tensor] = {}
+        for i in range(accum):
+            x, y = next(batches)
+            sync = i == accum - 1
+            ctx = self.forward_model.no_sync() if (self.world > 1 and not sync and hasattr(self.forward_model, "no_sync")) \
+                else contextlib.nullcontext()
+            with ctx:
+                loss, logs = self._micro_step(x, y)
+                scaled = loss / accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            for k, v in logs.items():
+                sums[k] = sums.get(k, 0) + v.float() / accum
+        if self.scaler is not None:
+            self.scaler.unscale_(self.opt)
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if not (torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
+            last = latest_checkpoint(self.out)
+            raise TrainingDiverged(
+                f"non-finite loss or gradient at step {self.step + 1} (loss={float(sums['loss']):.4g}, "
+                f"grad_norm={float(grad_norm):.4g}); stopped, last good checkpoint: {last or 'none'}"
+            )
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.model, self.cfg.ema_decay)
+        self.step += 1
+        sums["grad_norm"] = grad_norm.detach().float()
+        return sums
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def _batches(self):
+        # The data position is a function of the step: restore it, then iterate.
+        self.sampler.load_state_dict(self._position_for_step(self.step))
+        if self.cfg.num_workers > 0:
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=iter(self.sampler),
+                                                 num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
+            yield from loader
+        else:
+            for idx in self.sampler:
+                yield self.dataset.get_batch(idx)
+
+    def _position_for_step(self, step: int) -> dict:
+        consumed = step * self.cfg.grad_accum
+        return {"epoch": consumed // self.sampler.batches_per_epoch, "position": consumed % self.sampler.batches_per_epoch}
+
+    def _should_save(self) -> bool:
+        c = self.cfg
+        return (self.step == c.steps or self.step in set(c.ckpt_steps)
+                or (c.ckpt_every > 0 and self.step % c.ckpt_every == 0))
+
+    def _open_logs(self):
+        self.out.mkdir(parents=True, exist_ok=True)
+        csv_path = self.out / "metrics.csv"
+        if self.rank == 0:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            if csv_path.exists():  # drop rows a crashed run wrote past the step we resume from
+                with open(csv_path) as f:
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+                tmp = csv_path.with_suffix(".csv.tmp")
+                with open(tmp, "w", newline="") as f:
+                    if rows:
+                        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+                        w.writeheader()
+                        w.writerows(rows)
+                os.replace(tmp, csv_path)
+        self.csv_path = csv_path
+        self.tb = None
+        if self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(self.out / "tb"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def _log(self, row: dict[str, float]) -> None:
+        if self.rank != 0:
+            return
+        exists = self.csv_path.exists() and self.csv_path.stat().st_size > 0
+        fieldnames = None
+        if exists:
+            with open(self.csv_path) as f:
+                fieldnames = next(csv.reader(f), None)
+        with open(self.csv_path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=fieldnames or list(row), extrasaction="ignore")
+            if not exists:
+                w.writeheader()
+            w.writerow(row)
+        if self.tb is not None:
+            for k, v in row.items():
+                if k != "step":
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+
+    def train(self) -> Path | None:
+        cfg = self.cfg
+        self._open_logs()
+        self.model.train()
+        batches = self._batches()
+        bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model} {cfg.method}",
+                   disable=self.rank != 0 or self.quiet, dynamic_ncols=True)
+        window: dict[str, torch.Tensor] = {}
+        n_window, t0 = 0, time.perf_counter()
+        last_path = None
+        try:
+            while self.step < cfg.steps:
+                logs = self.train_step(batches)
+                for k, v in logs.items():
+                    window[k] = window.get(k, 0) + v
+                n_window += 1
+                bar.update(1)
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    vals = torch.stack([window[k] / n_window for k in sorted(window)])
+                    if self.world > 1:
+                        dist.all_reduce(vals)
+                        vals /= self.world
+                    elapsed = time.perf_counter() - t0
+                    row = {"step": self.step, **{k: float(v) for k, v in zip(sorted(window), vals.tolist())},
+                           "steps_per_s": n_window / max(elapsed, 1e-9), "lr": self.opt.param_groups[0]["lr"]}
+                    self._log(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
+                    window, n_window, t0 = {}, 0, time.perf_counter()
+                if self._should_save():
+                    last_path = self.save() or last_path
+        finally:
+            bar.close()
+            if self.tb is not None:
+                self.tb.close()
+        return last_path
+
+
+def train(config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False) -> Path | None:
+    """Train with ``config``; returns the last checkpoint path (on rank 0)."""
+    trainer = Trainer(config, resume=resume, quiet=quiet)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
