@@ -23,6 +23,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Train DiT/SiT diffusion transformers and probe their representations (block x timestep)."""
+
+
 def friendly_errors(fn):
     """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback)."""
 

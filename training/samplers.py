@@ -231,7 +231,7 @@ def guided_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int,
         k = c if guide_channels is None else min(guide_channels, c)
         out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
         cond, uncond = out[:n], out[n:]
-        guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+        guided = cond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
         mask = active.reshape(-1, *([1] * (x.ndim - 1)))
         head = torch.where(mask, guided, cond[:, :k])
         return torch.cat([head, cond[:, k:]], dim=1)
