@@ -231,7 +231,7 @@ def guided_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int,
         k = c if guide_channels is None else min(guide_channels, c)
         out = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, null_class)]))
         cond, uncond = out[:n], out[n:]
-        guided = cond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
+        guided = uncond[:, :k] + cfg_scale * (cond[:, :k] - uncond[:, :k])
         mask = active.reshape(-1, *([1] * (x.ndim - 1)))
         head = torch.where(mask, guided, cond[:, :k])
         return torch.cat([head, cond[:, k:]], dim=1)
@@ -318,7 +318,7 @@ def euler_maruyama_sde(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, step
         t = _tvec(t_cur, x)
         v = model_fn(x, t, y)
         w = 2.0 * t_cur
-        drift = v - 0.0 * w * _score_from_velocity(path, x, v, t)
+        drift = v - 0.5 * w * _score_from_velocity(path, x, v, t)
         x = x + dt * drift
         if i < len(grid) - 2:
             z = noise.draw() if noise is not None else torch.randn_like(x)
