@@ -85,7 +85,7 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust and "weights_only" in str(e):
+        if not trust and "Unsupported global" in str(e):
             raise ValueError(
                 f"{path} contains pickled Python objects (e.g. an argparse.Namespace, as official REPA/SRA "
                 "training checkpoints do); if you trust the file, pass --trust-checkpoint (weights_only=False)"
