@@ -1,0 +1,473 @@
+"""Figures for the analysis suite (matplotlib / seaborn, headless).
+
+Every function takes the result objects of the other ``analysis`` modules, a target ``path``
+(".png"; the suffix is forced), a ``title`` and an optional ``meta`` mapping (model, weights,
+protocol, ...) rendered as a subtitle, so each figure states what it shows. Files are written
+atomically (temp file + rename); ``pdf=True`` also writes a PDF beside the PNG. Each returns the
+PNG path.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+__all__ = [
+    "describe",
+    "save_figure",
+    "heatmap",
+    "plot_cka_grid",
+    "plot_cka_panels",
+    "plot_diversity",
+    "plot_pca_grid",
+    "plot_umap",
+    "plot_correlation",
+    "plot_attribution",
+    "plot_curves",
+]
+
+_META_ORDER = ("model", "weights", "step", "block", "t", "protocol", "estimator", "n")
+
+
+def describe(meta: Mapping[str, Any] | None) -> str:
+    """'model=SiT-T · weights=ema · protocol=...' from a meta mapping (known keys first)."""
+    if not meta:
+        return ""
+    keys = [k for k in _META_ORDER if k in meta] + [k for k in meta if k not in _META_ORDER]
+    return " · ".join(f"{k}={meta[k]}" for k in keys if meta[k] is not None and meta[k] != "")
+
+
+def _titles(fig: plt.Figure, title: str, meta: Mapping[str, Any] | None) -> None:
+    sub = describe(meta)
+    fig.suptitle(title + (f"\n{sub}" if sub else ""), fontsize=11)
+
+
+def _fmt_t(t: Any) -> str:
+    if isinstance(t, (float, np.floating)):
+        return f"{t:g}"
+    return str(t)
+
+
+def save_figure(fig: plt.Figure, path: str | os.PathLike, pdf: bool = False, dpi: int = 150) -> Path:
+    """Save ``fig`` atomically as PNG (and PDF if asked), close it, return the PNG path."""
+    png = Path(path).with_suffix(".png")
+    png.parent.mkdir(parents=True, exist_ok=True)
+    targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])
+    try:
+        for target, fmt in targets:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".{fmt}.tmp")
+            os.close(fd)
+            try:
+                fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+    finally:
+        plt.close(fig)
+    return png
+
+
+def _annotate_ok(shape: tuple[int, int], annotate: bool | str) -> bool:
+    if annotate == "auto":
+        return shape[0] * shape[1] <= 256
+    return bool(annotate)
+
+
+def heatmap(
+    matrix: np.ndarray,
+    row_labels: Sequence[Any],
+    col_labels: Sequence[Any] | None = None,
+    path: str | os.PathLike = "heatmap.png",
+    title: str = "",
+    meta: Mapping[str, Any] | None = None,
+    annotate: bool | str = "auto",
+    fmt: str = ".2f",
+    cmap: str = "magma",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    cbar_label: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    pdf: bool = False,
+) -> Path:
+    """Annotated heatmap of a (R, C) matrix (annotations when R*C <= 256 by default)."""
+    m = np.asarray(matrix, dtype=float)
+    col_labels = row_labels if col_labels is None else col_labels
+    size = (max(4.5, 0.45 * m.shape[1] + 2.5), max(3.5, 0.4 * m.shape[0] + 1.8))
+    fig, ax = plt.subplots(figsize=size)
+    sns.heatmap(m, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, annot=_annotate_ok(m.shape, annotate), fmt=fmt,
+                annot_kws={"fontsize": 7}, xticklabels=[str(c) for c in col_labels],
+                yticklabels=[str(r) for r in row_labels], cbar_kws={"label": cbar_label}, square=m.shape[0] == m.shape[1])
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_cka_grid(
+    grid: Any,
+    path: str | os.PathLike,
+    title: str = "CKA over (block, t)",
+    meta: Mapping[str, Any] | None = None,
+    cmap: str = "magma",
+    vmin: float | None = 0.0,
+    vmax: float | None = 1.0,
+    pdf: bool = False,
+) -> Path:
+    """Full (blocks*t)^2 matrix of a ``similarity.CKAGrid``: block-major order, white lines
+    between blocks, block labels at the group centres and t labels on the cells when they fit."""
+    m = np.asarray(grid.matrix, dtype=float)
+    ka, kb = list(grid.keys_a), list(grid.keys_b)
+    side = min(14.0, max(5.0, 0.16 * max(m.shape) + 3))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
+    cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
+    cb.set_label("debiased CKA" if grid.meta.get("debiased", True) else "CKA")
+
+    def groups(keys):
+        out, start = [], 0
+        for i in range(1, len(keys) + 1):
+            if i == len(keys) or keys[i][0] != keys[start][0]:
+                out.append((keys[start][0], start, i))
+                start = i
+        return out
+
+    ga, gb = groups(ka), groups(kb)
+    for _, s, _e in ga[1:]:
+        ax.axhline(s - 0.5, color="white", lw=0.8)
+    for _, s, _e in gb[1:]:
+        ax.axvline(s - 0.5, color="white", lw=0.8)
+    ax.set_yticks([(s + e - 1) / 2 for _, s, e in ga], [f"block {b}" for b, _, _ in ga], fontsize=8)
+    ax.set_xticks([(s + e - 1) / 2 for _, s, e in gb], [f"block {b}" for b, _, _ in gb], fontsize=8, rotation=90)
+    if len(ka) <= 40:
+        ax.set_yticks(range(len(ka)), [f"t={_fmt_t(k[1])}" for k in ka], minor=True, fontsize=6)
+        ax.tick_params(axis="y", which="minor", pad=55, length=0)
+    ts = sorted({k[1] for k in ka})
+    ax.set_xlabel(f"columns: block-major (block, t), t in {[_fmt_t(t) for t in ts]}")
+    ax.set_ylabel("rows: (block, t)")
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_cka_panels(
+    grid: Any,
+    path: str | os.PathLike,
+    view: str = "block_by_block",
+    title: str | None = None,
+    meta: Mapping[str, Any] | None = None,
+    ncols: int = 4,
+    cmap: str = "magma",
+    annotate: bool | str = "auto",
+    pdf: bool = False,
+) -> Path:
+    """Small multiples of a ``CKAGrid``: block x block per t (``view="block_by_block"``) or
+    t x t per block (``view="t_by_t"``), one shared colour scale [0, 1]."""
+    if view == "block_by_block":
+        keys, get, lab, axis_name = grid.ts, grid.block_by_block, "t", "block"
+    elif view == "t_by_t":
+        keys, get, lab, axis_name = grid.blocks, grid.t_by_t, "block", "t"
+    else:
+        raise ValueError("view must be 'block_by_block' or 't_by_t'")
+    ncols = min(ncols, len(keys))
+    nrows = int(np.ceil(len(keys) / ncols))
+    first = get(keys[0])[0]
+    cell = max(2.6, 0.32 * first.shape[0] + 1.0)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(cell * ncols + 1.0, cell * nrows + 0.9), squeeze=False,
+                             layout="constrained")
+    ann = _annotate_ok(first.shape, annotate) and first.shape[0] <= 12
+    for ax, k in zip(axes.flat, keys):
+        m, rl, cl = get(k)
+        sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap=cmap, cbar=False, square=True, annot=ann, fmt=".2f",
+                    annot_kws={"fontsize": 6}, xticklabels=[_fmt_t(c) for c in cl], yticklabels=[_fmt_t(r) for r in rl])
+        ax.set_title(f"{lab}={_fmt_t(k)}", fontsize=9)
+        ax.set_xlabel(axis_name, fontsize=8)
+        ax.set_ylabel(axis_name, fontsize=8)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap=cmap), ax=axes.ravel().tolist(),
+                 fraction=0.02, pad=0.02, label="debiased CKA" if grid.meta.get("debiased", True) else "CKA")
+    default = "CKA block x block at each t" if view == "block_by_block" else "CKA t x t within each block"
+    _titles(fig, title or default, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_diversity(
+    report: pd.DataFrame,
+    path: str | os.PathLike,
+    terms: Sequence[str] = ("orthogonality", "token_cosine", "dispersion"),
+    ts: Sequence[Hashable] | None = None,
+    title: str = "DiverseDiT diversity terms per block pair",
+    meta: Mapping[str, Any] | None = None,
+    pdf: bool = False,
+) -> Path:
+    """Rows = terms, columns = t; each panel the (L, L) block-pair matrix of that term."""
+    from .diversity import pair_matrix
+
+    ts = sorted(report["t"].unique()) if ts is None else list(ts)
+    ranges = {"orthogonality": (-1, 1, "vlag"), "token_cosine": (0, 1, "magma"), "dispersion": (-1, 0, "magma_r"),
+              "diversity": (-1, 1, "vlag")}
+    L = len(set(report["block_a"]) | set(report["block_b"]))
+    cell = max(2.6, 0.3 * L + 1.2)
+    fig, axes = plt.subplots(len(terms), len(ts), figsize=(cell * len(ts) + 1.5, cell * len(terms) + 1.0),
+                             squeeze=False, layout="constrained")
+    for i, term in enumerate(terms):
+        lo, hi, cmap = ranges.get(term, (None, None, "magma"))
+        mats = [pair_matrix(report, term, t) for t in ts]
+        if term == "dispersion":      # usually tiny in magnitude: use the data range, not [-1, 0]
+            lo = float(np.nanmin([np.nanmin(m) for m, _ in mats]))
+            hi = max(0.0, float(np.nanmax([np.nanmax(m) for m, _ in mats])))
+            lo = lo if lo < hi else hi - 1e-6
+        for j, (t, (m, blocks)) in enumerate(zip(ts, mats)):
+            ax = axes[i, j]
+            sns.heatmap(m, ax=ax, vmin=lo, vmax=hi, cmap=cmap, square=True, cbar=False,
+                        annot=L <= 8, fmt=".2g" if term == "dispersion" else ".2f", annot_kws={"fontsize": 6},
+                        xticklabels=blocks, yticklabels=blocks)
+            ax.set_title(f"{term}, t={_fmt_t(t)}", fontsize=9)
+            ax.set_xlabel("block", fontsize=8)
+            ax.set_ylabel("block", fontsize=8)
+            ax.tick_params(labelsize=7)
+        fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(lo, hi), cmap=cmap),
+                     ax=axes[i, :].tolist(), fraction=0.025, pad=0.01, label=term)
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_pca_grid(
+    pca_grid: Any,
+    path: str | os.PathLike,
+    images: Sequence[int] | None = None,
+    inputs: np.ndarray | None = None,
+    title: str = "Patch-token PCA (shared basis per block, fixed colour scale)",
+    meta: Mapping[str, Any] | None = None,
+    pdf: bool = False,
+) -> Path:
+    """PCA-RGB maps: one panel group per image, side by side; rows = blocks, columns = t.
+
+    inputs: optional (N_img, H, W[, C]) images in [0, 1] or [-1, 1] shown above each group.
+    images: positions (within the grid's rendered images) to show (default all, max 4).
+    """
+    some = next(iter(pca_grid.images.values()))
+    n_img = some.shape[0]
+    images = list(range(min(n_img, 4))) if images is None else list(images)
+    blocks, ts = pca_grid.blocks, pca_grid.ts
+    nrows = len(blocks) + (1 if inputs is not None else 0)
+    ncols = len(images) * len(ts)
+    s = 1.15
+    heights = ([1.25] if inputs is not None else []) + [1.0] * len(blocks)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(s * ncols + 0.8, s * sum(heights) + 1.2), squeeze=False,
+                             gridspec_kw={"wspace": 0.05, "hspace": 0.12, "height_ratios": heights})
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+        for sp in ax.spines.values():
+            sp.set_visible(False)
+    r0 = 0
+    if inputs is not None:
+        inp = np.asarray(inputs, dtype=float)
+        if inp.min() < 0:
+            inp = (inp + 1) / 2
+        for gi, im_idx in enumerate(images):
+            img = np.clip(inp[im_idx], 0, 1)
+            if img.ndim == 3 and img.shape[0] in (1, 3) and img.shape[-1] not in (1, 3):
+                img = np.moveaxis(img, 0, -1)
+            ax = axes[0, gi * len(ts)]
+            ax.imshow(img.squeeze(), cmap="gray" if img.squeeze().ndim == 2 else None, vmin=0, vmax=1)
+            ax.set_title(f"image {im_idx}", fontsize=8)
+            ax.set_anchor("S")
+            for j in range(1, len(ts)):
+                axes[0, gi * len(ts) + j].axis("off")
+        axes[0, 0].set_ylabel("input", fontsize=8)
+        r0 = 1
+    for bi, b in enumerate(blocks):
+        for gi, im_idx in enumerate(images):
+            for tj, t in enumerate(ts):
+                ax = axes[r0 + bi, gi * len(ts) + tj]
+                ax.imshow(pca_grid.images[(b, t)][im_idx], interpolation="nearest")
+                if bi == len(blocks) - 1:
+                    ax.set_xlabel(f"t={_fmt_t(t)}", fontsize=7)
+                if bi == 0 and inputs is None and tj == 0:
+                    ax.set_title(f"image {im_idx}", fontsize=8, loc="left")
+                if gi == 0 and tj == 0:
+                    ax.set_ylabel(f"block {b}", fontsize=8)
+    _titles(fig, title, {**(meta or {}), "basis": pca_grid.meta.get("basis")})
+    return save_figure(fig, path, pdf)
+
+
+def plot_umap(
+    embeddings: Mapping[Any, np.ndarray],
+    labels: Sequence[int] | np.ndarray,
+    path: str | os.PathLike,
+    class_names: Sequence[str] | None = None,
+    title: str = "UMAP of pooled block features",
+    meta: Mapping[str, Any] | None = None,
+    ncols: int = 4,
+    point_size: float = 6.0,
+    pdf: bool = False,
+) -> Path:
+    """One scatter panel per key ((block, t) cell, or t for AlignedUMAP), coloured by class."""
+    labels = np.asarray(labels)
+    keys = list(embeddings)
+    ncols = min(ncols, len(keys))
+    nrows = int(np.ceil(len(keys) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols + 1.6, 3.2 * nrows + 0.8), squeeze=False,
+                             layout="constrained")
+    classes = np.unique(labels)
+    palette = sns.color_palette("tab10" if len(classes) <= 10 else "husl", len(classes))
+    for ax, k in zip(axes.flat, keys):
+        e = np.asarray(embeddings[k])
+        for c, col in zip(classes, palette):
+            sel = labels == c
+            ax.scatter(e[sel, 0], e[sel, 1], s=point_size, color=col, alpha=0.8, linewidths=0,
+                       label=class_names[c] if class_names is not None else str(c))
+        if isinstance(k, tuple) and len(k) == 2:
+            ax.set_title(f"block {k[0]}, t={_fmt_t(k[1])}", fontsize=9)
+        else:
+            ax.set_title(f"t={_fmt_t(k)}" if not isinstance(k, str) else k, fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_xlabel("UMAP-1", fontsize=8)
+        ax.set_ylabel("UMAP-2", fontsize=8)
+    for ax in list(axes.flat)[len(keys):]:
+        ax.axis("off")
+    handles, labs = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labs, loc="outside right center", fontsize=8, markerscale=2.5, title="class", frameon=False)
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_correlation(
+    x: Sequence[float],
+    y: Sequence[float],
+    table: pd.DataFrame,
+    path: str | os.PathLike,
+    xlabel: str = "probe accuracy",
+    ylabel: str = "FID",
+    point_labels: Sequence[Any] | None = None,
+    hue: Sequence[float] | None = None,
+    hue_label: str = "step",
+    title: str = "Probe accuracy vs generation quality",
+    meta: Mapping[str, Any] | None = None,
+    pdf: bool = False,
+) -> Path:
+    """Scatter with least-squares fit line and the correlation table as text (r [CI], p)."""
+    from .correlation import linear_fit
+
+    xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    sc = ax.scatter(xa, ya, c=None if hue is None else np.asarray(hue, dtype=float), cmap="viridis",
+                    s=36, edgecolors="black", linewidths=0.4, zorder=3)
+    if hue is not None:
+        fig.colorbar(sc, ax=ax, label=hue_label)
+    if np.isfinite(xa).sum() >= 2:
+        slope, icpt = linear_fit(xa, ya)
+        xs = np.linspace(np.nanmin(xa), np.nanmax(xa), 50)
+        ax.plot(xs, slope * xs + icpt, color="crimson", lw=1.5, label=f"fit: y = {slope:.3g} x + {icpt:.3g}", zorder=2)
+        ax.legend(loc="best", fontsize=8)
+    if point_labels is not None:
+        for xi, yi, lab in zip(xa, ya, point_labels):
+            ax.annotate(str(lab), (xi, yi), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    lines = []
+    for _, r in table.iterrows():
+        lines.append(f"{r['method']:<16s} r={r['r']:+.2f} [{r['ci_low']:+.2f}, {r['ci_high']:+.2f}]  p={r['p_value']:.2g}")
+    n = int(table["n"].iloc[0]) if len(table) else len(xa)
+    lines.append(f"n={n}, 95% bootstrap CI" + ("  (n < 5: unreliable)" if n < 5 else ""))
+    ax.text(0.0, -0.16, "\n".join(lines), transform=ax.transAxes, fontsize=7.5,
+            family="monospace", va="top", ha="left")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_attribution(
+    images: np.ndarray,
+    patch_maps: np.ndarray,
+    path: str | os.PathLike,
+    targets: Sequence[Any] | None = None,
+    class_names: Sequence[str] | None = None,
+    title: str = "Integrated gradients of the probe logit, per patch",
+    meta: Mapping[str, Any] | None = None,
+    alpha: float = 0.55,
+    pdf: bool = False,
+) -> Path:
+    """Each image with its per-patch attribution overlaid (diverging colours, symmetric scale).
+
+    images: (N, C, H, W) or (N, H, W[, C]) in [-1, 1] or [0, 1]; patch_maps: (N, h, w).
+    """
+    imgs = np.asarray(images, dtype=float)
+    if imgs.ndim == 4 and imgs.shape[1] in (1, 3) and imgs.shape[-1] not in (1, 3):
+        imgs = np.moveaxis(imgs, 1, -1)
+    if imgs.min() < 0:
+        imgs = (imgs + 1) / 2
+    imgs = np.clip(imgs, 0, 1)
+    maps = np.asarray(patch_maps, dtype=float)
+    n = len(maps)
+    fig, axes = plt.subplots(2, n, figsize=(2.0 * n + 1.4, 4.8), squeeze=False, layout="constrained")
+    for i in range(n):
+        img = imgs[i].squeeze()
+        h, w = img.shape[:2]
+        lim = np.abs(maps[i]).max() or 1.0
+        for r in range(2):
+            axes[r, i].imshow(img, cmap="gray" if img.ndim == 2 else None, vmin=0, vmax=1)
+            axes[r, i].set_xticks([])
+            axes[r, i].set_yticks([])
+        im = axes[1, i].imshow(maps[i], cmap="RdBu_r", vmin=-lim, vmax=lim, alpha=alpha,
+                               extent=(-0.5, w - 0.5, h - 0.5, -0.5), interpolation="nearest")
+        lab = ""
+        if targets is not None:
+            c = targets[i]
+            lab = f"class {class_names[c] if class_names is not None else c}"
+        axes[0, i].set_title(lab or f"image {i}", fontsize=8)
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    axes[1, 0].set_ylabel("attribution", fontsize=8)
+    cb = fig.colorbar(im, ax=axes[1, :].tolist(), fraction=0.03, pad=0.01)
+    cb.set_label("per-patch attribution\n(scale per image)", fontsize=7)
+    cb.set_ticks([])
+    _titles(fig, title, meta)
+    return save_figure(fig, path, pdf)
+
+
+def plot_curves(
+    frame: pd.DataFrame,
+    x: str,
+    y: str,
+    path: str | os.PathLike,
+    hue: str | None = None,
+    style: str | None = None,
+    title: str = "",
+    meta: Mapping[str, Any] | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    logx: bool = False,
+    pdf: bool = False,
+) -> Path:
+    """Line plot of a tidy table (e.g. probe accuracy or CKA vs step, per weights / block)."""
+    for c in [x, y] + [c for c in (hue, style) if c]:
+        if c not in frame.columns:
+            raise ValueError(f"column {c!r} not in the table")
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    sns.lineplot(data=frame, x=x, y=y, hue=hue, style=style, marker="o", ax=ax,
+                 palette="viridis" if hue and pd.api.types.is_numeric_dtype(frame[hue]) else None)
+    if logx:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.grid(alpha=0.3)
+    if hue or style:
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+    _titles(fig, title or f"{y} vs {x}", meta)
+    return save_figure(fig, path, pdf)
