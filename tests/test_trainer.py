@@ -1,0 +1,134 @@
+"""The trainer: learning on Fashion-MNIST, exact resume, divergence handling, DDP (gloo), CLI."""
+
+import csv
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.checkpoint import load_checkpoint
+from training.config import resolve_config
+from training.trainer import Trainer, TrainingDiverged, train
+
+ROOT = Path(__file__).resolve().parents[1]
+HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
+DATA = "fashion-mnist" if HAVE_FMNIST or os.environ.get("CI") == "true" else "digits"
+SMALL = {"depth": 2, "hidden_size": 64}
+
+
+def cfg(tmp, **kw):
+    base = dict(model="SiT-T/4", data=DATA, model_overrides=SMALL, batch_size=16, steps=6, log_every=1,
+                ckpt_every=0, out=str(tmp), lr=5e-4)
+    base.update(kw)
+    return resolve_config("sit-tiny", overrides=base)
+
+
+def read_metrics(run):
+    with open(Path(run) / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("model", ["SiT-T/4", "DiT-T/4"])
+def test_tiny_models_learn_on_fashion_mnist(tmp_path, model):
+    if DATA != "fashion-mnist":
+        pytest.skip("Fashion-MNIST not installed (make data)")
+    run = tmp_path / "run"
+    train(cfg(run, model=model, steps=120, batch_size=32, log_every=10, lr=1e-3), quiet=True)
+    rows = read_metrics(run)
+    key = "loss_mse" if model.startswith("DiT") else "loss_gen"
+    first, last = float(rows[0][key]), sum(float(r[key]) for r in rows[-3:]) / 3
+    assert all(torch.isfinite(torch.tensor(float(r["loss"]))) for r in rows)
+    assert last < 0.6 * first, (first, last)
+
+
+def test_exact_resume_matches_uninterrupted_run(tmp_path):
+    straight = train(cfg(tmp_path / "a", steps=6), quiet=True)
+    train(cfg(tmp_path / "b", steps=3), quiet=True)
+    resumed = train(cfg(tmp_path / "b", steps=6), resume=tmp_path / "b", quiet=True)
+    a, b = torch.load(straight, weights_only=True), torch.load(resumed, weights_only=True)
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    for s_a, s_b in zip(a["opt"]["state"].values(), b["opt"]["state"].values()):
+        assert torch.equal(s_a["exp_avg"], s_b["exp_avg"])
+    assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [r["loss"] for r in read_metrics(tmp_path / "b")]
+
+
+def test_resume_refuses_a_different_model(tmp_path):
+    train(cfg(tmp_path, steps=1), quiet=True)
+    with pytest.raises(ValueError, match="'model'"):
+        Trainer(cfg(tmp_path, model="DiT-T/4", steps=2), resume=tmp_path)
+
+
+def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(cfg(tmp_path, steps=10, ckpt_every=2), quiet=True)
+    real = trainer._micro_step
+
+    def poisoned(x, y):
+        loss, logs = real(x, y)
+        if trainer.step >= 3:
+            loss = loss * float("nan")
+            logs["loss"] = loss.detach()
+        return loss, logs
+
+    monkeypatch.setattr(trainer, "_micro_step", poisoned)
+    with pytest.raises(TrainingDiverged, match="step 4") as err:
+        trainer.train()
+    assert "0000002.pt" in str(err.value)
+    ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert ckpts == ["0000002.pt"]
+    assert load_checkpoint(tmp_path / "checkpoints" / "0000002.pt").step == 2
+
+
+def test_bf16_autocast_runs_on_cpu(tmp_path):
+    last = train(cfg(tmp_path, steps=2, precision="bf16"), quiet=True)
+    assert torch.isfinite(torch.tensor(float(read_metrics(tmp_path)[-1]["loss"])))
+    assert last is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, out):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(ROOT / "cli.py"), "train", "--model", "SiT-T/4", "--data", DATA,
+           "--set", "model_overrides.depth=2", "--set", "model_overrides.hidden_size=64", "--batch-size", "16",
+           "--device", "cpu", "--out", str(out), "--quiet", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_ddp_two_processes_gloo_and_exact_resume(tmp_path):
+    _torchrun(["--steps", "4"], tmp_path / "a")
+    _torchrun(["--steps", "2"], tmp_path / "b")
+    _torchrun(["--steps", "4", "--resume", str(tmp_path / "b")], tmp_path / "b")
+    a = torch.load(tmp_path / "a" / "checkpoints" / "0000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "0000004.pt", weights_only=True)
+    assert a["meta"]["world_size"] == 2 and len(a["meta"]["rng"]["generators"]) == 2
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path):
+    def run(*args):
+        return subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", *args], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+
+    for args, needle in [(["--model", "SiT-Q/2"], "unknown model"), (["--method", "repa"], "unknown method"),
+                         (["--precision", "fp8"], "precision"), (["--set", "nonsense=1"], "unknown config field"),
+                         (["--data", "imagenet"], "unknown dataset")]:
+        res = run(*args, "--out", str(tmp_path), "--steps", "1")
+        assert res.returncode == 2, res.stderr
+        lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], res.stderr
+    assert not (tmp_path / "checkpoints").exists()
+    assert "--preset" in subprocess.run([sys.executable, str(ROOT / "cli.py"), "train", "--help"],
+                                        capture_output=True, text=True, cwd=ROOT).stdout
