@@ -1,0 +1,136 @@
+"""UMAP / AlignedUMAP wrappers (one small test: numba JIT is slow) and captum probe attribution."""
+
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis import attribution as A
+from analysis import embedding as E
+from analysis import plots
+
+
+def _blobs(seed=0):
+    rng = np.random.default_rng(seed)
+    labels = np.repeat([0, 1, 2], 15)
+    centres = rng.normal(size=(3, 10)) * 6
+    feats = {(4, t): centres[labels] + (1 + t) * rng.normal(size=(45, 10)) for t in (0.2, 0.8)}
+    return feats, labels
+
+
+def test_umap_cells(tmp_path):
+    """The one real UMAP run (numba JIT costs 15-35 s on the first call of a process)."""
+    feats, labels = _blobs()
+    emb = E.umap_cells(feats, [(4, 0.2)], n_neighbors=8, seed=0, n_epochs=50)
+    e = emb[(4, 0.2)]
+    assert e.shape == (45, 2) and np.isfinite(e).all()
+    # classes separate: each point's nearest neighbour has its own class
+    d = np.linalg.norm(e[:, None] - e[None], axis=-1) + np.eye(45) * 1e9
+    assert (labels[d.argmin(1)] == labels).mean() > 0.9
+    frame = E.embedding_frame(emb, labels)
+    assert list(frame.columns) == ["block", "t", "sample", "x", "y", "label"] and len(frame) == 45
+    p = plots.plot_umap(emb, labels, tmp_path / "umap.png", class_names=["a", "b", "c"],
+                        meta={"model": "toy", "weights": "ema"})
+    assert p.stat().st_size > 1000
+
+
+def test_aligned_umap_wiring(monkeypatch):
+    """AlignedUMAP gets identity relations between consecutive t and the seed (mocked: no JIT)."""
+    import umap
+
+    seen = {}
+
+    class FakeAligned:
+        def __init__(self, **kw):
+            seen["kw"] = kw
+
+        def fit(self, xs, relations):
+            seen["xs"], seen["relations"] = xs, relations
+            self.embeddings_ = [x[:, :2] for x in xs]
+            return self
+
+    monkeypatch.setattr(umap, "AlignedUMAP", FakeAligned)
+    feats, labels = _blobs()
+    feats[(4, 0.5)] = feats[(4, 0.2)] * 2
+    out = E.aligned_umap(feats, block=4, n_neighbors=8, seed=3)
+    assert list(out) == [0.2, 0.5, 0.8] and out[0.5].shape == (45, 2)
+    assert len(seen["relations"]) == 2 and seen["relations"][0] == {i: i for i in range(45)}
+    assert seen["kw"]["random_state"] == 3 and seen["kw"]["n_components"] == 2
+    np.testing.assert_allclose(seen["xs"][0].std(0), 1, atol=1e-4)          # standardised
+    with pytest.raises(ValueError, match="at least 2 timesteps"):
+        E.aligned_umap(feats, block=4, ts=[0.2])
+    with pytest.raises(ValueError, match="sample counts differ"):
+        E.aligned_umap({(1, 0.1): np.zeros((10, 3)), (1, 0.2): np.ones((9, 3))}, block=1)
+
+
+@pytest.mark.skipif(not os.environ.get("REPDYN_SLOW_TESTS"), reason="real AlignedUMAP: ~50 s of numba JIT")
+def test_aligned_umap_real():
+    feats, labels = _blobs()
+    al = E.aligned_umap(feats, block=4, n_neighbors=8, seed=0, n_epochs=50)
+    assert set(al) == {0.2, 0.8} and al[0.8].shape == (45, 2) and np.isfinite(al[0.8]).all()
+
+
+class PatchFeatures(nn.Module):
+    """Toy frozen backbone: 2x2 patch embedding, tanh, mean-pool over tokens -> (N, D)."""
+
+    def __init__(self, c=1, d=6, p=2):
+        super().__init__()
+        self.proj = nn.Conv2d(c, d, p, stride=p)
+        for q in self.parameters():
+            q.requires_grad_(False)
+
+    def forward(self, x):
+        return torch.tanh(self.proj(x)).flatten(2).mean(-1)
+
+
+def test_integrated_gradients_to_patches(tmp_path):
+    torch.manual_seed(0)
+    backbone = PatchFeatures()
+    probe = A.LinearProbe(torch.randn(3, 6), torch.randn(3), mean=torch.zeros(6), std=torch.full((6,), 0.5))
+    x = torch.randn(2, 1, 8, 8)
+    out = A.probe_attribution(x, backbone, probe, target=[1, 2], n_steps=64, patch_size=2)
+    assert out.pixel.shape == (2, 1, 8, 8) and out.patch.shape == (2, 4, 4)
+    np.testing.assert_allclose(out.patch.sum((1, 2)), out.pixel.sum((1, 2, 3)), rtol=1e-5, atol=1e-6)
+    # completeness: attributions sum to logit(x) - logit(baseline) for the target class
+    with torch.no_grad():
+        gap = probe(backbone(x)) - probe(backbone(torch.zeros_like(x)))
+    np.testing.assert_allclose(out.pixel.sum((1, 2, 3)), gap[[0, 1], [1, 2]].numpy(), atol=2e-3)
+    assert np.abs(out.delta).max() < 2e-3
+    # a patch the features never see gets no attribution
+    masked = lambda inp: backbone(inp * (torch.arange(8) >= 2).float())  # noqa: E731  (columns 0-1 dropped)
+    out2 = A.probe_attribution(x, masked, probe, method="saliency")
+    assert np.abs(out2.patch[:, :, 0]).max() == 0 and np.abs(out2.patch).max() > 0
+    p = plots.plot_attribution(x.numpy(), out.patch, tmp_path / "attr.png", targets=out.target,
+                               meta={"model": "toy", "block": 1, "t": 0.5, "protocol": "IG, 64 steps"})
+    assert p.exists()
+
+
+def test_probe_from_sklearn_and_backbone_feature_fn():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(1)
+    f = rng.normal(size=(60, 5)) * 3 + 1
+    y = (f[:, 0] > 1).astype(int) + (f[:, 1] > 1)
+    sc = StandardScaler().fit(f)
+    clf = LogisticRegression(max_iter=500).fit(sc.transform(f), y)
+    probe = A.LinearProbe.from_sklearn(clf, sc)
+    np.testing.assert_allclose(probe(torch.tensor(f, dtype=torch.float32)).numpy(),
+                               clf.decision_function(sc.transform(f)), atol=1e-4)
+    training = pytest.importorskip("training.models")
+    model = training.build_model("SiT-T/4", input_size=8, in_channels=1, num_classes=3)
+    eps = torch.randn(1, 1, 8, 8)
+    fn = A.backbone_feature_fn(model, block=2, t=0.5, noise=eps, noise_fn=lambda x, e, t: (1 - t) * x + t * e)
+    x = torch.randn(3, 1, 8, 8)
+    feats = fn(x)
+    assert feats.shape == (3, model.config.hidden_size)
+    lin = A.LinearProbe(torch.randn(3, model.config.hidden_size))
+    out = A.probe_attribution(x, fn, lin, n_steps=8, patch_size=4)
+    assert out.patch.shape == (3, 2, 2) and np.isfinite(out.pixel).all()
+    assert all(not p.requires_grad for p in model.parameters())
