@@ -97,6 +97,103 @@ def train(
 # ----------------------------------------------------------------------------------------------
 
 
+# ----------------------------------------------------------------------------------------------
+# sample, eval (training/samplers.py, training/evaluation.py)
+# ----------------------------------------------------------------------------------------------
+
+_METHOD_HELP = "sde | ode-euler | ode-heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."
+
+
+@app.command()
+@friendly_errors
+def sample(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file (ours, or a published DiT/SiT/REPA/SRA file).")],
+    out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("samples.png"),
+    npz: Annotated[Optional[Path], typer.Option(help="Also write an ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 labels).")] = None,
+    n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced steps out of 1000).")] = 50,
+    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 1.0,
+    guidance_low: Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")] = 0.0,
+    guidance_high: Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")] = 1.0,
+    legacy_cfg: Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 "
+                                             "channels, as the DiT/SiT repos do.")] = False,
+    labels: Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    weights: Annotated[str, typer.Option(help="ema | model")] = "ema",
+    family: Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Sample from a checkpoint: a PNG grid and optionally an ADM .npz.
+
+    Example: `probe sample runs/sit/checkpoints/0005000.pt --n 64 --method sde --steps 250 --cfg-scale 1.8
+    --guidance-high 0.7 --npz samples.npz`.
+    """
+    from training.evaluation import parse_labels, resolve_device, run_sample
+
+    res = run_sample(ckpt, out, n=n, npz=npz, weights=weights, family=family, trust=trust_checkpoint, method=method,
+                     steps=steps, cfg_scale=cfg_scale, guidance_interval=(guidance_low, guidance_high),
+                     legacy_cfg_channels=legacy_cfg, labels=parse_labels(labels), seed=seed, batch_size=batch_size,
+                     device=resolve_device(device), progress=not quiet)
+    typer.echo(f"{res['n']} samples ({res['method']}, {res['steps']} steps) -> {res['grid']}"
+               + (f", {res['npz']}" if "npz" in res else ""))
+
+
+@app.command(name="eval")
+@friendly_errors
+def eval_(
+    ckpts: Annotated[list[Path], typer.Argument(help="Checkpoint file(s); each gets one row.")],
+    metrics_csv: Annotated[Optional[Path], typer.Option(help="Metrics table to append to (default: "
+                                                        "<run>/eval_metrics.csv).")] = None,
+    n: Annotated[int, typer.Option(help="Number of generated samples.")] = 1000,
+    data: Annotated[Optional[str], typer.Option(help="Dataset for reference statistics (default: the checkpoint's).")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity Inception file "
+                                                              "(weights-inception-2015-12-05-6726825d.pth): adds "
+                                                              "FID, IS, KID, precision/recall.")] = None,
+    n_ref: Annotated[Optional[int], typer.Option(help="Real images for the Inception metrics (default: n).")] = None,
+    offline: Annotated[bool, typer.Option("--offline-metrics/--no-offline-metrics", help="fd_<data> and "
+                                          "cond_acc_<data> from the project's cached dataset classifier.")] = True,
+    npz: Annotated[Optional[Path], typer.Option(help="Also write the samples as an ADM .npz (one checkpoint only).")] = None,
+    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
+    steps: Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced steps out of 1000).")] = 50,
+    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 1.0,
+    guidance_low: Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")] = 0.0,
+    guidance_high: Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")] = 1.0,
+    legacy_cfg: Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 "
+                                             "channels, as the DiT/SiT repos do.")] = False,
+    labels: Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    weights: Annotated[str, typer.Option(help="ema | model")] = "ema",
+    family: Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
+
+    Always (offline): fd_<data> and cond_acc_<data>, in the feature space of a small classifier the
+    project trains once per dataset (not FID). With --inception-weights: FID, IS, KID, precision/recall.
+    """
+    from training.evaluation import parse_labels, resolve_device, run_eval
+
+    if npz is not None and len(ckpts) > 1:
+        raise ValueError("--npz takes one checkpoint; run probe eval once per checkpoint to export samples")
+    for ckpt in ckpts:
+        row = run_eval(ckpt, metrics_csv, weights=weights, family=family, trust=trust_checkpoint, n=n, method=method,
+                       steps=steps, cfg_scale=cfg_scale, guidance_interval=(guidance_low, guidance_high),
+                       legacy_cfg_channels=legacy_cfg, labels=parse_labels(labels), seed=seed, batch_size=batch_size,
+                       device=resolve_device(device), data=data, inception_weights=inception_weights, n_ref=n_ref,
+                       offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+        shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
+                                                                                               "precision", "recall")}
+        typer.echo(f"{Path(ckpt).name} step {row['step']}: "
+                   + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" -> {row['metrics_csv']}")
+
+
 def main() -> None:
     app()
 

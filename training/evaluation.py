@@ -54,6 +54,8 @@ __all__ = [
     "append_metrics_row",
     "run_sample",
     "run_eval",
+    "parse_labels",
+    "resolve_device",
 ]
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
@@ -89,8 +91,11 @@ def _atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the usual permissions
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -569,6 +574,29 @@ def append_metrics_row(csv_path: str | os.PathLike, row: dict[str, Any],
 # ------------------------------------------------------------------------------------------------
 # CLI-facing entry points (the typer commands only parse flags and call these)
 # ------------------------------------------------------------------------------------------------
+
+
+def parse_labels(text: str | None) -> Any:
+    """CLI ``--labels``: balanced (default) | random | null | CLASS | comma-separated list."""
+    if text is None or text == "balanced":
+        return None
+    if text in ("random", "null"):
+        return text
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--labels must be balanced, random, null, a class index or a comma-separated list, "
+                         f"got {text!r}") from None
+    return values[0] if len(values) == 1 else values
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda when available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} requested but no CUDA device is available; use --device cpu")
+    return device
 
 
 def _load(ckpt_path: str | os.PathLike, weights: str, family: str | None, trust: bool) -> Any:
