@@ -270,3 +270,23 @@ def test_run_eval_bad_input(tiny_ckpt, tmp_path, kw, msg):
         E.run_eval(tiny_ckpt, tmp_path / "m.csv", n=2, **kw)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "m.csv").exists()
+
+
+def test_cli_sample_and_eval(tiny_ckpt, digits_clf, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    png = tmp_path / "g.png"
+    r = runner.invoke(app, ["sample", str(tiny_ckpt), "--out", str(png), "--n", "4", "--steps", "2", "--quiet",
+                            "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert png.exists()
+    csv_path = tmp_path / "m.csv"
+    r = runner.invoke(app, ["eval", str(tiny_ckpt), "--metrics-csv", str(csv_path), "--n", "10", "--steps", "2",
+                            "--method", "ode-euler", "--quiet", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "fd_digits=" in r.output and csv_path.exists()
+    r = runner.invoke(app, ["sample", str(tiny_ckpt), "--method", "ddpm", "--device", "cpu"])
+    assert r.exit_code == 2 and "needs a DIT checkpoint" in r.output
