@@ -131,7 +131,7 @@ def plot_cka_grid(
     m = np.asarray(grid.matrix, dtype=float)
     ka, kb = list(grid.keys_a), list(grid.keys_b)
     side = min(14.0, max(5.0, 0.16 * max(m.shape) + 3))
-    fig, ax = plt.subplots(figsize=(side + 1.2, side))
+    fig, ax = plt.subplots(figsize=(side + 1.2, side), layout="constrained")
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest", aspect="equal")
     cb = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     cb.set_label("debiased CKA" if grid.meta.get("debiased", True) else "CKA")

@@ -52,6 +52,7 @@ __all__ = [
     "cka_from_grams",
     "feature_space_linear_cka",
     "MinibatchCKA",
+    "batch_slices",
     "cka_matrix",
     "cross_cka_matrix",
     "cosine_matrix",
@@ -298,22 +299,44 @@ def feature_space_linear_cka(x: ArrayLike, y: ArrayLike, debiased: bool = False,
 # --------------------------------------------------------------------------------------------
 # minibatch / streaming estimator (stacked Grams, one matmul per batch)
 # --------------------------------------------------------------------------------------------
+def _center_inplace(g: torch.Tensor, unbiased: bool) -> torch.Tensor:
+    """Same result as ``center`` for one fresh (n, n) float64 Gram, without temporaries."""
+    n = g.shape[0]
+    if unbiased:
+        g.fill_diagonal_(0.0)
+        row = g.sum(1) / (n - 2)
+        row -= row.sum() / (2 * (n - 1))
+        g -= row[:, None]
+        g -= row[None, :]
+        return g.fill_diagonal_(0.0)
+    row = g.mean(1)
+    grand = row.mean()
+    g -= row[:, None]
+    g -= row[None, :]
+    return g.add_(grand)
+
+
 def _stacked_centered_grams(reps: Sequence[torch.Tensor], kernel: Kernel, threshold: float,
                             debiased: bool, precision: str) -> torch.Tensor:
-    """(R, b*b) float64: the centred Gram of each (b, d_r) representation, flattened."""
+    """(R, b*b) float64: the centred Gram of each (b, d_r) representation, flattened.
+
+    Each Gram is written straight into its row of the stack and centred in place, so the only
+    large allocation is the (R, b*b) stack itself.
+    """
     b = reps[0].shape[0]
     out = torch.empty((len(reps), b * b), dtype=torch.float64, device=reps[0].device)
     for i, r in enumerate(reps):
+        g = out[i].view(b, b)
         if kernel == "linear":
             if precision == "mixed":
                 r32 = r.to(torch.float32)
-                g = (r32 @ r32.T).to(torch.float64)
+                g.copy_(r32 @ r32.T)
             else:
                 r64 = r.to(torch.float64)
-                g = r64 @ r64.T
+                torch.matmul(r64, r64.T, out=g)
         else:
-            g = gram_rbf(r, threshold, device=r.device)
-        out[i] = center(g, debiased).reshape(-1)
+            g.copy_(gram_rbf(r, threshold, device=r.device))
+        _center_inplace(g, debiased)
     return out
 
 
@@ -451,8 +474,11 @@ def _rep_list(reps: Reps) -> tuple[list[Any], list[Hashable]]:
     return reps, list(range(len(reps)))
 
 
-def _batch_slices(n: int, batch_size: int, min_last: int) -> list[slice]:
-    """Contiguous batches; a trailing batch smaller than ``min_last`` is merged into the previous."""
+def batch_slices(n: int, batch_size: int, min_last: int | None = None) -> list[slice]:
+    """Contiguous batches of ``batch_size`` rows; a trailing batch smaller than ``min_last``
+    (default max(4, batch_size // 2)) is merged into the previous one. The batches
+    ``cka_matrix(method="minibatch")`` uses."""
+    min_last = max(4, batch_size // 2) if min_last is None else min_last
     starts = list(range(0, n, batch_size))
     sl = [slice(s, min(s + batch_size, n)) for s in starts]
     if len(sl) > 1 and (sl[-1].stop - sl[-1].start) < min_last:
@@ -522,7 +548,7 @@ def _matrix(ra: list[ArrayLike], rb: list[ArrayLike] | None, debiased: bool, ker
     else:
         if debiased and batch_size < 4:
             raise ValueError(f"debiased minibatch CKA needs batch_size >= 4, got {batch_size}")
-        slices = _batch_slices(n, batch_size, min_last=max(4, batch_size // 2))
+        slices = batch_slices(n, batch_size)
     order = None
     if shuffle_seed is not None:
         order = np.random.default_rng(shuffle_seed).permutation(n)
