@@ -246,7 +246,7 @@ def test_default_blocks():
     assert default_blocks(model_config("SiT-B/2")) == (3, 8)
     assert default_blocks(model_config("SiT-L/2")) == (6, 18)
     assert default_blocks(model_config("DiT-B/2")) == (3, 9)
-    assert default_blocks(model_config("SiT-T/4")) == (2, 5)  # tiny, depth 6
+    assert default_blocks(model_config("SiT-T/4")) == (2, 4)  # tiny, depth 6: teacher at 2/3 depth
     assert default_blocks(model_config("SiT-M/4")) == (2, 6)  # depth 8
     assert default_blocks(model_config("SiT-T/4", depth=4)) == (1, 3)
     assert default_blocks(model_config("SiT-T/4", depth=2)) == (1, 2)
@@ -262,7 +262,7 @@ def _build(family="sit", depth=6, **cfg_kw):
 def test_from_config_defaults():
     (term,) = _build()
     assert (term.student_block, term.teacher_block, term.t_max, term.weight, term.distance, term.beta) == \
-        (2, 5, 0.2, 0.2, "smooth-l1", 0.05)
+        (2, 4, 0.2, 0.2, "smooth-l1", 0.05)
     assert term.project_block() == 2 and term.student_blocks() == set()
 
 

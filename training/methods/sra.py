@@ -44,15 +44,13 @@ _OPTIONS = {"student_block", "teacher_block", "t_max", "weight", "distance", "be
             "decay_start", "decay_epochs"}
 
 
-def _round_half_up(x: float) -> int:
-    return int(math.floor(x + 0.5))
-
-
 def default_blocks(model_config: ModelConfig) -> tuple[int, int]:
-    """(k_s, k_t), 1-based: the official table for SiT-XL, DiT-XL, SiT-B; else round(depth/4) ->
-    round(3 depth/4) (half rounds up), kept inside 1..depth with k_t > k_s.
+    """(k_s, k_t), 1-based: the official table for SiT-XL, DiT-XL, SiT-B; else ``round(depth/4)`` ->
+    ``round(3 depth/4)`` (Python's round, halves to even), kept inside 1..depth with k_t > k_s.
 
-    Depth 6 (the tiny ``T`` size) gives 2 -> 5, depth 8 (``M``) 2 -> 6, depth 4 1 -> 3, depth 24 6 -> 18.
+    Depth 6 (the tiny ``T`` size) gives 2 -> 4: 4.5 rounds to 4, which puts the teacher at 2/3 of
+    the depth, as SiT-B's 3 -> 8 (the official pairs sit at 0.57-0.71 of the depth). Depth 8 (``M``)
+    gives 2 -> 6, depth 4 1 -> 3, depth 24 (L) 6 -> 18, DiT-B 3 -> 9.
     """
     c = model_config
     key = (c.family, c.depth, c.hidden_size)
@@ -60,8 +58,8 @@ def default_blocks(model_config: ModelConfig) -> tuple[int, int]:
         return _BLOCK_TABLE[key]
     if c.depth < 2:
         raise ValueError(f"SRA needs a model with at least 2 blocks (student below teacher), got depth {c.depth}")
-    ks = max(1, _round_half_up(c.depth / 4))
-    kt = min(c.depth, max(ks + 1, _round_half_up(3 * c.depth / 4)))
+    ks = max(1, round(c.depth / 4))
+    kt = min(c.depth, max(ks + 1, round(3 * c.depth / 4)))
     return ks, kt
 
 
