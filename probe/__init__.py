@@ -1,0 +1,31 @@
+"""Probing DiT/SiT representations over a block x timestep grid.
+
+* :mod:`probe.hooks`: capture block outputs (pooled in the hook, early stop, hooks always removed);
+* :mod:`probe.grid`: :func:`extract_grid`, one forward per (batch, t), shared seeded noise;
+* :mod:`probe.cache`: fp16 on-disk cells + JSON manifest, atomic and resumable;
+* :mod:`probe.probes`: batched torch L-BFGS logistic regression, ridge screen, sklearn / cuML, k-NN;
+* :mod:`probe.layer_grid`: the ``probe layer-grid`` pipeline (tidy CSV + heatmap).
+
+Imports are lazy so ``import probe`` stays cheap for the CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+__all__ = ["BlockCapture", "capture_blocks", "pool_tokens", "extract_grid", "GridFeatures", "FeatureCache",
+           "fit_probes", "ProbeResult", "run_layer_grid", "grid_table", "summarize", "layer_grid_heatmap"]
+
+_WHERE = {
+    "BlockCapture": "hooks", "capture_blocks": "hooks", "pool_tokens": "hooks",
+    "extract_grid": "grid", "GridFeatures": "grid", "FeatureCache": "cache",
+    "fit_probes": "probes", "ProbeResult": "probes",
+    "run_layer_grid": "layer_grid", "grid_table": "layer_grid", "summarize": "layer_grid",
+    "layer_grid_heatmap": "figures",
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+    raise AttributeError(f"module 'probe' has no attribute {name!r}")

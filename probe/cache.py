@@ -1,0 +1,232 @@
+"""On-disk feature cache: one fp16 ``.npy`` per (block, t) cell plus a JSON manifest.
+
+Why this layout: a cell's size is known before it is computed (N x D), so a memory-mapped
+``.npy`` can be filled batch by batch and RAM stays flat however large the split is; ``.npy``
+needs nothing beyond numpy to read, maps lazily (``np.load(mmap_mode="r")``), and one file per
+cell means a finished cell is never rewritten when another one is added. fp16 halves the disk
+cost of fp32 and is far finer than the noise of any probe on these features.
+
+Crash safety: a cell is written to ``cells/<key>.partial.npy`` and only renamed to
+``cells/<key>.npy`` (``os.replace``, atomic on POSIX) once every row is in; the manifest entry is
+added after that, by an atomic rewrite of ``manifest.json`` under a file lock. A cell is "done"
+only if it is in the manifest *and* its file has the recorded shape, so an interrupted extraction
+resumes by recomputing only the cells that were not done, and nothing half-written ever looks
+complete.
+
+Keys: every field that changes the numbers (checkpoint content hash, weights, block, t,
+pooling, split, seed, sample set, label policy, precision, ...) goes into the key dict; its
+SHA-256 names the file. A cache folder written by an incompatible format raises a one-line error
+instead of being silently reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION",
+           "atomic_write_text", "atomic_write_bytes"]
+
+CACHE_FORMAT = "repdyn-feature-cache"
+CACHE_VERSION = 1
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` via a temp file in the same folder and ``os.replace`` (never a torn file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def _canonical(fields: Mapping) -> str:
+    return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), default=str)
+
+
+def cell_key(fields: Mapping) -> str:
+    """Stable 24-hex key of a cell's identifying fields (order-insensitive)."""
+    return hashlib.sha256(_canonical(fields).encode()).hexdigest()[:24]
+
+
+class CellWriter:
+    """Fill one cell row-block by row-block through a memory map; ``commit()`` publishes it."""
+
+    def __init__(self, cache: "FeatureCache", fields: Mapping, shape: tuple[int, ...]):
+        self.cache, self.fields, self.shape = cache, dict(fields), tuple(int(s) for s in shape)
+        self.key = cell_key(self.fields)
+        self.partial = cache.cells_dir / f"{self.key}.partial.npy"
+        self.final = cache.cells_dir / f"{self.key}.npy"
+        self.partial.unlink(missing_ok=True)  # a leftover from an interrupted run
+        self._mm = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float16, shape=self.shape)
+        self._rows_written = 0
+
+    def write(self, start: int, values: np.ndarray) -> None:
+        """Rows ``start : start + len(values)`` (any float dtype; stored as fp16)."""
+        self._mm[start : start + len(values)] = values
+        self._rows_written += len(values)
+
+    def commit(self) -> None:
+        if self._rows_written < self.shape[0]:
+            raise RuntimeError(f"cell {self.key}: only {self._rows_written}/{self.shape[0]} rows written")
+        self._mm.flush()
+        del self._mm
+        os.replace(self.partial, self.final)
+        self.cache._register(self.key, self.fields, self.shape)
+
+    def abort(self) -> None:
+        with contextlib.suppress(Exception):
+            del self._mm
+        self.partial.unlink(missing_ok=True)
+
+
+class FeatureCache:
+    """A folder of cached cells. ``FeatureCache(root)`` creates or opens it.
+
+    ``has(fields)`` / ``load(fields)`` / ``writer(fields, shape)``; ``load`` returns a read-only
+    fp16 memory map (convert slices with ``np.asarray(..., np.float32)`` as you need them).
+    """
+
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.cells_dir = self.root / "cells"
+        self.manifest_path = self.root / "manifest.json"
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_path = self.root / ".lock"
+        if self.manifest_path.exists():
+            self._check_format(self._read_manifest())
+
+    # -- manifest -------------------------------------------------------------------------------
+    def _check_format(self, m: dict) -> None:
+        if m.get("format") != CACHE_FORMAT or m.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"feature cache {self.root} was written by another protocol (format {m.get('format')!r} "
+                f"version {m.get('version')!r}, expected {CACHE_FORMAT!r} v{CACHE_VERSION}); "
+                "use another --cache folder or delete this one"
+            )
+
+    def _read_manifest(self) -> dict:
+        if not self.manifest_path.exists():
+            return {"format": CACHE_FORMAT, "version": CACHE_VERSION, "cells": {}}
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except json.JSONDecodeError:
+            raise ValueError(f"feature cache manifest {self.manifest_path} is not valid JSON; delete the cache folder "
+                             "or pass another --cache") from None
+        if not isinstance(m, dict):
+            raise ValueError(f"feature cache manifest {self.manifest_path} is not a JSON object")
+        return m
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self._lock_path, "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _register(self, key: str, fields: dict, shape: tuple[int, ...]) -> None:
+        with self._locked():
+            m = self._read_manifest()
+            self._check_format(m)
+            m.setdefault("cells", {})[key] = {"fields": fields, "shape": list(shape), "dtype": "float16",
+                                              "file": f"cells/{key}.npy"}
+            atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True, default=str))
+
+    def entries(self) -> dict[str, dict]:
+        """All manifest entries (key -> {fields, shape, dtype, file})."""
+        m = self._read_manifest()
+        self._check_format(m)
+        return m.get("cells", {})
+
+    # -- cells ----------------------------------------------------------------------------------
+    def _entry(self, fields: Mapping) -> dict | None:
+        key = cell_key(fields)
+        e = self.entries().get(key)
+        if e is None:
+            return None
+        if _canonical(e.get("fields", {})) != _canonical(json.loads(_canonical(fields))):
+            raise ValueError(f"feature cache {self.root}: entry {key} was written for different settings; "
+                             "the cache is inconsistent, delete it or use another --cache")
+        return e
+
+    def has(self, fields: Mapping, shape: tuple[int, ...] | None = None) -> bool:
+        """True if the cell is complete (in the manifest, file present with the recorded shape).
+
+        ``shape``: the shape the caller expects; a finished cell of another shape means the
+        cache was filled under a different protocol and raises.
+        """
+        e = self._entry(fields)
+        if e is None:
+            return False
+        path = self.root / e["file"]
+        if not path.exists():
+            return False
+        try:
+            on_disk = np.load(path, mmap_mode="r").shape
+        except (ValueError, OSError):
+            return False  # truncated file: recompute
+        if list(on_disk) != list(e["shape"]):
+            return False
+        if shape is not None and tuple(on_disk) != tuple(shape):
+            raise ValueError(f"feature cache {self.root}: cell {cell_key(fields)} has shape {tuple(on_disk)}, "
+                             f"expected {tuple(shape)} (written by another protocol); delete it or use another --cache")
+        return True
+
+    def load(self, fields: Mapping) -> np.ndarray:
+        e = self._entry(fields)
+        if e is None:
+            raise KeyError(f"cell not in cache {self.root}: {dict(fields)}")
+        return np.load(self.root / e["file"], mmap_mode="r")
+
+    def writer(self, fields: Mapping, shape: tuple[int, ...]) -> CellWriter:
+        return CellWriter(self, fields, shape)
+
+    def __len__(self) -> int:
+        return len(self.entries())
+
+
+class LazyFeatures(Mapping):
+    """Mapping (block, t) -> float32 array, read from the cache only when indexed.
+
+    Keeps :class:`~probe.grid.GridFeatures` light: a grid of hundreds of cells costs no RAM
+    until a consumer asks for a cell.
+    """
+
+    def __init__(self, cache: FeatureCache, fields_by_cell: dict[tuple, dict]):
+        self._cache, self._fields = cache, fields_by_cell
+
+    def __getitem__(self, cell: tuple) -> np.ndarray:
+        return np.asarray(self._cache.load(self._fields[cell]), dtype=np.float32)
+
+    def __iter__(self):
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def raw(self, cell: tuple) -> np.ndarray:
+        """The fp16 memory map itself (no copy)."""
+        return self._cache.load(self._fields[cell])
