@@ -23,7 +23,12 @@ def _train_tiny(preset: str, out: Path, steps: int) -> Path:
     cfg = resolve_config(preset, overrides=dict(model_overrides=dict(TINY_MODEL), steps=steps, batch_size=32,
                                                 ema_decay=0.9, out=str(out), ckpt_every=0, log_every=steps,
                                                 device="cpu", seed=0))
-    path = train(cfg, quiet=True)
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model on a shared 2-core box: thread hand-offs cost more than they give
+    try:
+        path = train(cfg, quiet=True)
+    finally:
+        torch.set_num_threads(old)
     assert path is not None and Path(path).exists()
     return Path(path)
 
