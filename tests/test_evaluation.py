@@ -7,7 +7,6 @@ import csv
 import math
 import os
 from pathlib import Path
-from types import SimpleNamespace
 from unittest import mock
 
 import numpy as np

@@ -3,7 +3,6 @@ top-level ``sample()`` on tiny networks (CFG, seeding, bad input)."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn

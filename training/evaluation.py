@@ -192,7 +192,7 @@ def frechet_distance_features(f1: np.ndarray | torch.Tensor, f2: np.ndarray | to
 class SmallCNN(nn.Module):
     """Three conv blocks -> global average pool -> linear; the pooled vector is the feature."""
 
-    def __init__(self, in_channels: int, num_classes: int, width: int = 32):
+    def __init__(self, in_channels: int, num_classes: int, width: int = 16):
         super().__init__()
         w = width
         self.body = nn.Sequential(
@@ -279,8 +279,8 @@ def _embed_all(model: SmallCNN, ds: Any, indices: np.ndarray, batch_size: int, d
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
 
-def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | None = None, epochs: int = 3,
-                     batch_size: int = 128, lr: float = 2e-3, width: int = 32, seed: int = 0,
+def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | None = None, epochs: int = 2,
+                     batch_size: int = 128, lr: float = 2e-3, width: int = 16, seed: int = 0,
                      device: str | torch.device = "cpu", max_ref: int = 60000,
                      progress: bool = False) -> DatasetClassifier:
     """Train :class:`SmallCNN` on ``train_ds`` (model-space inputs, so generated samples need no
@@ -346,7 +346,7 @@ def _load_classifier(path: Path) -> DatasetClassifier:
 
 
 def get_classifier(spec: str, *, train_if_missing: bool = True, device: str | torch.device = "cpu",
-                   progress: bool = False, epochs: int = 3, make_dataset_fn: Callable | None = None,
+                   progress: bool = False, epochs: int = 2, make_dataset_fn: Callable | None = None,
                    log: Callable[[str], None] | None = None) -> DatasetClassifier:
     """The cached classifier for dataset ``spec``; trained (once) and cached if missing or stale."""
     if make_dataset_fn is None:
@@ -418,8 +418,9 @@ def check_inception_weights(path: str | os.PathLike | None) -> Path:
     """The Inception weights file, or a one-line error saying what it is and where to get it."""
     if path is None or not Path(path).is_file():
         where = "no --inception-weights given" if path is None else f"{path} does not exist"
-        raise ValueError(f"FID/IS/KID/precision-recall need torch-fidelity's Inception weights ({where}): download "
-                         f"{INCEPTION_WEIGHTS_NAME} once from {INCEPTION_WEIGHTS_URL} and pass --inception-weights PATH")
+        raise ValueError(f"FID/IS/KID/precision-recall need torch-fidelity's Inception weights ({where}): "
+                         f"download {INCEPTION_WEIGHTS_NAME} once from {INCEPTION_WEIGHTS_URL} and pass "
+                         "--inception-weights PATH")
     return Path(path)
 
 
@@ -526,7 +527,8 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
         save_npz(npz_path, to_uint8(images, ck.meta), y)
         row["npz"] = str(npz_path)
     if offline and spec is not None:
-        clf = classifier or get_classifier(spec, device="cpu", progress=progress, make_dataset_fn=make_dataset_fn, log=log)
+        clf = classifier or get_classifier(spec, device=device, progress=progress, make_dataset_fn=make_dataset_fn,
+                                           log=log)
         row.update(classifier_metrics(clf, images, y))
         row["classifier_test_acc"] = clf.test_accuracy
     if inception_weights is not None:

@@ -414,7 +414,8 @@ def sample(ck_or_model: Any, meta: dict | None = None, n: int = 16, labels: Any 
     device = torch.device(device)
     model.eval().to(device)
 
-    shape = (int(meta.get("in_channels") or model.in_channels),) + (int(meta.get("input_size") or model.config.input_size),) * 2
+    side = int(meta.get("input_size") or model.config.input_size)
+    shape = (int(meta.get("in_channels") or model.in_channels), side, side)
     path = diffusion = None
     if family == "sit":
         path = make_path(meta.get("path") or "linear")
