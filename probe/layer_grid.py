@@ -39,6 +39,10 @@ TABLE_COLUMNS = ["checkpoint", "weights", "step", "model", "method", "family", "
                  "n_train", "n_test", "holdout", "seed", "time_convention", "checkpoint_sha", "protocol_hash"]
 
 
+# Table spelling of the label policy: a bare "null" would be read back as NaN by pandas.read_csv.
+TABLE_LABEL_POLICY = {"null": "null-class", "class": "true-class"}
+
+
 class LayerGridResult:
     """The table plus where it was written (``csv``, ``png``, ``protocol`` paths; None off rank 0)."""
 
@@ -82,7 +86,7 @@ def grid_table(gtr: GridFeatures, gte: GridFeatures, probe: str = "torch", *, de
             "accuracy": float(res.accuracy[i]), "val_accuracy": float(res.val_accuracy[i]),
             "train_accuracy": float(res.train_accuracy[i]), "reg": float(res.reg[i]),
             "reg_kind": res.protocol["reg_kind"], "probe": probe, "pooling": m["pooling"],
-            "label_policy": m["label_policy"], "dataset": m["dataset"], "n_train": m["n_samples"],
+            "label_policy": TABLE_LABEL_POLICY[m["label_policy"]], "dataset": m["dataset"], "n_train": m["n_samples"],
             "n_test": gte.meta["n_samples"], "holdout": res.protocol["holdout"], "seed": m["seed"],
             "time_convention": m["time_convention"], "checkpoint_sha": m["checkpoint_sha"], "protocol_hash": phash,
         })
