@@ -14,8 +14,10 @@ and device-agnostic, so a training loss can call them directly on autocast featu
   a flatness ratio). Average usage over blocks, divide by its max over channels, population
   variance over channels, / 0.25, clamp to [0, 1], negate. In [-1, 0]; more negative = channels
   used more unevenly.
-* ``diversity_loss``: (mean orthogonality over pairs + mean token cosine over pairs + dispersion
-  over all blocks) / 3, clamped to <= 5 and replaced by 0 when non-finite, as the official code.
+
+The maths lives in one place, ``training.methods.diverse`` (the training loss); the functions here
+accept numpy or torch, (N, T, D) or pooled (N, D), and add the grid report. The loss with its pair
+set is ``training.methods.diverse.diversity_loss`` / ``official_pairs``.
 
 The eps values (1e-8 in the normalisations and denominators) match the official code.
 
@@ -34,6 +36,8 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from training.methods import diverse as _terms
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 EPS = 1e-8
 
@@ -42,8 +46,6 @@ __all__ = [
     "token_cosine",
     "channel_usage",
     "channel_dispersion",
-    "diversity_loss",
-    "official_pairs",
     "diversity_report",
     "dispersion_table",
     "pair_matrix",
@@ -68,56 +70,31 @@ def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def orthogonality(a: ArrayLike, b: ArrayLike, eps: float = EPS) -> torch.Tensor:
-    """Signed cosine between the batch-and-token means of two blocks.
-
-    a, b: (N, T, D) (or (N, D)). Returns a 0-d tensor in [-1, 1]; the loss pushes it down, i.e.
-    towards orthogonal (or opposite) mean directions.
-    """
+    """Signed cosine between the batch-and-token means of two blocks (the training term, on any
+    array). a, b: (N, T, D) or (N, D). Returns a 0-d tensor in [-1, 1]."""
     a, b = _as_ntd(a, "a"), _as_ntd(b, "b")
     _check_pair(a, b)
-    ma = F.normalize(a.mean(dim=(0, 1)), p=2, dim=0, eps=eps)
-    mb = F.normalize(b.mean(dim=(0, 1)), p=2, dim=0, eps=eps)
-    return (ma * mb).sum()
+    return _terms.orthogonality(a, b, eps)
 
 
 def token_cosine(a: ArrayLike, b: ArrayLike, eps: float = EPS) -> torch.Tensor:
-    """|mean over tokens of cos(a_token, b_token)| -- DiverseDiT's mutual-information proxy.
-
-    a, b: (N, T, D). Each of the N*T tokens is compared with the same token in the other block;
-    the absolute value is taken *after* averaging (as coded). Returns a 0-d tensor in [0, 1].
-    """
+    """|mean over tokens of cos(a_token, b_token)| -- DiverseDiT's mutual-information proxy
+    (``training.methods.diverse.mi_proxy`` on any array). Returns a 0-d tensor in [0, 1]."""
     a, b = _as_ntd(a, "a"), _as_ntd(b, "b")
     _check_pair(a, b)
-    d = a.shape[-1]
-    na = F.normalize(a.reshape(-1, d), p=2, dim=1, eps=eps)
-    nb = F.normalize(b.reshape(-1, d), p=2, dim=1, eps=eps)
-    return (na * nb).sum(dim=1).mean().abs()
+    return _terms.mi_proxy(a, b, eps)
 
 
 def channel_usage(x: ArrayLike, eps: float = EPS) -> torch.Tensor:
-    """Per-channel usage of one block: mean |column| after L2-normalising each channel over tokens.
-
-    x: (N, T, D). Returns (D,). Equals ||col||_1 / (N*T*||col||_2): 1/sqrt(N*T) for a channel
-    spread evenly over tokens, smaller for a sparse / peaky channel.
-    """
-    x = _as_ntd(x)
-    flat = x.reshape(-1, x.shape[-1])
-    return F.normalize(flat, p=2, dim=0, eps=eps).abs().mean(dim=0)
-
-
-def _dispersion_from_usage(usages: Sequence[torch.Tensor], eps: float = EPS) -> torch.Tensor:
-    u = torch.stack(list(usages)).sum(0) / (len(usages) + eps)
-    u = u / (u.max() + eps)
-    var = ((u - u.mean()) ** 2).mean()             # population variance over channels
-    return -torch.clamp(var / 0.25, 0.0, 1.0)
+    """(D,) per-channel usage of one block (see ``training.methods.diverse.channel_usage``)."""
+    return _terms.channel_usage(_as_ntd(x), eps)
 
 
 def channel_dispersion(feats: Sequence[ArrayLike] | Mapping[Any, ArrayLike], eps: float = EPS) -> torch.Tensor:
     """Negative normalised variance of channel usage, pooled over a set of blocks.
 
     feats: k >= 1 block tensors (N, T, D) (a mapping's values are used). Returns a 0-d tensor in
-    [-1, 0]. The official loss needs k >= 2 blocks (it returns 0 otherwise); this reference
-    function also accepts one block so reports can show a per-block value.
+    [-1, 0]; one block gives a per-block value for reports.
     """
     vals = list(feats.values()) if isinstance(feats, Mapping) else list(feats)
     if not vals:
@@ -125,59 +102,7 @@ def channel_dispersion(feats: Sequence[ArrayLike] | Mapping[Any, ArrayLike], eps
     ts = [_as_ntd(v, f"feats[{i}]") for i, v in enumerate(vals)]
     if len({t.shape[-1] for t in ts}) != 1:
         raise ValueError("channel_dispersion: all blocks need the same width D")
-    return _dispersion_from_usage([channel_usage(t, eps) for t in ts], eps)
-
-
-def official_pairs(n_blocks: int, encoder_depth: int = 8, max_pairs: int = 10) -> list[tuple[int, int]]:
-    """The block-pair subset the official DiverseDiT code uses (0-based positions in the sorted
-    block list, ``projection=True`` path).
-
-    Outer index i runs over ``range(m - encoder_depth - 1, m + encoder_depth)`` with
-    ``m = min(max_pairs, n(n-1)/2)``, inner j over ``range(i + 1, n)``, stopping after m pairs.
-    encoder_depth 8 -> [(1, 2), ..., (1, 11)]; 4 (12 blocks) -> (5, 6..11), (6, 7..10).
-    Negative i wraps around as Python indexing does in the original (returned modulo n);
-    i >= n is skipped.
-    """
-    m = min(max_pairs, n_blocks * (n_blocks - 1) // 2)
-    pairs: list[tuple[int, int]] = []
-    for i in range(m - encoder_depth - 1, m + encoder_depth):
-        if i >= n_blocks:
-            break
-        for j in range(i + 1, n_blocks):
-            if len(pairs) >= m:
-                break
-            pairs.append((i % n_blocks, j % n_blocks))
-        if len(pairs) >= m:
-            break
-    return pairs
-
-
-def diversity_loss(
-    feats: Sequence[ArrayLike] | Mapping[Any, ArrayLike],
-    pairs: Iterable[tuple[int, int]] | None = None,
-    eps: float = EPS,
-) -> dict[str, torch.Tensor]:
-    """DiverseDiT's L_div on a list of block features, with its three parts.
-
-    feats: blocks in depth order, each (N, T, D) (a mapping is sorted by key). pairs: 0-based
-    positions into that list for the two pairwise terms (default: ``official_pairs(len(feats))``).
-    Returns {"orthogonality", "token_cosine", "dispersion", "total"} 0-d tensors; ``total`` is
-    their mean, clamped to <= 5, and 0 if non-finite. Dispersion is 0 for fewer than 2 blocks.
-    """
-    if isinstance(feats, Mapping):
-        feats = [feats[k] for k in sorted(feats)]
-    ts = [_as_ntd(f, f"feats[{i}]") for i, f in enumerate(feats)]
-    if len(ts) < 2:
-        z = torch.zeros((), device=ts[0].device if ts else None)
-        return {"orthogonality": z, "token_cosine": z, "dispersion": z, "total": z}
-    pairs = official_pairs(len(ts)) if pairs is None else list(pairs)
-    orth = torch.stack([orthogonality(ts[i], ts[j], eps) for i, j in pairs]).mean() if pairs else torch.zeros(())
-    mi = torch.stack([token_cosine(ts[i], ts[j], eps) for i, j in pairs]).mean() if pairs else torch.zeros(())
-    disp = channel_dispersion(ts, eps)
-    total = torch.clamp((orth + mi + disp) / 3.0, max=5.0)
-    if not torch.isfinite(total):
-        total = torch.zeros_like(total)
-    return {"orthogonality": orth, "token_cosine": mi, "dispersion": disp, "total": total}
+    return _terms.dispersion(ts, eps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -233,7 +158,7 @@ def diversity_report(
         for a, b in pairs:
             orth = float((means[a] * means[b]).sum())
             mi = float(tok_cos[pos[a], pos[b]].abs())
-            disp = float(_dispersion_from_usage([usage[a], usage[b]]))
+            disp = float(_terms.dispersion_from_usage([usage[a], usage[b]]))
             row = {"t": t, "block_a": a, "block_b": b, "orthogonality": orth, "token_cosine": mi,
                    "dispersion": disp, "diversity": (orth + mi + disp) / 3.0, "n_samples": n, "n_tokens": tok}
             if log_snr is not None:
@@ -261,8 +186,8 @@ def dispersion_table(
             v = v.detach() if isinstance(v, torch.Tensor) else torch.as_tensor(np.asarray(v))
             u = channel_usage(v.to(torch.float64))
             usages.append(u)
-            rows.append({"t": t, "block": b, "dispersion": float(_dispersion_from_usage([u]))})
-        rows.append({"t": t, "block": "all", "dispersion": float(_dispersion_from_usage(usages))})
+            rows.append({"t": t, "block": b, "dispersion": float(_terms.dispersion_from_usage([u]))})
+        rows.append({"t": t, "block": "all", "dispersion": float(_terms.dispersion_from_usage(usages))})
     return pd.DataFrame(rows, columns=["t", "block", "dispersion"])
 
 

@@ -22,7 +22,7 @@ Behaviour follows the official code (``kobeshegu/DiverseDiT`` ``loss.py``, see
 2. The adaptive weight is computed on a *detached* value (the paper's rule); the official code
    builds it from the live tensor, which changes the gradient in the 0.1-0.5 band.
 3. Non-finite values are not silently replaced by 0: the trainer stops on a non-finite loss.
-   The terms are computed in fp32 whatever the autocast dtype.
+   The terms are computed in fp32 (or wider) whatever the autocast dtype.
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ __all__ = [
     "orthogonality",
     "mi_proxy",
     "dispersion",
+    "channel_usage",
+    "dispersion_from_usage",
     "diversity_loss",
     "official_pairs",
     "adaptive_weight",
@@ -51,6 +53,11 @@ __all__ = [
 ]
 
 _EPS = 1e-8  # the official normalisation epsilon
+
+
+def _fp32_or_wider(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision autocast features are upcast; fp64 inputs (analysis, gradcheck) stay fp64."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _check_ntd(x: torch.Tensor, name: str) -> None:
@@ -67,8 +74,8 @@ def orthogonality(a: torch.Tensor, b: torch.Tensor, eps: float = _EPS) -> torch.
     """
     _check_ntd(a, "a")
     _check_ntd(b, "b")
-    pa = F.normalize(a.float().mean(dim=(0, 1)), p=2, dim=0, eps=eps)
-    pb = F.normalize(b.float().mean(dim=(0, 1)), p=2, dim=0, eps=eps)
+    pa = F.normalize(_fp32_or_wider(a).mean(dim=(0, 1)), p=2, dim=0, eps=eps)
+    pb = F.normalize(_fp32_or_wider(b).mean(dim=(0, 1)), p=2, dim=0, eps=eps)
     return (pa * pb).sum()
 
 
@@ -84,36 +91,49 @@ def mi_proxy(a: torch.Tensor, b: torch.Tensor, eps: float = _EPS) -> torch.Tenso
     if a.shape != b.shape:
         raise ValueError(f"mi_proxy needs equal shapes, got {tuple(a.shape)} and {tuple(b.shape)}")
     d = a.shape[-1]
-    fa = F.normalize(a.float().reshape(-1, d), p=2, dim=1, eps=eps)
-    fb = F.normalize(b.float().reshape(-1, d), p=2, dim=1, eps=eps)
+    fa = F.normalize(_fp32_or_wider(a).reshape(-1, d), p=2, dim=1, eps=eps)
+    fb = F.normalize(_fp32_or_wider(b).reshape(-1, d), p=2, dim=1, eps=eps)
     return (fa * fb).sum(dim=1).mean().abs()
 
 
-def dispersion(blocks: Sequence[torch.Tensor] | torch.Tensor, eps: float = _EPS) -> torch.Tensor:
-    """Minus the normalised channel-usage variance over blocks (range -1..0; lower = more uneven).
+def channel_usage(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """(D,) usage of each channel of one (N, T, D) block: ``|col|_1 / (N*T |col|_2)``.
 
-    For each block, every channel column of the (N*T, D) token matrix is L2-normalised over the
-    tokens and its mean absolute value taken: ``|col|_1 / (N*T |col|_2)``, a flatness ratio
-    (1/sqrt(N*T) for a constant column, 1/(N*T) for a one-hot one), not an activation mean. The usage is averaged over
-    blocks, divided by its maximum over channels (so it lies in [0, 1]), and its population
-    variance across channels is divided by 0.25 (the largest variance of a [0, 1] variable),
-    clamped to [0, 1] and negated. A single (N, T, D) tensor counts as one block.
+    Every channel column of the (N*T, D) token matrix is L2-normalised over the tokens and its
+    mean absolute value taken: a flatness ratio (1/sqrt(N*T) for a constant column, 1/(N*T) for a
+    one-hot one), not an activation mean. Keeps the input dtype (callers choose the precision).
+    """
+    _check_ntd(x, "x")
+    return F.normalize(x.reshape(-1, x.shape[-1]), p=2, dim=0, eps=eps).abs().mean(dim=0)
+
+
+def dispersion_from_usage(usages: Sequence[torch.Tensor], eps: float = _EPS) -> torch.Tensor:
+    """Minus the normalised variance across channels of the block-averaged usage (range -1..0).
+
+    The usage is averaged over blocks, divided by its maximum over channels (so it lies in
+    [0, 1]); its population variance is divided by 0.25 (the largest variance of a [0, 1]
+    variable), clamped to [0, 1] and negated.
+    """
+    usages = list(usages)
+    if not usages:
+        raise ValueError("dispersion needs at least one block output")
+    usage = torch.stack(usages).sum(0) / (len(usages) + eps)
+    usage = usage / (usage.max() + eps)
+    variance = ((usage - usage.mean()) ** 2).mean()
+    return -(variance / 0.25).clamp(0.0, 1.0)
+
+
+def dispersion(blocks: Sequence[torch.Tensor] | torch.Tensor, eps: float = _EPS) -> torch.Tensor:
+    """The dispersion term over a set of (N, T, D) blocks, in fp32 (range -1..0; lower = more uneven).
+
+    The loss *rewards* uneven channel use. A single (N, T, D) tensor counts as one block.
     """
     if torch.is_tensor(blocks):
         blocks = [blocks]
     blocks = list(blocks)
-    if not blocks:
-        raise ValueError("dispersion needs at least one block output")
-    usage = None
     for i, x in enumerate(blocks):
         _check_ntd(x, f"blocks[{i}]")
-        flat = x.float().reshape(-1, x.shape[-1])
-        u = F.normalize(flat, p=2, dim=0, eps=eps).abs().mean(dim=0)
-        usage = u if usage is None else usage + u
-    usage = usage / (len(blocks) + eps)
-    usage = usage / (usage.max() + eps)
-    variance = ((usage - usage.mean()) ** 2).mean()
-    return -(variance / 0.25).clamp(0.0, 1.0)
+    return dispersion_from_usage([channel_usage(_fp32_or_wider(x), eps) for x in blocks], eps)
 
 
 @dataclass
