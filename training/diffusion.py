@@ -134,7 +134,8 @@ class GaussianDiffusion:
         eps, var_values = self.split_output(model_out, x_t.shape[1])
         if var_values is None:
             # Fixed "large" variance (beta_t, with the posterior variance at t = 0), as ADM.
-            log_var = self._gather(np.log(np.append(self.posterior_variance[1], self.betas[1:])), t, x_t)
+            fixed = np.append(self.posterior_variance[1], self.betas[1:]) if self.num_timesteps > 1 else self.betas
+            log_var = self._gather(np.log(fixed), t, x_t)
         else:
             min_log = self._gather(self.posterior_log_variance_clipped, t, x_t)
             max_log = self._gather(np.log(self.betas), t, x_t)
