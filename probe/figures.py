@@ -75,7 +75,7 @@ def layer_grid_heatmap(df: pd.DataFrame, path: str | os.PathLike | None = None, 
                 cbar_kws={"label": "top-1 accuracy (%)" if value == "accuracy" else value},
                 annot_kws={"fontsize": 8 if nt <= 12 else 6}, linewidths=0.4, linecolor="white")
     ax.set_ylabel("block (1-based output)")
-    ax.set_xlabel("t (our convention: larger = noisier)  /  log-SNR")
+    ax.set_xlabel("t (larger = noisier)  /  log-SNR        red box: best cell")
     ax.tick_params(axis="x", labelsize=8, rotation=0)
     ax.tick_params(axis="y", rotation=0)
     if title is None:

@@ -150,3 +150,38 @@ def test_bad_input_is_a_clear_error(tiny_sit_ckpt, fm_train, tmp_path):
     (bad / "manifest.json").write_text(json.dumps({"format": "something-else", "version": 7, "cells": {}}))
     with pytest.raises(ValueError, match="written by another protocol"):
         FeatureCache(bad)
+
+
+def _dist_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        ck = load_checkpoint(ckpt)
+        g = extract_grid(ck, make_dataset("fashion-mnist", "train"), blocks=[2, 4], ts=[0.2, 0.7], n_samples=21,
+                         batch_size=4, device="cpu", progress=False)
+        if rank == 0:
+            np.savez(out, **{f"{b}_{t}": g.features[(b, t)] for b, t in g.features})
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_extraction_on_two_gloo_ranks_matches_one_process(tiny_sit_ckpt, fm_train, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "rank0.npz"
+    mp.spawn(_dist_worker, args=(2, port, str(tiny_sit_ckpt), str(out)), nprocs=2, join=True)
+    ref = extract_grid(load_checkpoint(tiny_sit_ckpt), fm_train, blocks=[2, 4], ts=[0.2, 0.7], n_samples=21,
+                       progress=False)
+    got = np.load(out)
+    for b, t in ref.features:
+        np.testing.assert_allclose(got[f"{b}_{t}"], ref.features[(b, t)], rtol=1e-5, atol=1e-6)
