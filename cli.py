@@ -98,6 +98,85 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------------
+# layer-grid (probe/layer_grid.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def _split_list(values: Optional[list[str]]) -> list[str]:
+    """`--blocks 1,2 --blocks 5` -> ["1", "2", "5"] (comma lists and repeats both work)."""
+    return [v.strip() for item in values or [] for v in str(item).split(",") if v.strip()]
+
+
+def _parse_blocks(values: Optional[list[str]]) -> Optional[list[int]]:
+    out: list[int] = []
+    for v in _split_list(values):
+        try:
+            if "-" in v.lstrip("-"):
+                lo, hi = v.split("-", 1)
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(v))
+        except ValueError:
+            raise ValueError(f"--blocks expects integers or ranges like 1-4, got {v!r}") from None
+    return out or None
+
+
+def _parse_ts(values: Optional[list[str]]) -> Optional[list[float]]:
+    out: list[float] = []
+    for v in _split_list(values):
+        try:
+            out.append(float(v))
+        except ValueError:
+            raise ValueError(f"--t expects numbers, got {v!r}") from None
+    return out or None
+
+
+@app.command("layer-grid")
+@friendly_errors
+def layer_grid(
+    ckpt: Annotated[Path, typer.Argument(help="Checkpoint file (ours, or a published DiT/SiT/REPA/SRA file).")],
+    data: Annotated[Optional[str], typer.Option(help="fashion-mnist | digits | folder:PATH | latents:PATH "
+                                                "(default: the checkpoint's dataset, else fashion-mnist).")] = None,
+    blocks: Annotated[Optional[list[str]], typer.Option(help="1-based blocks: 1,4,8 or 1-6 (default: all).")] = None,
+    t: Annotated[Optional[list[str]], typer.Option("--t", help="Timesteps in our convention, e.g. 0,0.3,0.6 "
+                                                   "(SiT, 1 = noise) or 0,250,500 (DiT). Default: SiT 0..0.9 "
+                                                   "step 0.1, DiT 0..900 step 100.")] = None,
+    weights: Annotated[str, typer.Option(help="ema | model (online weights).")] = "ema",
+    label: Annotated[str, typer.Option(help="null (no label leakage, default) | class (true labels).")] = "null",
+    probe: Annotated[str, typer.Option(help="torch (batched L-BFGS) | ridge (fast screen) | sklearn | cuml | knn")] = "torch",
+    pooling: Annotated[str, typer.Option(help="mean | tokens (tokens as samples) | spatialK (e.g. spatial2).")] = "mean",
+    n_train: Annotated[int, typer.Option(help="Train images (probe fit + held-out L2 choice).")] = 2000,
+    n_test: Annotated[int, typer.Option(help="Images of the official test split (accuracy).")] = 1000,
+    seed: Annotated[int, typer.Option(help="Seed of the image subsets, the noise bank and the held-out cut.")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Images per forward.")] = 256,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: layer_grid/<ckpt>-<weights>-<label>-<probe>).")] = None,
+    cache: Annotated[Optional[Path], typer.Option(help="Feature cache folder (fp16 cells, reused and resumable).")] = Path(".repdyn_cache/features"),
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")] = False,
+    family: Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")] = None,
+    time_convention: Annotated[Optional[str], typer.Option(help="flow-t1-noise | flow-t0-noise (foreign SiT).")] = None,
+    trust_checkpoint: Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")] = False,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """Linear-probe accuracy for every (block, t) cell: writes layer_grid.csv, a heatmap PNG and the protocol.
+
+    Examples: `probe layer-grid runs/sit/checkpoints/0001500.pt`,
+    `probe layer-grid ckpt.pt --blocks 1-6 --t 0,0.2,0.5 --weights model --label class --probe ridge`,
+    `torchrun --nproc_per_node 4 cli.py layer-grid SiT-XL-2-256.pt --family sit --data latents:data/in256`.
+    """
+    from probe.layer_grid import run_layer_grid, summarize
+
+    res = run_layer_grid(ckpt, data=data, blocks=_parse_blocks(blocks), ts=_parse_ts(t), weights=weights, label=label,
+                         probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
+                         batch_size=batch_size, out_dir=out, cache_dir=None if no_cache else cache, family=family,
+                         time_convention=time_convention, trust=trust_checkpoint, progress=not quiet)
+    if res.csv is None:  # a non-zero torchrun rank
+        return
+    typer.echo(summarize(res.table))
+    typer.echo(f"table:    {res.csv}\nheatmap:  {res.png}\nprotocol: {res.protocol}")
+
+
+# ----------------------------------------------------------------------------------------------
 # sample, eval (training/samplers.py, training/evaluation.py)
 # ----------------------------------------------------------------------------------------------
 
