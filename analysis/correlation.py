@@ -84,7 +84,7 @@ def join_probe_metrics(
         for col, val in cell.items():
             if col not in p.columns:
                 raise ValueError(f"cell filter column {col!r} not in the probe table")
-            p = p[np.isclose(p[col], val) if np.issubdtype(p[col].dtype, np.floating) else (p[col] == val)]
+            p = p[np.isclose(p[col], val) if pd.api.types.is_float_dtype(p[col].dtype) else (p[col] == val)]
         if p.empty:
             raise ValueError(f"no probe rows match cell={dict(cell)}")
     if p.duplicated(keys).any():

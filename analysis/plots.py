@@ -253,11 +253,14 @@ def plot_pca_grid(
     title: str = "Patch-token PCA (shared basis per block, fixed colour scale)",
     meta: Mapping[str, Any] | None = None,
     pdf: bool = False,
+    image_labels: Sequence[str] | None = None,
 ) -> Path:
     """PCA-RGB maps: one panel group per image, side by side; rows = blocks, columns = t.
 
     inputs: optional (N_img, H, W[, C]) images in [0, 1] or [-1, 1] shown above each group.
     images: positions (within the grid's rendered images) to show (default all, max 4).
+    image_labels: one title per position of the grid (e.g. dataset index and class); default
+    "image <position>".
     """
     some = next(iter(pca_grid.images.values()))
     n_img = some.shape[0]
@@ -285,7 +288,7 @@ def plot_pca_grid(
                 img = np.moveaxis(img, 0, -1)
             ax = axes[0, gi * len(ts)]
             ax.imshow(img.squeeze(), cmap="gray" if img.squeeze().ndim == 2 else None, vmin=0, vmax=1)
-            ax.set_title(f"image {im_idx}", fontsize=8)
+            ax.set_title(image_labels[im_idx] if image_labels is not None else f"image {im_idx}", fontsize=8)
             ax.set_anchor("S")
             for j in range(1, len(ts)):
                 axes[0, gi * len(ts) + j].axis("off")
@@ -299,7 +302,8 @@ def plot_pca_grid(
                 if bi == len(blocks) - 1:
                     ax.set_xlabel(f"t={_fmt_t(t)}", fontsize=7)
                 if bi == 0 and inputs is None and tj == 0:
-                    ax.set_title(f"image {im_idx}", fontsize=8, loc="left")
+                    ax.set_title(image_labels[im_idx] if image_labels is not None else f"image {im_idx}",
+                                 fontsize=8, loc="left")
                 if gi == 0 and tj == 0:
                     ax.set_ylabel(f"block {b}", fontsize=8)
     _titles(fig, title, {**(meta or {}), "basis": pca_grid.meta.get("basis")})
@@ -403,10 +407,12 @@ def plot_attribution(
     meta: Mapping[str, Any] | None = None,
     alpha: float = 0.55,
     pdf: bool = False,
+    panel_titles: Sequence[str] | None = None,
 ) -> Path:
     """Each image with its per-patch attribution overlaid (diverging colours, symmetric scale).
 
     images: (N, C, H, W) or (N, H, W[, C]) in [-1, 1] or [0, 1]; patch_maps: (N, h, w).
+    panel_titles: one title per image (overrides the "class ..." titles from ``targets``).
     """
     imgs = np.asarray(images, dtype=float)
     if imgs.ndim == 4 and imgs.shape[1] in (1, 3) and imgs.shape[-1] not in (1, 3):
@@ -431,6 +437,8 @@ def plot_attribution(
         if targets is not None:
             c = targets[i]
             lab = f"class {class_names[c] if class_names is not None else c}"
+        if panel_titles is not None:
+            lab = panel_titles[i]
         axes[0, i].set_title(lab or f"image {i}", fontsize=8)
     axes[0, 0].set_ylabel("input", fontsize=8)
     axes[1, 0].set_ylabel("attribution", fontsize=8)

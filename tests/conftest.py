@@ -55,3 +55,24 @@ def single_thread():
         yield
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="session")
+def tiny_sra_run(tmp_path_factory) -> Path:
+    """A run folder of a SiT-T/4 (depth 4, width 64) trained 30 steps with SRA, a checkpoint every
+    10 steps (3 checkpoints: training dynamics, correlation across checkpoints)."""
+    from training.config import resolve_config
+    from training.trainer import train
+
+    out = tmp_path_factory.mktemp("tiny_sra_run")
+    cfg = resolve_config("sit-tiny", overrides=dict(model_overrides=dict(TINY_MODEL), method="sra", steps=30,
+                                                    batch_size=16, ema_decay=0.9, out=str(out), ckpt_every=10,
+                                                    log_every=10, device="cpu", seed=0))
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(cfg, quiet=True)
+    finally:
+        torch.set_num_threads(old)
+    assert len(list((out / "checkpoints").glob("*.pt"))) == 3
+    return out

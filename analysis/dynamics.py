@@ -1,0 +1,278 @@
+"""``probe curves RUN_DIR``: representation metrics over training, one checkpoint at a time.
+
+For every checkpoint of a run folder (``training.checkpoint.list_checkpoints``):
+
+* **student** probe accuracy: online weights (``ck["model"]``), block ``k_s``, time ``t``;
+* **teacher** probe accuracy: EMA weights, block ``k_t``, the less noisy ``t_teacher``
+  (SRA's teacher: methods.md 1.x; the EMA is also what is sampled from);
+* **similarity** on ``similarity_weights`` (EMA by default) at ``t``: the mean off-diagonal
+  debiased CKA between blocks (pooled features), the debiased CKA between the student cell and the
+  teacher cell (the pair SRA aligns), and DiverseDiT's three terms averaged over block pairs
+  (token features of ``n_div`` images).
+
+Defaults follow the run's SRA settings (``ck.config["sra"]``: student/teacher block, ``t_max``);
+runs without SRA use :func:`training.methods.sra.default_blocks`. ``t`` = 0.5 (SiT; DiT: step
+T/2) and ``t_teacher = t - t_max / 2``, the mean teacher shift of SRA's uniform ``[0, t_max]`` draw.
+
+Results are cached per checkpoint: ``curves.csv`` (probe rows) and ``curves_similarity.csv`` carry
+``checkpoint_sha`` and a ``settings_hash`` of every option that changes the numbers, and a rerun
+computes only checkpoints whose (sha, settings) are missing. Tables are rewritten atomically after
+every checkpoint, so an interrupted run keeps what it finished; features also go through the
+shared :class:`probe.cache.FeatureCache`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from .commands import FeatureSpec, _fmt_t, cell_t, load_features, write_table
+
+__all__ = ["CurveSettings", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
+
+PROBE_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "role", "weights", "block", "t", "log_snr",
+                 "accuracy", "val_accuracy", "train_accuracy", "reg", "probe", "label_policy", "pooling", "dataset",
+                 "n_train", "n_test", "seed", "model", "method", "protocol_hash", "settings_hash"]
+SIM_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "weights", "t", "log_snr", "cka_mean_offdiag",
+               "cka_student_teacher", "orthogonality", "token_cosine", "dispersion", "diversity", "n_blocks",
+               "n_test", "n_div", "settings_hash"]
+
+
+@dataclass
+class CurveSettings:
+    """Every option that changes the numbers (hashed into ``settings_hash``)."""
+
+    student_block: int
+    teacher_block: int
+    t: float | int
+    t_teacher: float | int
+    probe: str = "torch"
+    n_train: int = 2000
+    n_test: int = 1000
+    n_div: int = 64
+    similarity_weights: str = "ema"
+    label: str = "null"
+    pooling: str = "mean"
+    seed: int = 0
+    data: str | None = None
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _sra_options(ck) -> dict | None:
+    """The run's SRA options (config first, then checkpoint meta; {} = SRA with defaults), None without SRA."""
+    method = str(ck.meta.get("method") or ck.config.get("method") or "")
+    if "sra" not in method:
+        return None
+    opts = dict(ck.config.get("sra") or {})
+    opts.update({k: v for k, v in ((ck.meta.get("method_config") or {}).get("sra") or {}).items() if k not in opts})
+    return opts
+
+
+def resolve_cells(ck, student_block: int | None = None, teacher_block: int | None = None, t: float | None = None,
+                  t_teacher: float | None = None) -> tuple[int, int, float | int, float | int, dict]:
+    """(k_s, k_t, t, t_teacher, info): flags first, then the run's SRA config, then the defaults."""
+    from probe.grid import validate_blocks
+    from training.methods.sra import default_blocks
+
+    sra = _sra_options(ck)
+    opts = sra or {}
+    depth = ck.model.depth
+    ks_def, kt_def = default_blocks(ck.model.config) if depth >= 2 else (1, 1)
+    ks = student_block if student_block is not None else int(opts.get("student_block", ks_def))
+    kt = teacher_block if teacher_block is not None else int(opts.get("teacher_block", kt_def))
+    validate_blocks([ks, kt], depth)
+    t_max = float(opts.get("t_max", 0.2))
+    fam, nt = ck.meta["family"], int(ck.meta.get("num_timesteps", 1000) or 1000)
+    if fam == "sit":
+        t0 = cell_t(ck, 0.5 if t is None else t)
+        tt = cell_t(ck, max(0.0, round(float(t0) - t_max / 2, 6)) if t_teacher is None else t_teacher)
+    else:
+        t0 = cell_t(ck, nt // 2 if t is None else t)
+        tt = cell_t(ck, max(0, int(t0) - int(round(nt * t_max / 2))) if t_teacher is None else t_teacher)
+    if (float(tt) > float(t0)):
+        raise ValueError(f"--t-teacher {tt} is noisier than --t {t0}: SRA's teacher sees a less noisy input")
+    flagged = student_block is not None or teacher_block is not None
+    source = "flags" if flagged else ("SRA config" if sra is not None else "default_blocks (no SRA)")
+    info = {"sra": sra is not None, "t_max": t_max, "source": source}
+    return ks, kt, t0, tt, info
+
+
+def _read(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists():
+        return pd.DataFrame(columns=columns)
+    # keep_default_na=False: the label policy "null" must stay a string.
+    return pd.read_csv(path, dtype={"checkpoint_sha": str, "settings_hash": str}, keep_default_na=False,
+                       na_values=[""])
+
+
+def _one_checkpoint(path: Path, settings: CurveSettings, spec: FeatureSpec, run: str, probe_device: str,
+                    dtr, dte) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe rows (student, teacher) and the similarity row of one checkpoint."""
+    from analysis.diversity import diversity_report
+    from analysis.similarity import cka, cka_matrix
+    from probe.layer_grid import grid_table
+    from training.checkpoint import load_checkpoint
+
+    s = settings
+    cks = {w: load_checkpoint(path, weights=w, family=spec.family, time_convention=spec.time_convention,
+                              trust=spec.trust) for w in {"model", "ema", s.similarity_weights}}
+    ref = cks["ema"]
+    k = max(dtr.num_classes, int(np.max(np.asarray(dtr.labels))) + 1)
+    rows, test_feats = [], {}
+    for role, w, b, t in (("student", "model", s.student_block, s.t), ("teacher", "ema", s.teacher_block, s.t_teacher)):
+        _, gtr = load_features(cks[w], spec, blocks=[b], ts=[t], split="train", n=s.n_train, dataset=dtr)
+        _, gte = load_features(cks[w], spec, blocks=[b], ts=[t], split="test", n=s.n_test, dataset=dte)
+        df, _ = grid_table(gtr, gte, s.probe, device=probe_device, seed=s.seed, num_classes=k)
+        df.insert(0, "role", role)
+        rows.append(df)
+        test_feats[role] = np.asarray(gte.features[(b, t)], dtype=np.float32)
+    probe = pd.concat(rows, ignore_index=True)
+    probe["run"], probe["settings_hash"] = run, s.hash()
+    probe = probe[[c for c in PROBE_COLUMNS if c in probe.columns]]
+
+    cks_sim = cks[s.similarity_weights]
+    _, g = load_features(cks_sim, spec, blocks=None, ts=[s.t], split="test", n=s.n_test, dataset=dte)
+    feats = [np.asarray(g.features[(b, s.t)], dtype=np.float32) for b in g.blocks]
+    m = cka_matrix(feats, debiased=True)
+    off = m[~np.eye(len(m), dtype=bool)]
+    _, gt = load_features(cks_sim, spec, blocks=None, ts=[s.t], split="test", n=s.n_div, pooling="tokens", dataset=dte)
+    rep = diversity_report({(b, s.t): gt.features[(b, s.t)] for b in gt.blocks}, gt.blocks, [s.t])
+    sim = {"run": run, "checkpoint": str(path), "checkpoint_sha": ref.sha, "step": ref.step,
+           "weights": s.similarity_weights, "t": s.t, "log_snr": g.log_snr[s.t],
+           "cka_mean_offdiag": float(off.mean()) if off.size else np.nan,
+           "cka_student_teacher": float(cka(test_feats["student"], test_feats["teacher"], debiased=True)),
+           **{c: float(rep[c].mean()) for c in ("orthogonality", "token_cosine", "dispersion", "diversity")},
+           "n_blocks": len(g.blocks), "n_test": s.n_test, "n_div": s.n_div, "settings_hash": s.hash()}
+    return probe, pd.DataFrame([sim], columns=SIM_COLUMNS)
+
+
+def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: int | None = None,
+               teacher_block: int | None = None, t: float | None = None, t_teacher: float | None = None,
+               probe: str = "torch", n_train: int = 2000, n_test: int = 1000, n_div: int = 64,
+               similarity_weights: str = "ema", probe_device: str | None = None,
+               out: str | os.PathLike | None = None, pdf: bool = False) -> dict[str, Any]:
+    """Per-checkpoint student/teacher probe accuracy, CKA and diversity over training.
+
+    Writes (into ``out``, default ``<run>/curves``) ``curves.csv``, ``curves_similarity.csv``,
+    ``curves.png`` (student vs teacher accuracy over steps) and ``curves_similarity.png`` (CKA and
+    diversity terms over steps). Returns paths, tables and the number of checkpoints computed.
+    """
+    from analysis import plots
+    from probe.probes import PROBES
+    from training.checkpoint import list_checkpoints, load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise FileNotFoundError(f"run folder {run_dir} does not exist")
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        raise ValueError(f"no checkpoints in {run_dir} (expected {run_dir}/checkpoints/NNNNNNN.pt)")
+    if probe not in PROBES:
+        raise ValueError(f"--probe must be one of {', '.join(PROBES)}, got {probe!r}")
+    if similarity_weights not in ("ema", "model"):
+        raise ValueError(f"--similarity-weights must be ema or model, got {similarity_weights!r}")
+    if n_train < 10 or n_test < 4 or n_div < 2:
+        raise ValueError("need --n-train >= 10, --n-test >= 4 (debiased CKA) and --n-div >= 2")
+    first = load_checkpoint(ckpts[-1], weights="ema", family=spec.family, time_convention=spec.time_convention,
+                            trust=spec.trust)
+    ks, kt, t0, tt, info = resolve_cells(first, student_block, teacher_block, t, t_teacher)
+    settings = CurveSettings(ks, kt, t0, tt, probe, n_train, n_test, n_div, similarity_weights, spec.label,
+                             spec.pooling, spec.seed, spec.data)
+    h = settings.hash()
+    outdir = Path(out) if out is not None else run_dir / "curves"
+    outdir.mkdir(parents=True, exist_ok=True)
+    pcsv, scsv = outdir / "curves.csv", outdir / "curves_similarity.csv"
+    probe_df, sim_df = _read(pcsv, PROBE_COLUMNS), _read(scsv, SIM_COLUMNS)
+    done = set(probe_df.loc[probe_df["settings_hash"] == h, "checkpoint_sha"]) & set(
+        sim_df.loc[sim_df["settings_hash"] == h, "checkpoint_sha"])
+    from training.checkpoint import file_sha
+
+    shas = {p: file_sha(p) for p in ckpts}
+    todo = [p for p in ckpts if shas[p] not in done]
+    pdev = probe_device or ("cuda" if spec.device in ("auto", "cuda") and _cuda() else
+                            (spec.device if spec.device != "auto" else "cpu"))
+    run = run_dir.resolve().name if run_dir.name != "checkpoints" else run_dir.resolve().parent.name
+    if todo:  # loaded once for every checkpoint (the same images and noise for all of them)
+        from training.data import make_dataset
+
+        data = spec.data or first.meta.get("data") or "fashion-mnist"
+        dtr, dte = make_dataset(data, "train"), make_dataset(data, "test")
+    for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):
+        pr, sr = _one_checkpoint(p, settings, spec, run, pdev, dtr, dte)
+        keep = lambda df: df[~((df["checkpoint_sha"] == shas[p]) & (df["settings_hash"] == h))]  # noqa: E731
+        probe_df = pd.concat([keep(probe_df), pr], ignore_index=True) if len(probe_df) else pr
+        sim_df = pd.concat([keep(sim_df), sr], ignore_index=True) if len(sim_df) else sr
+        write_table(probe_df.sort_values(["settings_hash", "step", "role"]), pcsv)
+        write_table(sim_df.sort_values(["settings_hash", "step"]), scsv)
+
+    cur = set(shas.values())
+    pcur = probe_df[(probe_df["settings_hash"] == h) & probe_df["checkpoint_sha"].isin(cur)].sort_values("step").copy()
+    scur = sim_df[(sim_df["settings_hash"] == h) & sim_df["checkpoint_sha"].isin(cur)].sort_values("step").copy()
+    model = str(pcur["model"].iloc[0]) if len(pcur) else "?"
+    meta = {"model": model,
+            "protocol": f"{probe} probe, label={spec.label}, pooling={spec.pooling}, n_train={n_train}, "
+                        f"n_test={n_test}", "blocks": info["source"]}
+    pcur["cell"] = [f"{r} ({'online' if w == 'model' else 'EMA'}, block {b}, t={_fmt_t(cell_t(first, tv))})"
+                    for r, w, b, tv in zip(pcur["role"], pcur["weights"], pcur["block"], pcur["t"])]
+    pcur["accuracy (%)"] = 100 * pcur["accuracy"]
+    files: dict[str, Any] = {"out": outdir, "computed": len(todo), "checkpoints": len(ckpts),
+                             "student": (ks, t0), "teacher": (kt, tt), "info": info}
+    files["png"] = plots.plot_curves(pcur, "step", "accuracy (%)", outdir / "curves.png", hue="cell",
+                                     title=f"Linear-probe accuracy over training: student vs teacher ({run})",
+                                     meta=meta, xlabel="training step", ylabel="top-1 accuracy (%)", pdf=pdf)
+    wword = "EMA" if similarity_weights == "ema" else "online"
+    files["similarity_png"] = plot_similarity_curves(
+        scur, outdir / "curves_similarity.png",
+        title=f"CKA and DiverseDiT terms over training ({run}, {wword} weights, t={_fmt_t(t0)})",
+        meta={"model": model, "protocol": f"debiased CKA on n={n_test} pooled test images; diversity terms on the "
+                                          f"tokens of n={n_div} images, mean over block pairs"},
+        st_label=f"block {ks} @ t={_fmt_t(t0)} (online) vs block {kt} @ t={_fmt_t(tt)} (EMA)", pdf=pdf)
+    files["csv"], files["similarity_csv"] = pcsv, scsv
+    files["table"], files["similarity_table"] = pcur, scur
+    return files
+
+
+_SIM_PANELS = (
+    ("cka_mean_offdiag", "mean off-diagonal CKA between blocks", "debiased CKA"),
+    ("cka_student_teacher", "CKA student cell vs teacher cell", "debiased CKA"),
+    ("orthogonality", "orthogonality (pooled cosine)", "cosine"),
+    ("token_cosine", "token |cosine| (MI proxy)", "|cosine|"),
+    ("dispersion", "channel dispersion", "dispersion (<= 0)"),
+    ("diversity", "DiverseDiT total (mean of 3 terms)", "value"),
+)
+
+
+def plot_similarity_curves(frame: pd.DataFrame, path: str | os.PathLike, title: str, meta: dict,
+                           st_label: str, pdf: bool = False) -> Path:
+    """One panel per quantity over training steps, each with its own y scale (they differ by orders)."""
+    from analysis import plots
+
+    plt = plots.plt
+    fig, axes = plt.subplots(2, 3, figsize=(12.5, 6.4), sharex=True, layout="constrained")
+    for ax, (col, name, ylab) in zip(axes.flat, _SIM_PANELS):
+        ax.plot(frame["step"], frame[col], marker="o", color="tab:blue")
+        ax.set_title(name if col != "cka_student_teacher" else f"{name}\n{st_label}", fontsize=9)
+        ax.set_ylabel(ylab, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step", fontsize=9)
+    plots._titles(fig, title, meta)
+    return plots.save_figure(fig, path, pdf)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
