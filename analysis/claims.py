@@ -1,0 +1,288 @@
+"""The papers' representation claims (C1-C7), judged from a study's tables, and ``REPORT.md``.
+
+Each ``check_cN`` takes the tables of :func:`analysis.study.load_tables` and returns a
+:class:`Verdict`: ``held``, ``did not hold`` or ``inconclusive`` plus the numbers behind it. The
+rules are stated in each docstring and in the report; the margins use the binomial standard error
+of a probe accuracy on the test split, so a difference smaller than the noise is not called a win.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy import stats
+
+__all__ = ["Verdict", "check_claims", "write_report", "CLAIMS"]
+
+CLAIMS = {
+    "C1": "Probe accuracy rises with depth, peaks mid-depth, then falls (SRA Fig. 2 right)",
+    "C2": "Lower noise gives better representations (SRA Fig. 2)",
+    "C3": "SRA improves probe accuracy across blocks and timesteps over the baseline (SRA Fig. 7a,b)",
+    "C4": "The teacher's probe accuracy exceeds the student's and both rise over training (SRA Fig. 7d)",
+    "C5": "Generation quality tracks the probe accuracy of the teacher layer used for alignment (SRA Fig. 7c)",
+    "C6": "DiverseDiT lowers inter-block similarity and improves generation",
+    "C7": "SRA reaches a given generation quality sooner than the baseline at equal wall-clock (SRA Fig. 4)",
+}
+
+
+@dataclass
+class Verdict:
+    claim: str
+    verdict: str  # "held" | "did not hold" | "inconclusive"
+    summary: str
+    details: list[str] = field(default_factory=list)
+    figures: list[str] = field(default_factory=list)
+
+
+def _se_points(p: float, n: int) -> float:
+    """Binomial standard error of an accuracy, in points."""
+    return 100 * math.sqrt(max(p * (1 - p), 1e-4) / max(n, 1))
+
+
+def _grid(lg: pd.DataFrame, run: str) -> pd.DataFrame:
+    return lg[lg["run"] == run].pivot_table(index="block", columns="t", values="accuracy").sort_index()
+
+
+def check_c1(tb: dict) -> Verdict:
+    """Profile = accuracy per block averaged over t (baseline, EMA). Held if the peak is at an inner
+    block and beats both the first and the last block by more than 2 standard errors."""
+    lg = tb["layer_grid"]
+    run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
+    g = _grid(lg, run)
+    prof = 100 * g.mean(axis=1)
+    n = int(lg["n_test"].iloc[0])
+    margin = 2 * _se_points(prof.max() / 100, n)
+    peak = int(prof.idxmax())
+    first, last = int(prof.index[0]), int(prof.index[-1])
+    per_t = {f"{t:g}": int(g[t].idxmax()) for t in g.columns}
+    details = [f"{run} accuracy by block (mean over t): " + ", ".join(f"{b}: {v:.1f}%" for b, v in prof.items()),
+               f"peak block per t: {per_t}", f"margin (2 SE): {margin:.1f} pts"]
+    inner = first < peak < last
+    if inner and prof[peak] - prof[last] > margin and prof[peak] - prof[first] > margin:
+        v, s = "held", f"peak at block {peak} of {last} ({prof[peak]:.1f}%), above block 1 ({prof[first]:.1f}%) and block {last} ({prof[last]:.1f}%)"
+    elif peak == last or (prof[peak] - prof[last] <= margin and prof[last] - prof[first] > margin):
+        v, s = "did not hold", f"accuracy keeps rising to the last block ({prof[last]:.1f}% at block {last}, peak {prof[peak]:.1f}% at block {peak}): no mid-depth peak at this scale"
+    else:
+        v, s = "inconclusive", f"peak at block {peak} ({prof[peak]:.1f}%) but within noise of the ends ({prof[first]:.1f}%, {prof[last]:.1f}%)"
+    return Verdict("C1", v, s, details, [f"layer_grid_{run}.png", "accuracy_vs_block.png"])
+
+
+def check_c2(tb: dict) -> Verdict:
+    """Per block, Spearman rho between log-SNR and accuracy across t. Held if the median rho > 0.5
+    and the least-noisy t beats the noisiest t by more than 2 SE in at least 3/4 of the blocks."""
+    lg = tb["layer_grid"]
+    run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
+    df = lg[lg["run"] == run]
+    n = int(df["n_test"].iloc[0])
+    rhos, wins = [], []
+    for b, d in df.groupby("block"):
+        d = d.sort_values("log_snr")
+        rhos.append(stats.spearmanr(d["log_snr"], d["accuracy"]).statistic if len(d) > 2 else np.nan)
+        lo, hi = d["accuracy"].iloc[-1], d["accuracy"].iloc[0]  # least noisy, noisiest
+        wins.append(100 * (lo - hi) > 2 * _se_points(lo, n))
+    med, frac = float(np.nanmedian(rhos)), float(np.mean(wins))
+    details = [f"Spearman rho(log-SNR, accuracy) per block: " + ", ".join(f"{r:.2f}" for r in rhos),
+               f"blocks where the least-noisy t beats the noisiest by > 2 SE: {frac:.0%}"]
+    if med > 0.5 and frac >= 0.75:
+        v, s = "held", f"accuracy increases as noise decreases (median rho {med:.2f}; {frac:.0%} of blocks)"
+    elif med < 0:
+        v, s = "did not hold", f"accuracy does not increase with lower noise (median rho {med:.2f})"
+    else:
+        v, s = "inconclusive", f"weak trend (median rho {med:.2f}; {frac:.0%} of blocks clearly better at low noise)"
+    return Verdict("C2", v, s, details, [f"layer_grid_{run}.png"])
+
+
+def check_c3(tb: dict) -> Verdict:
+    """SRA - baseline accuracy over all (block, t) cells. Held if the mean gain exceeds 1 SE and at
+    least 2/3 of the cells improve (sign test p reported); did not hold if the mean is below -1 SE."""
+    lg = tb["layer_grid"]
+    if not {"sra", "baseline"} <= set(lg["run"]):
+        return Verdict("C3", "inconclusive", "needs a baseline and an SRA run")
+    diff = 100 * (_grid(lg, "sra") - _grid(lg, "baseline"))
+    vals = diff.values.ravel()
+    vals = vals[np.isfinite(vals)]
+    n = int(lg["n_test"].iloc[0])
+    se = _se_points(float(lg["accuracy"].mean()), n)
+    pos = int((vals > 0).sum())
+    p = stats.binomtest(pos, len(vals), 0.5).pvalue
+    mean = float(vals.mean())
+    details = [f"mean difference {mean:+.2f} pts over {len(vals)} cells; {pos}/{len(vals)} cells improve "
+               f"(sign test p = {p:.3g}); one cell's SE ~ {se:.1f} pts",
+               "per block (mean over t): " + ", ".join(f"{b}: {v:+.1f}" for b, v in diff.mean(axis=1).items())]
+    if mean > se and pos >= 2 * len(vals) / 3:
+        v, s = "held", f"SRA is better on {pos}/{len(vals)} cells, mean {mean:+.1f} pts"
+    elif mean < -se:
+        v, s = "did not hold", f"SRA is worse on average ({mean:+.1f} pts; {pos}/{len(vals)} cells better)"
+    else:
+        v, s = "inconclusive", f"difference within noise (mean {mean:+.1f} pts; {pos}/{len(vals)} cells better)"
+    return Verdict("C3", v, s, details, ["sra_minus_baseline.png", "sra_vs_baseline_blocks.png"])
+
+
+def check_c4(tb: dict) -> Verdict:
+    """SRA run: teacher (EMA, k_t, lower t) minus student (online, k_s, t) accuracy per checkpoint;
+    held if the teacher leads at >= 3/4 of the checkpoints and both have Spearman(step, acc) > 0."""
+    cur = tb["curves"]
+    run = "sra" if "sra" in set(cur["run"]) else sorted(set(cur["run"]))[0]
+    d = cur[cur["run"] == run].pivot_table(index="step", columns="role", values="accuracy").sort_index()
+    gap = 100 * (d["teacher"] - d["student"])
+    lead = float((gap > 0).mean())
+    rho_s = stats.spearmanr(d.index, d["student"]).statistic if len(d) > 2 else float(np.sign(d["student"].diff().iloc[-1]))
+    rho_t = stats.spearmanr(d.index, d["teacher"]).statistic if len(d) > 2 else float(np.sign(d["teacher"].diff().iloc[-1]))
+    details = [f"{run}: steps {list(d.index)}", "student accuracy: " + ", ".join(f"{100 * a:.1f}%" for a in d["student"]),
+               "teacher accuracy: " + ", ".join(f"{100 * a:.1f}%" for a in d["teacher"]),
+               f"teacher - student: " + ", ".join(f"{g:+.1f}" for g in gap),
+               f"Spearman(step, accuracy): student {rho_s:.2f}, teacher {rho_t:.2f}"]
+    both_rise = rho_s > 0 and rho_t > 0
+    if lead >= 0.75 and both_rise:
+        v, s = "held", f"teacher leads at {lead:.0%} of checkpoints (final gap {gap.iloc[-1]:+.1f} pts) and both rise"
+    elif lead <= 0.25:
+        v, s = "did not hold", f"the student matches or beats the teacher ({lead:.0%} of checkpoints led by the teacher)"
+    else:
+        v, s = "inconclusive", f"teacher leads at {lead:.0%} of checkpoints; rising: student {rho_s:.2f}, teacher {rho_t:.2f}"
+    return Verdict("C4", v, s, details, ["teacher_vs_student.png"])
+
+
+def check_c5(tb: dict, quality: pd.DataFrame) -> Verdict:
+    """Across all checkpoints of all runs: Spearman between teacher-cell accuracy and fd (lower fd =
+    better, so the claim predicts a negative rho). Held if rho <= -0.5 with its bootstrap CI below
+    0; the partial correlation controlling for the step says whether it is more than training time."""
+    from analysis.correlation import correlate
+
+    metric = quality["metric"].iloc[0]
+    tab = correlate(100 * quality["accuracy"], quality[metric], control=quality["step"], n_boot=1000)
+    row = tab.set_index("method")
+    sp = row.loc["spearman"]
+    part = row.loc["partial_spearman"] if "partial_spearman" in row.index else None
+    details = [f"{len(quality)} checkpoints ({', '.join(sorted(set(quality['run'])))})",
+               f"Spearman rho = {sp['r']:.2f} [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}]"
+               + (f"; partial (controlling for step) = {part['r']:.2f} [{part['ci_low']:.2f}, {part['ci_high']:.2f}]"
+                  if part is not None else "")]
+    if sp["r"] <= -0.5 and sp["ci_high"] < 0:
+        extra = "" if part is None or part["ci_high"] < 0 else "; not beyond what training progress explains (partial CI includes 0)"
+        v, s = "held", f"better probes go with lower {metric} (rho {sp['r']:.2f}){extra}"
+    elif sp["r"] >= 0.5 and sp["ci_low"] > 0:
+        v, s = "did not hold", f"higher probe accuracy goes with *worse* {metric} (rho {sp['r']:.2f})"
+    else:
+        v, s = "inconclusive", f"no clear relation (rho {sp['r']:.2f}, CI [{sp['ci_low']:.2f}, {sp['ci_high']:.2f}])"
+    return Verdict("C5", v, s, details, ["probe_vs_quality.png"])
+
+
+def check_c6(tb: dict, quality: pd.DataFrame) -> Verdict:
+    """Final checkpoints: DiverseDiT vs baseline on mean off-diagonal CKA (EMA) and fd. Held if both
+    are lower for DiverseDiT; did not hold if neither is."""
+    sims = tb.get("curves_similarity")
+    if sims is None or not {"diverse", "baseline"} <= set(sims["run"]):
+        return Verdict("C6", "inconclusive", "needs a baseline and a DiverseDiT run")
+    last = sims.sort_values("step").groupby("run").tail(1).set_index("run")
+    metric = quality["metric"].iloc[0]
+    fd = quality.sort_values("step").groupby("run").tail(1).set_index("run")[metric]
+    cka_b, cka_d = last.loc["baseline", "cka_mean_offdiag"], last.loc["diverse", "cka_mean_offdiag"]
+    lower_sim, better_gen = cka_d < cka_b, fd["diverse"] < fd["baseline"]
+    details = [f"mean off-diagonal CKA: baseline {cka_b:.3f}, diverse {cka_d:.3f}",
+               f"{metric}: baseline {fd['baseline']:.2f}, diverse {fd['diverse']:.2f}"]
+    if lower_sim and better_gen:
+        v, s = "held", f"lower inter-block CKA ({cka_d:.2f} vs {cka_b:.2f}) and better {metric} ({fd['diverse']:.2f} vs {fd['baseline']:.2f})"
+    elif not lower_sim and not better_gen:
+        v, s = "did not hold", f"neither lower similarity ({cka_d:.2f} vs {cka_b:.2f}) nor better {metric}"
+    else:
+        part = "lower similarity" if lower_sim else f"better {metric}"
+        v, s = "inconclusive", f"only one half holds ({part}); CKA {cka_d:.2f} vs {cka_b:.2f}, {metric} {fd['diverse']:.2f} vs {fd['baseline']:.2f}"
+    return Verdict("C6", v, s, details, ["cka_blocks_by_run.png", "cka_offdiag_over_training.png"])
+
+
+def _time_to_reach(df: pd.DataFrame, metric: str, target: float) -> float | None:
+    d = df.sort_values("train_seconds")
+    prev = None
+    for _, r in d.iterrows():
+        if r[metric] <= target:
+            if prev is None:
+                return float(r["train_seconds"])
+            f = (prev[metric] - target) / max(prev[metric] - r[metric], 1e-12)
+            return float(prev["train_seconds"] + f * (r["train_seconds"] - prev["train_seconds"]))
+        prev = r
+    return None
+
+
+def check_c7(tb: dict, quality: pd.DataFrame) -> Verdict:
+    """Target = the baseline's final fd. Held if SRA reaches it in less training time than the
+    baseline needed (linear interpolation between checkpoints; same machine, measured steps/s)."""
+    metric = quality["metric"].iloc[0]
+    if not {"sra", "baseline"} <= set(quality["run"]):
+        return Verdict("C7", "inconclusive", "needs a baseline and an SRA run")
+    base = quality[quality["run"] == "baseline"].sort_values("step")
+    sra = quality[quality["run"] == "sra"]
+    target = float(base[metric].iloc[-1])
+    t_base = float(base["train_seconds"].iloc[-1])
+    t_sra = _time_to_reach(sra, metric, target)
+    details = [f"target {metric} = baseline's final {target:.2f}, reached after {t_base:.0f} s",
+               "SRA: " + ", ".join(f"{s:.0f} s -> {f:.2f}" for s, f in zip(sra["train_seconds"], sra[metric]))]
+    if t_sra is not None and t_sra < 0.9 * t_base:
+        v, s = "held", f"SRA reaches {metric} {target:.2f} after {t_sra:.0f} s vs {t_base:.0f} s for the baseline"
+    elif t_sra is None or t_sra > 1.1 * t_base:
+        v, s = "did not hold", ("SRA never reaches the baseline's final quality in this budget" if t_sra is None
+                                else f"SRA needs {t_sra:.0f} s vs {t_base:.0f} s")
+    else:
+        v, s = "inconclusive", f"within 10% ({t_sra:.0f} s vs {t_base:.0f} s)"
+    return Verdict("C7", v, s, details, ["quality_vs_time.png"])
+
+
+def check_claims(out: str | os.PathLike) -> list[Verdict]:
+    from analysis.study import load_tables, quality_table
+
+    tb = load_tables(out)
+    q = quality_table(out)
+    return [check_c1(tb), check_c2(tb), check_c3(tb), check_c4(tb), check_c5(tb, q), check_c6(tb, q),
+            check_c7(tb, q)]
+
+
+def _machine() -> str:
+    import torch
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
+    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+
+
+def write_report(out: str | os.PathLike, figures: str | os.PathLike, figs: dict | None = None) -> Path:
+    """Write ``<figures>/REPORT.md``: one section per claim with its figure, numbers and verdict."""
+    from analysis.study import load_tables
+
+    tb = load_tables(out)
+    verdicts = check_claims(out)
+    study = tb["study"]
+    cfg = study.get("config", {})
+    tim = study.get("timings_s", {})
+    lines = ["# Representation claims, checked with repdyn", "",
+             f"Study `{cfg.get('name')}`: {cfg.get('model')} {cfg.get('model_overrides') or ''} on {cfg.get('data')}, "
+             f"{cfg.get('steps')} steps at batch {cfg.get('batch_size')}, runs: "
+             f"{', '.join(m for m in cfg.get('methods', []))}"
+             + (f" + SRA teacher blocks {cfg.get('extra_teacher_blocks')}" if cfg.get("extra_teacher_blocks") else "")
+             + ".", f"Machine: {_machine()}.",
+             "Wall time of this run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
+             "Verdicts are computed by `analysis/claims.py` from the tables in "
+             f"`{Path(out) / 'tables'}`; the rule for each claim is stated below. This is a tiny-scale check: "
+             "a claim that does not hold here may still hold at ImageNet scale.", "",
+             "| claim | verdict | summary |", "|---|---|---|"]
+    for v in verdicts:
+        lines.append(f"| {v.claim}: {CLAIMS[v.claim]} | **{v.verdict}** | {v.summary} |")
+    lines.append("")
+    checks = {"C1": check_c1, "C2": check_c2, "C3": check_c3, "C4": check_c4, "C5": check_c5, "C6": check_c6,
+              "C7": check_c7}
+    for v in verdicts:
+        lines += [f"## {v.claim}: {CLAIMS[v.claim]}", "", f"**Verdict: {v.verdict}.** {v.summary}.", ""]
+        lines += [f"- {d}" for d in v.details]
+        lines += ["", f"Rule: {' '.join((checks[v.claim].__doc__ or '').split())}", ""]
+        lines += [f"![{v.claim}]({f})" for f in v.figures if (Path(figures) / f).exists()]
+        lines.append("")
+    path = Path(figures) / "REPORT.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    os.replace(tmp, path)
+    return path
