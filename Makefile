@@ -33,7 +33,7 @@ data:
 	fi
 
 demo: install data
-	$(BIN)/probe train --preset sit-tiny --out runs/demo/sit-baseline
+	$(BIN)/probe demo --out runs/demo --figures figures
 
 test: install-test data
 	$(BIN)/python -m pytest -q

@@ -181,6 +181,21 @@ def layer_grid(
 # ----------------------------------------------------------------------------------------------
 
 _METHOD_HELP = "sde | ode-euler | ode-heun (SiT), ddpm (DiT); default: sde for SiT, ddpm for DiT."
+_SMethod = Annotated[Optional[str], typer.Option(help=_METHOD_HELP)]
+_SSteps = Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced steps out of 1000).")]
+_SCfg = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")]
+_SLow = Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")]
+_SHigh = Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")]
+_SLegacy = Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 channels, "
+                                        "as the DiT/SiT repos do.")]
+_SLabels = Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")]
+_SSeed = Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")]
+_SBatch = Annotated[int, typer.Option(help="Samples per forward batch.")]
+_SDevice = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
+_SWeights = Annotated[str, typer.Option(help="ema | model")]
+_SFamily = Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")]
+_STrust = Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")]
+_SQuiet = Annotated[bool, typer.Option(help="No progress bar.")]
 
 
 @app.command()
@@ -190,21 +205,20 @@ def sample(
     out: Annotated[Path, typer.Option(help="PNG grid to write.")] = Path("samples.png"),
     npz: Annotated[Optional[Path], typer.Option(help="Also write an ADM-evaluator .npz (arr_0 uint8 NHWC, arr_1 labels).")] = None,
     n: Annotated[int, typer.Option(help="Number of samples.")] = 64,
-    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced steps out of 1000).")] = 50,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 1.0,
-    guidance_low: Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")] = 0.0,
-    guidance_high: Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")] = 1.0,
-    legacy_cfg: Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 "
-                                             "channels, as the DiT/SiT repos do.")] = False,
-    labels: Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    weights: Annotated[str, typer.Option(help="ema | model")] = "ema",
-    family: Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")] = None,
-    trust_checkpoint: Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    method: _SMethod = None,
+    steps: _SSteps = 50,
+    cfg_scale: _SCfg = 1.0,
+    guidance_low: _SLow = 0.0,
+    guidance_high: _SHigh = 1.0,
+    legacy_cfg: _SLegacy = False,
+    labels: _SLabels = None,
+    seed: _SSeed = 0,
+    batch_size: _SBatch = 64,
+    device: _SDevice = "auto",
+    weights: _SWeights = "ema",
+    family: _SFamily = None,
+    trust_checkpoint: _STrust = False,
+    quiet: _SQuiet = False,
 ) -> None:
     """Sample from a checkpoint: a PNG grid and optionally an ADM .npz.
 
@@ -236,21 +250,20 @@ def eval_(
     offline: Annotated[bool, typer.Option("--offline-metrics/--no-offline-metrics", help="fd_<data> and "
                                           "cond_acc_<data> from the project's cached dataset classifier.")] = True,
     npz: Annotated[Optional[Path], typer.Option(help="Also write the samples as an ADM .npz (one checkpoint only).")] = None,
-    method: Annotated[Optional[str], typer.Option(help=_METHOD_HELP)] = None,
-    steps: Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced steps out of 1000).")] = 50,
-    cfg_scale: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")] = 1.0,
-    guidance_low: Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")] = 0.0,
-    guidance_high: Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")] = 1.0,
-    legacy_cfg: Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 "
-                                             "channels, as the DiT/SiT repos do.")] = False,
-    labels: Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")] = None,
-    seed: Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")] = "auto",
-    weights: Annotated[str, typer.Option(help="ema | model")] = "ema",
-    family: Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")] = None,
-    trust_checkpoint: Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")] = False,
-    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    method: _SMethod = None,
+    steps: _SSteps = 50,
+    cfg_scale: _SCfg = 1.0,
+    guidance_low: _SLow = 0.0,
+    guidance_high: _SHigh = 1.0,
+    legacy_cfg: _SLegacy = False,
+    labels: _SLabels = None,
+    seed: _SSeed = 0,
+    batch_size: _SBatch = 64,
+    device: _SDevice = "auto",
+    weights: _SWeights = "ema",
+    family: _SFamily = None,
+    trust_checkpoint: _STrust = False,
+    quiet: _SQuiet = False,
 ) -> None:
     """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
 
@@ -565,6 +578,29 @@ def correlate(
         typer.echo(f"  {r['method']:<17} r={r['r']:+.3f}  95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]  "
                    f"p={r['p_value']:.3g}")
     _echo_files(files)
+
+
+@app.command()
+@friendly_errors
+def demo(
+    out: Annotated[Path, typer.Option(help="Study folder: runs/, tables/, cache/, study.json.")] = Path("runs/demo"),
+    figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
+    scale: Annotated[str, typer.Option(help="cpu (make demo, ~15 min on 2 cores) | smoke (seconds, for tests) | "
+                                       "gpu (one H100, ~25 min)")] = "cpu",
+    device: Annotated[Optional[str], typer.Option(help="Override the scale's device (auto | cpu | cuda).")] = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+) -> None:
+    """The main job: train baseline / SRA / DiverseDiT, probe, analyse, evaluate, and judge claims C1-C7.
+
+    Resumable: finished steps are skipped. Writes every figure and REPORT.md into --figures.
+    """
+    from analysis.study import SCALES, run_study
+
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
+    report = run_study(out, scale, figures=figures, progress=not quiet,
+                       **({"device": device} if device is not None else {}))
+    typer.echo(f"report: {report}")
 
 
 def main() -> None:

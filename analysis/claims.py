@@ -264,7 +264,8 @@ def write_report(out: str | os.PathLike, figures: str | os.PathLike, figs: dict 
              f"{', '.join(m for m in cfg.get('methods', []))}"
              + (f" + SRA teacher blocks {cfg.get('extra_teacher_blocks')}" if cfg.get("extra_teacher_blocks") else "")
              + ".", f"Machine: {_machine()}.",
-             "Wall time of this run (s): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
+             f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
+             "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
              "Verdicts are computed by `analysis/claims.py` from the tables in "
              f"`{Path(out) / 'tables'}`; the rule for each claim is stated below. This is a tiny-scale check: "
              "a claim that does not hold here may still hold at ImageNet scale.", "",

@@ -48,12 +48,14 @@ class StudyConfig:
     grid_ts: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
     n_train: int = 2000
     n_test: int = 1000
+    curve_n_train: int = 1000  # per checkpoint, student and teacher cells
+    curve_n_test: int = 500
     t_probe: float = 0.5  # student cell time for the curves; the teacher's is t - t_max / 2
     n_div: int = 48
     sim_n: int = 512
     sim_ts: tuple[float, ...] = (0.1, 0.5, 0.9)
-    eval_n: int = 500
-    eval_steps: int = 20
+    eval_n: int = 300
+    eval_steps: int = 12
     eval_sampler: str = "ode-euler"
     pca_images: tuple[int, ...] = (0, 1, 2, 3)
     device: str = "auto"
@@ -69,17 +71,19 @@ class StudyConfig:
 
 
 SCALES: dict[str, StudyConfig] = {
-    # make demo: tiny SiTs on a 2-core CPU (see README for the measured wall time).
-    "cpu": StudyConfig(),
+    # make demo: tiny SiTs (depth 6, width 64, 8x8 tokens) on a 2-core CPU, ~15 min with installation.
+    # EMA 0.995: over 600 steps a 0.999 EMA (the SRA teacher) would still be 55% initialisation.
+    "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995),
     # the notebook / CI test: seconds, only checks that every piece runs.
     "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
-                         batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120, n_div=16, sim_n=64,
-                         sim_ts=(0.2, 0.6), eval_n=48, eval_steps=4, pca_images=(0, 1)),
+                         batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
+                         curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
+                         eval_steps=4, pca_images=(0, 1)),
     # one H100, about 25 minutes: SiT-S/2 on 32x32 Fashion-MNIST, several SRA teacher layers for C5.
     "gpu": StudyConfig(name="gpu", model="SiT-S/2", steps=8000, n_ckpts=8, batch_size=256, lr=2e-4,
                        ema_decay=0.9995, extra_teacher_blocks=(6, 11), grid_ts=(0.0, 0.2, 0.4, 0.6, 0.8),
-                       n_train=10000, n_test=5000, n_div=128, sim_n=2048, eval_n=5000, eval_steps=50,
-                       eval_sampler="ode-heun", device="cuda"),
+                       n_train=10000, n_test=5000, curve_n_train=5000, curve_n_test=2000, n_div=128, sim_n=2048,
+                       eval_n=5000, eval_steps=50, eval_sampler="ode-heun", device="cuda"),
 }
 
 
@@ -174,8 +178,9 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
                   n_test=cfg.n_test, device=cfg.device, out_dir=lg, cache_dir=paths["cache"], seed=cfg.seed,
                   progress=progress)
         log(f"[curves] {name}")
-        timed("curves", run_curves, run_dir, _feature_spec(cfg, paths, progress, cfg.n_test), student_block=ks,
-              teacher_block=kt, t=t_s, t_teacher=t_t, n_train=cfg.n_train, n_test=cfg.n_test, n_div=cfg.n_div,
+        timed("curves", run_curves, run_dir, _feature_spec(cfg, paths, progress, cfg.curve_n_test), student_block=ks,
+              teacher_block=kt, t=t_s, t_teacher=t_t, n_train=cfg.curve_n_train, n_test=cfg.curve_n_test,
+              n_div=cfg.n_div,
               out=tables / f"curves_{name}")
         metrics = tables / "eval_metrics.csv"
         done = set(pd.read_csv(metrics)["ckpt_sha"].astype(str)) if metrics.exists() else set()
@@ -201,10 +206,14 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
                   out=tables / f"pca_{name}")
 
     timings["total"] = time.perf_counter() - t_all
-    info = {"config": asdict(cfg), "timings_s": timings, "cells": {"student_block": ks, "teacher_block": kt,
-                                                                   "t_student": t_s, "t_teacher": t_t}}
+    # A resumed study adds its time to the earlier runs': the report shows the cost of the whole study.
     prev = json.loads(paths["study"].read_text()) if paths["study"].exists() else {}
-    info["timings_s_previous"] = prev.get("timings_s")
+    same = prev.get("config") == json.loads(json.dumps(asdict(cfg), default=str))
+    total = dict(prev.get("timings_s", {})) if same else {}
+    for k, v in timings.items():
+        total[k] = total.get(k, 0.0) + v
+    info = {"config": asdict(cfg), "timings_s": total, "sessions": (prev.get("sessions", 0) if same else 0) + 1,
+            "cells": {"student_block": ks, "teacher_block": kt, "t_student": t_s, "t_teacher": t_t}}
     _atomic_write_text(paths["study"], json.dumps(info, indent=2, default=str))
     log("[figures] writing figures and REPORT.md")
     figs = make_figures(out, figures)

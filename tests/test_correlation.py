@@ -1,10 +1,7 @@
 """Probe vs generation-quality correlation: values, partial correlation, CI coverage, joins."""
 
-import sys
 import warnings
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd

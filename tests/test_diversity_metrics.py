@@ -1,10 +1,5 @@
 """DiverseDiT diversity terms (methods.md 2.2) and the per-pair report."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pytest
 import torch

@@ -1,10 +1,7 @@
 """UMAP / AlignedUMAP wrappers (one small test: numba JIT is slow) and captum probe attribution."""
 
 import os
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest

@@ -1,10 +1,5 @@
 """Shared-basis patch-token PCA: basis, sign alignment, fixed colour scale, RGB grid."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pytest
 

@@ -1,10 +1,5 @@
 """CKA core: reference values, invariances, estimator bias, minibatch and one-pass matrices."""
 
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 import numpy as np
 import pytest
 import torch
