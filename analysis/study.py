@@ -46,6 +46,7 @@ class StudyConfig:
     ema_decay: float = 0.999
     seed: int = 0
     grid_ts: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    grid_runs: tuple[str, ...] | None = None  # runs that get a full layer grid (None: all)
     n_train: int = 2000
     n_test: int = 1000
     curve_n_train: int = 1000  # per checkpoint, student and teacher cells
@@ -73,7 +74,9 @@ class StudyConfig:
 SCALES: dict[str, StudyConfig] = {
     # make demo: tiny SiTs (depth 6, width 64, 8x8 tokens) on a 2-core CPU, ~15 min with installation.
     # EMA 0.995: over 600 steps a 0.999 EMA (the SRA teacher) would still be 55% initialisation.
-    "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995),
+    # The full layer grid runs on baseline and SRA only (C1-C3 use them); every run gets curves.
+    "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995,
+                       grid_runs=("baseline", "sra"), n_div=32),
     # the notebook / CI test: seconds, only checks that every piece runs.
     "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
@@ -172,7 +175,7 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
     for name, run_dir in runs.items():
         final = list_checkpoints(run_dir)[-1]
         lg = tables / f"layer_grid_{name}"
-        if not (lg / "layer_grid.csv").exists():
+        if (cfg.grid_runs is None or name in cfg.grid_runs) and not (lg / "layer_grid.csv").exists():
             log(f"[layer-grid] {name}")
             timed("layer_grid", run_layer_grid, final, data=cfg.data, ts=list(cfg.grid_ts), n_train=cfg.n_train,
                   n_test=cfg.n_test, device=cfg.device, out_dir=lg, cache_dir=paths["cache"], seed=cfg.seed,
@@ -325,10 +328,9 @@ def fig_teacher_student(out, figures) -> list[Path]:
     tb = load_tables(out)
     cur = tb["curves"]
     cells = tb["study"].get("cells", {})
-    frame = cur.assign(**{"accuracy (%)": 100 * cur["accuracy"],
-                          "curve": cur["run"] + ": " + cur["role"]})
+    frame = cur.assign(**{"accuracy (%)": 100 * cur["accuracy"]})
     return [plots.plot_curves(
-        frame, "step", "accuracy (%)", Path(figures) / "teacher_vs_student.png", hue="curve",
+        frame, "step", "accuracy (%)", Path(figures) / "teacher_vs_student.png", hue="run", style="role",
         title="Teacher vs student probe accuracy over training",
         meta=_meta(tb, protocol=f"student = online block {cells.get('student_block')} at t={cells.get('t_student')}; "
                                 f"teacher = EMA block {cells.get('teacher_block')} at t={cells.get('t_teacher')}"),
@@ -336,13 +338,16 @@ def fig_teacher_student(out, figures) -> list[Path]:
 
 
 def quality_table(out) -> pd.DataFrame:
-    """One row per checkpoint: teacher-cell probe accuracy, fd, step, run, cumulative train time."""
+    """One row per checkpoint: teacher-cell probe accuracy, fd and its bootstrap SE, step, run, and
+    cumulative training time (from the run's logged steps/s)."""
     tb = load_tables(out)
     ev = tb["eval"]
-    metric = next(c for c in ev.columns if c.startswith("fd_"))
+    metric = next(c for c in ev.columns if c.startswith("fd_") and not c.endswith("_se"))
     teach = tb["curves"][tb["curves"]["role"] == "teacher"][["checkpoint_sha", "accuracy", "run", "step"]]
     ev = ev.rename(columns={"ckpt_sha": "checkpoint_sha"})
-    df = teach.merge(ev[["checkpoint_sha", metric]], on="checkpoint_sha", how="inner")
+    if f"{metric}_se" not in ev.columns:
+        ev[f"{metric}_se"] = np.nan
+    df = teach.merge(ev[["checkpoint_sha", metric, f"{metric}_se"]], on="checkpoint_sha", how="inner")
     times = []
     for run, step in zip(df["run"], df["step"]):
         m = tb["training"].get(run)
@@ -403,11 +408,14 @@ def fig_diversity(out, figures) -> list[Path]:
 
         ts = sorted(next(iter(mats.values()))["t"].unique())
         t0 = ts[len(ts) // 2]
+        # one colour scale for every panel, from the lowest value shown, so small differences are visible
+        lo = min(float(df.loc[df["t"] == t0, "cka"].min()) for df in mats.values())
+        vmin = max(0.0, np.floor(lo * 20) / 20)
         fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8), constrained_layout=True)
         axes = np.atleast_1d(axes)
         for ax, (run, df) in zip(axes, sorted(mats.items())):
             sub = df[df["t"] == t0].pivot_table(index="block_a", columns="block_b", values="cka")
-            im = ax.imshow(sub.values, vmin=0, vmax=1, cmap="magma")
+            im = ax.imshow(sub.values, vmin=vmin, vmax=1, cmap="magma")
             ax.set_xticks(range(len(sub.columns)), sub.columns)
             ax.set_yticks(range(len(sub.index)), sub.index)
             off = sub.values[~np.eye(len(sub), dtype=bool)]

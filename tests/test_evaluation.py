@@ -138,7 +138,7 @@ def test_classifier_metrics_separate_real_from_noise(digits_clf):
     test = make_dataset("digits", split="test")
     x, y = test.get_batch(torch.arange(len(test)))
     real = E.classifier_metrics(digits_clf, x, y)
-    assert set(real) == {"fd_digits", "cond_acc_digits"}
+    assert set(real) == {"fd_digits", "fd_digits_se", "cond_acc_digits"}
     assert real["cond_acc_digits"] == pytest.approx(digits_clf.test_accuracy, abs=1e-6)
     noise = E.classifier_metrics(digits_clf, torch.rand_like(x) * 2 - 1, y)
     assert noise["fd_digits"] > 5 * real["fd_digits"]
@@ -289,3 +289,20 @@ def test_cli_sample_and_eval(tiny_ckpt, digits_clf, tmp_path):
     assert "fd_digits=" in r.output and csv_path.exists()
     r = runner.invoke(app, ["sample", str(tiny_ckpt), "--method", "ddpm", "--device", "cpu"])
     assert r.exit_code == 2 and "needs a DIT checkpoint" in r.output
+
+
+def test_fd_bootstrap_se_shrinks_with_more_samples():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(4000, 8))
+    mu, sigma = E.feature_statistics(ref)
+    small = E.fd_bootstrap_se(rng.normal(0.3, 1, size=(100, 8)), mu, sigma)
+    large = E.fd_bootstrap_se(rng.normal(0.3, 1, size=(1600, 8)), mu, sigma)
+    assert 0 < large < small / 2  # ~ 1/sqrt(n): 16x the samples, ~1/4 the error
+
+
+def test_classifier_metrics_work_with_trainable_parameters(digits_clf):
+    """A classifier trained in this process has parameters that require grad: metrics must not care."""
+    digits_clf.model.requires_grad_(True)
+    x = torch.rand(20, 1, 8, 8) * 2 - 1
+    out = E.classifier_metrics(digits_clf, x, torch.zeros(20, dtype=torch.long))
+    assert np.isfinite(out["fd_digits"]) and out["fd_digits_se"] > 0

@@ -115,3 +115,14 @@ def test_c4_c5_c7_rules():
     slow = fast.copy()
     slow.loc[slow["run"] == "sra", "fd_x"] = [80, 70, 60, 50, 45]
     assert claims.check_c7({}, slow).verdict == "did not hold"
+
+
+def test_c6_rule_uses_fd_noise():
+    sims = pd.DataFrame({"run": ["baseline", "diverse"], "step": [100, 100], "cka_mean_offdiag": [0.9, 0.8]})
+    q = pd.DataFrame({"run": ["baseline", "diverse"], "step": [100, 100], "accuracy": [0.5, 0.5],
+                      "fd_x": [10.0, 9.0], "fd_x_se": [0.1, 0.1], "metric": "fd_x", "train_seconds": [1.0, 1.0]})
+    assert claims.check_c6({"curves_similarity": sims}, q).verdict == "held"
+    noisy = q.assign(fd_x_se=[1.0, 1.0])  # a 1.0 gap is within 2 SE of the difference (2.8)
+    assert claims.check_c6({"curves_similarity": sims}, noisy).verdict == "inconclusive"
+    same_sim = sims.assign(cka_mean_offdiag=[0.8, 0.9])
+    assert claims.check_c6({"curves_similarity": same_sim}, noisy).verdict == "did not hold"

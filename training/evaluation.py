@@ -374,9 +374,27 @@ def get_classifier(spec: str, *, train_if_missing: bool = True, device: str | to
 
 
 @torch.no_grad()
+def fd_bootstrap_se(features: torch.Tensor | np.ndarray, ref_mu: np.ndarray, ref_sigma: np.ndarray,
+                    n_boot: int = 50, seed: int = 0) -> float:
+    """Standard error of the Frechet distance over resamples of the generated set.
+
+    With a few hundred samples the distance itself is noisy; comparisons between checkpoints (the
+    study's claims) need that noise next to the value, not just the value.
+    """
+    f = np.asarray(features.detach().cpu() if torch.is_tensor(features) else features, dtype=np.float64)
+    if len(f) < 3:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    vals = [frechet_distance(*feature_statistics(f[rng.integers(0, len(f), len(f))]), ref_mu, ref_sigma)
+            for _ in range(n_boot)]
+    return float(np.std(vals, ddof=1))
+
+
+@torch.no_grad()
 def classifier_metrics(clf: DatasetClassifier, images: torch.Tensor, labels: torch.Tensor | None = None,
                        batch_size: int = 512) -> dict[str, float]:
-    """``fd_<dataset>`` (generated vs train-split features) and ``cond_acc_<dataset>``
+    """``fd_<dataset>`` (generated vs train-split features) with its bootstrap standard error
+    ``fd_<dataset>_se``, and ``cond_acc_<dataset>``
     (classifier accuracy against the conditioning labels; real-class labels only)."""
     clf.model.eval()
     feats, preds = [], []
@@ -385,7 +403,8 @@ def classifier_metrics(clf: DatasetClassifier, images: torch.Tensor, labels: tor
         feats.append(f)
         preds.append(clf.model.head(f).argmax(1))
     feats_t, pred = torch.cat(feats), torch.cat(preds)
-    out = {f"fd_{clf.name}": frechet_distance(*feature_statistics(feats_t), clf.ref_mu, clf.ref_sigma)}
+    out = {f"fd_{clf.name}": frechet_distance(*feature_statistics(feats_t), clf.ref_mu, clf.ref_sigma),
+           f"fd_{clf.name}_se": fd_bootstrap_se(feats_t, clf.ref_mu, clf.ref_sigma)}
     if labels is not None:
         labels = torch.as_tensor(labels).long()
         real = labels < clf.model.head.out_features
