@@ -87,6 +87,9 @@ def check_c2(tb: dict) -> Verdict:
         rhos.append(stats.spearmanr(d["log_snr"], d["accuracy"]).statistic if len(d) > 2 else np.nan)
         lo, hi = d["accuracy"].iloc[-1], d["accuracy"].iloc[0]  # least noisy, noisiest
         wins.append(100 * (lo - hi) > 2 * _se_points(lo, n))
+    if not np.isfinite(rhos).any():
+        return Verdict("C2", "inconclusive", f"needs at least 3 timesteps per block, got {df['t'].nunique()}",
+                       [], [f"layer_grid_{run}.png"])
     med, frac = float(np.nanmedian(rhos)), float(np.mean(wins))
     details = [f"Spearman rho(log-SNR, accuracy) per block: " + ", ".join(f"{r:.2f}" for r in rhos),
                f"blocks where the least-noisy t beats the noisiest by > 2 SE: {frac:.0%}"]
