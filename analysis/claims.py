@@ -13,7 +13,6 @@ import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -91,7 +90,7 @@ def check_c2(tb: dict) -> Verdict:
         return Verdict("C2", "inconclusive", f"needs at least 3 timesteps per block, got {df['t'].nunique()}",
                        [], [f"layer_grid_{run}.png"])
     med, frac = float(np.nanmedian(rhos)), float(np.mean(wins))
-    details = [f"Spearman rho(log-SNR, accuracy) per block: " + ", ".join(f"{r:.2f}" for r in rhos),
+    details = ["Spearman rho(log-SNR, accuracy) per block: " + ", ".join(f"{r:.2f}" for r in rhos),
                f"blocks where the least-noisy t beats the noisiest by > 2 SE: {frac:.0%}"]
     if med > 0.5 and frac >= 0.75:
         v, s = "held", f"accuracy increases as noise decreases (median rho {med:.2f}; {frac:.0%} of blocks)"
@@ -140,7 +139,7 @@ def check_c4(tb: dict) -> Verdict:
     rho_t = stats.spearmanr(d.index, d["teacher"]).statistic if len(d) > 2 else float(np.sign(d["teacher"].diff().iloc[-1]))
     details = [f"{run}: steps {list(d.index)}", "student accuracy: " + ", ".join(f"{100 * a:.1f}%" for a in d["student"]),
                "teacher accuracy: " + ", ".join(f"{100 * a:.1f}%" for a in d["teacher"]),
-               f"teacher - student: " + ", ".join(f"{g:+.1f}" for g in gap),
+               "teacher - student: " + ", ".join(f"{g:+.1f}" for g in gap),
                f"Spearman(step, accuracy): student {rho_s:.2f}, teacher {rho_t:.2f}"]
     both_rise = rho_s > 0 and rho_t > 0
     if lead >= 0.75 and both_rise:
@@ -300,9 +299,8 @@ def write_report(out: str | os.PathLike, figures: str | os.PathLike, figs: dict 
         lines += ["", f"Rule: {' '.join((checks[v.claim].__doc__ or '').split())}", ""]
         lines += [f"![{v.claim}]({f})" for f in v.figures if (Path(figures) / f).exists()]
         lines.append("")
+    from probe.cache import atomic_write_text
+
     path = Path(figures) / "REPORT.md"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(path, "\n".join(lines) + "\n")

@@ -720,8 +720,8 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
     except ValueError as e:
         msg = str(e)
         if "several probe rows" in msg:
-            raise ValueError(f"several probe rows per checkpoint: choose one with --cell BLOCK,T (and --weights / "
-                             f"--role for curves.csv), or reduce with --agg max") from None
+            raise ValueError("several probe rows per checkpoint: choose one with --cell BLOCK,T (and --weights / "
+                             "--role for curves.csv), or reduce with --agg max") from None
         raise
     if metric == value:
         raise ValueError("--metric and --value name the same column")

@@ -28,7 +28,6 @@ All reductions run in float64 (inputs may be float16/32). Every function takes `
 
 from __future__ import annotations
 
-import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Union

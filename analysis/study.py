@@ -14,7 +14,6 @@ functions, so a figure has one recipe.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -148,6 +147,7 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
     from analysis.claims import write_report
     from analysis.commands import run_diversity, run_pca, run_similarity
     from analysis.dynamics import run_curves
+    from probe.cache import atomic_write_text
     from probe.layer_grid import run_layer_grid
     from training.checkpoint import list_checkpoints
     from training.evaluation import resolve_device, run_eval
@@ -217,16 +217,10 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
         total[k] = total.get(k, 0.0) + v
     info = {"config": asdict(cfg), "timings_s": total, "sessions": (prev.get("sessions", 0) if same else 0) + 1,
             "cells": {"student_block": ks, "teacher_block": kt, "t_student": t_s, "t_teacher": t_t}}
-    _atomic_write_text(paths["study"], json.dumps(info, indent=2, default=str))
+    atomic_write_text(paths["study"], json.dumps(info, indent=2, default=str))
     log("[figures] writing figures and REPORT.md")
     figs = make_figures(out, figures)
     return write_report(out, figures, figs)
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------

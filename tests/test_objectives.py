@@ -77,7 +77,7 @@ def test_posterior_matches_bayes_on_scalar():
     """q(x_{t-1} | x_t, x0) from the closed form equals Gaussian conditioning done by hand."""
     diff = GaussianDiffusion.linear(100)
     t = 37
-    a_prev, a_t, beta = diff.alphas_cumprod[t - 1], diff.alphas_cumprod[t], diff.betas[t]
+    a_prev, beta = diff.alphas_cumprod[t - 1], diff.betas[t]
     x0, xt = 0.3, -0.7
     # joint: x_{t-1} ~ N(sqrt(a_prev) x0, 1 - a_prev); x_t | x_{t-1} ~ N(sqrt(1-beta) x_{t-1}, beta)
     prec = 1 / (1 - a_prev) + (1 - beta) / beta

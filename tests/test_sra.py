@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from training.config import TrainConfig, resolve_config
 from training.methods import StepContext, build_loss_terms
