@@ -81,7 +81,8 @@ SCALES: dict[str, StudyConfig] = {
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
                          curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
                          eval_steps=4, pca_images=(0, 1)),
-    # one H100, about 25 minutes: SiT-S/2 on 32x32 Fashion-MNIST, several SRA teacher layers for C5.
+    # one GPU (meant for an H100; not yet run, wall time unmeasured): SiT-S/2 on 32x32 Fashion-MNIST,
+    # several SRA teacher layers for C5.
     "gpu": StudyConfig(name="gpu", model="SiT-S/2", steps=8000, n_ckpts=8, batch_size=256, lr=2e-4,
                        ema_decay=0.9995, extra_teacher_blocks=(6, 11), grid_ts=(0.0, 0.2, 0.4, 0.6, 0.8),
                        n_train=10000, n_test=5000, curve_n_train=5000, curve_n_test=2000, n_div=128, sim_n=2048,
