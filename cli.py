@@ -585,7 +585,7 @@ def correlate(
 def demo(
     out: Annotated[Path, typer.Option(help="Study folder: runs/, tables/, cache/, study.json.")] = Path("runs/demo"),
     figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
-    scale: Annotated[str, typer.Option(help="cpu (make demo, ~15 min on 2 cores) | smoke (seconds, for tests) | "
+    scale: Annotated[str, typer.Option(help="cpu (make demo: 14 min on 2 cores with installation) | smoke (about a minute; the tests) | "
                                        "gpu (SiT-S/2 on one GPU; wall time not yet measured)")] = "cpu",
     device: Annotated[Optional[str], typer.Option(help="Override the scale's device (auto | cpu | cuda).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,

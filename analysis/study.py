@@ -76,7 +76,7 @@ SCALES: dict[str, StudyConfig] = {
     # The full layer grid runs on baseline and SRA only (C1-C3 use them); every run gets curves.
     "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995,
                        grid_runs=("baseline", "sra"), n_div=32),
-    # the notebook / CI test: seconds, only checks that every piece runs.
+    # the notebook / CI test: about a minute, only checks that every piece runs.
     "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
                          curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
