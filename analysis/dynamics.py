@@ -82,7 +82,7 @@ def resolve_cells(ck, student_block: int | None = None, teacher_block: int | Non
                   t_teacher: float | None = None) -> tuple[int, int, float | int, float | int, dict]:
     """(k_s, k_t, t, t_teacher, info): flags first, then the run's SRA config, then the defaults."""
     from probe.grid import validate_blocks
-    from training.methods.sra import default_blocks
+    from training.methods.sra import DEFAULT_T_MAX, default_blocks
 
     sra = _sra_options(ck)
     opts = sra or {}
@@ -91,7 +91,7 @@ def resolve_cells(ck, student_block: int | None = None, teacher_block: int | Non
     ks = student_block if student_block is not None else int(opts.get("student_block", ks_def))
     kt = teacher_block if teacher_block is not None else int(opts.get("teacher_block", kt_def))
     validate_blocks([ks, kt], depth)
-    t_max = float(opts.get("t_max", 0.2))
+    t_max = float(opts.get("t_max", DEFAULT_T_MAX))
     fam, nt = ck.meta["family"], int(ck.meta.get("num_timesteps", 1000) or 1000)
     if fam == "sit":
         t0 = cell_t(ck, 0.5 if t is None else t)

@@ -131,14 +131,12 @@ def _feature_spec(cfg: StudyConfig, paths: dict, progress: bool, n: int):
 
 def _sra_cells(cfg: StudyConfig) -> tuple[int, int, float, float]:
     """The student / teacher cells every run's curves use: the SRA run's blocks, t and mean teacher t."""
-    from training.config import TrainConfig
-    from training.methods.sra import default_blocks
+    from training.methods.sra import DEFAULT_T_MAX, default_blocks
     from training.models import model_config
 
     mc = model_config(cfg.model, **{"input_size": 32, "in_channels": 1, "num_classes": 10, **cfg.model_overrides})
     ks, kt = default_blocks(mc)
-    t_max = float(TrainConfig().sra.get("t_max", 0.2))
-    return ks, kt, cfg.t_probe, round(cfg.t_probe - t_max / 2, 6)
+    return ks, kt, cfg.t_probe, round(cfg.t_probe - DEFAULT_T_MAX / 2, 6)
 
 
 def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "cpu",
@@ -364,13 +362,14 @@ def fig_probe_vs_quality(out, figures) -> list[Path]:
     metric = q["metric"].iloc[0]
     tab = correlate(100 * q["accuracy"], q[metric], control=q["step"], x_name="teacher probe acc",
                     y_name=metric, n_boot=1000)
-    cells = load_tables(out)["study"].get("cells", {})
+    tb = load_tables(out)
+    cells = tb["study"].get("cells", {})
     return [plots.plot_correlation(
         100 * q["accuracy"], q[metric], tab, Path(figures) / "probe_vs_quality.png",
         xlabel=f"teacher-cell probe accuracy (%) (EMA block {cells.get('teacher_block')}, t={cells.get('t_teacher')})",
         ylabel=f"{metric} (lower is better)", point_labels=[f"{r}@{s}" for r, s in zip(q["run"], q["step"])],
         hue=q["step"], title="Generation quality vs teacher-layer probe accuracy (all checkpoints)",
-        meta=_meta(load_tables(out)))]
+        meta=_meta(tb))]
 
 
 def fig_quality_vs_time(out, figures) -> list[Path]:

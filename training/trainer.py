@@ -151,7 +151,7 @@ class Trainer:
             "ema_decay": self.cfg.ema_decay,
             "world_size": self.world,
             "rng": {"generators": [g.cpu() for g in gens], "torch_cpu": torch.get_rng_state()},
-            "data_position": self.sampler.state_dict(),
+            "data_position": self._position_for_step(self.step),
             "torch_version": str(torch.__version__),
         }
 
@@ -162,7 +162,7 @@ class Trainer:
             state = {
                 "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
                 "scaler": self.scaler.state_dict() if self.scaler is not None else {},
-                "steps": self.step, "epoch": self.sampler.epoch, "config": self.cfg.to_dict(), "meta": meta,
+                "steps": self.step, "epoch": meta["data_position"]["epoch"], "config": self.cfg.to_dict(), "meta": meta,
             }
             path = save_checkpoint(state, self.out / "checkpoints" / f"{self.step:07d}.pt")
         if self.world > 1:
@@ -189,8 +189,7 @@ class Trainer:
         self.opt.load_state_dict(state["opt"])
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.step = int(state["steps"])
-        self.sampler.load_state_dict(state["meta"]["data_position"])
+        self.step = int(state["steps"])  # the data position follows from the step (see _batches)
         gens = state["meta"]["rng"]["generators"]
         if len(gens) == self.world:
             self.generator.set_state(gens[self.rank].to(self.generator.get_state().device))
@@ -223,12 +222,16 @@ class Trainer:
         total = gen_loss
         if self.terms:
             ctx = StepContext(model=self.model, ema=self.ema, objective=self.objective, x0=x0, eps=eps, t=t,
-                              x_t=x_t, y=y_used, feats=feats, step=self.step, epoch=self.sampler.epoch,
+                              x_t=x_t, y=y_used, feats=feats, step=self.step,
+                              epoch=self._position_for_step(self.step)["epoch"],
                               autocast=self._autocast, generator=g)
             for term in self.terms:
                 extra, term_logs = term(ctx)
                 total = total + extra
-                logs.update({k: v.detach() if torch.is_tensor(v) else torch.tensor(float(v)) for k, v in term_logs.items()})
+                # Terms may log CPU scalars or floats; keep every logged value on the training device so the
+                # window of logs can be stacked and all-reduced as one tensor.
+                logs.update({k: torch.as_tensor(v.detach() if torch.is_tensor(v) else float(v), dtype=torch.float32,
+                                                device=self.device) for k, v in term_logs.items()})
         logs["loss"] = total.detach()
         return total, logs
 

@@ -40,6 +40,7 @@ _BLOCK_TABLE: dict[tuple[str, int, int], tuple[int, int]] = {
 # Official lambda schedule bases (methods.md 1.5): SiT 0.2, DiT 0.04 (256 px).
 _OFFICIAL_BASE = {"sit": 0.2, "dit": 0.04}
 
+DEFAULT_T_MAX = 0.2  # the teacher's time is t - U[0, t_max): paper and README value for SiT and DiT
 _OPTIONS = {"student_block", "teacher_block", "t_max", "weight", "distance", "beta", "schedule",
             "decay_start", "decay_epochs"}
 
@@ -117,7 +118,7 @@ class SRATerm(LossTerm):
 
     name = "sra"
 
-    def __init__(self, student_block: int, teacher_block: int, t_max: float = 0.2, weight: float = 0.2,
+    def __init__(self, student_block: int, teacher_block: int, t_max: float = DEFAULT_T_MAX, weight: float = 0.2,
                  distance: str = "smooth-l1", beta: float = 0.05, schedule: str = "constant",
                  decay_start: int = 149, decay_epochs: float = 1000.0):
         self.student_block = student_block
@@ -147,7 +148,7 @@ class SRATerm(LossTerm):
         ks_def, kt_def = default_blocks(model_config) if depth >= 2 else (1, 1)
         ks = _block(opts, "student_block", ks_def, depth)
         kt = _block(opts, "teacher_block", kt_def, depth)
-        t_max = _number(opts, "t_max", 0.2)
+        t_max = _number(opts, "t_max", DEFAULT_T_MAX)
         if not 0 < t_max <= 1:
             raise ValueError(f"sra.t_max must be in (0, 1], got {t_max}")
         distance = opts.get("distance", "smooth-l1")
@@ -201,7 +202,7 @@ class SRATerm(LossTerm):
         lam = self.current_weight(ctx.epoch)
         logs = {
             "loss_align": align.detach(),
-            "align_weight": torch.tensor(lam),
+            "align_weight": lam,
             "norm_head": head.detach().float().norm(dim=-1).mean(),
             "norm_target": target.float().norm(dim=-1).mean(),
         }
