@@ -1,9 +1,15 @@
-"""repdyn analysis suite: similarity (CKA, cosine), diversity, PCA maps, UMAP, correlation,
-attribution and figures over the (block, t) feature grid of ``probe.grid.extract_grid``.
+"""repdyn analysis suite: pure measures, figures and claim rules over the (block, t) feature grid.
 
-Submodules are imported lazily (``analysis.similarity`` etc.) so that importing the package does
-not pull matplotlib, umap or captum. The stable entry point ``analysis.similarity.cka(X, Y,
-debiased=False)`` is re-exported here as ``analysis.cka``.
+* measures: :mod:`~analysis.similarity` (CKA, cosine), :mod:`~analysis.diversity`, :mod:`~analysis.pca`,
+  :mod:`~analysis.embedding` (UMAP), :mod:`~analysis.correlation`, :mod:`~analysis.attribution`;
+* figures: :mod:`~analysis.plots` (one function per figure kind, returning a matplotlib Figure) and
+  :mod:`~analysis.figures` (the study's figure recipes);
+* the study: :mod:`~analysis.tables` (tables loaded once), :mod:`~analysis.claims` (the C1-C7 rules),
+  :mod:`~analysis.report` (REPORT.md text).
+
+Nothing here reads a checkpoint or writes a file: that is ``commands/``. Submodules are imported
+lazily so that ``import analysis`` does not pull matplotlib, umap or captum; ``analysis.cka`` is the
+stable entry point ``analysis.similarity.cka(X, Y, debiased=False)``.
 """
 
 from __future__ import annotations
@@ -11,11 +17,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots", "cka"]
+_MODULES = {"similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots", "figures", "tables",
+            "claims", "report"}
+__all__ = sorted(_MODULES) + ["cka"]
 
 
 def __getattr__(name: str) -> Any:
-    if name in {"similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots"}:
+    if name in _MODULES:
         return importlib.import_module(f".{name}", __name__)
     if name == "cka":
         return importlib.import_module(".similarity", __name__).cka

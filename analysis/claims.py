@@ -1,6 +1,6 @@
-"""The papers' representation claims (C1-C7), judged from a study's tables, and ``REPORT.md``.
+"""The papers' representation claims (C1-C7), judged from a study's tables.
 
-Each ``check_cN`` takes the tables of :func:`analysis.study.load_tables` and returns a
+Each ``check_cN`` takes a study's :class:`~analysis.tables.StudyTables` and returns a
 :class:`Verdict`: ``held``, ``did not hold`` or ``inconclusive`` plus the numbers behind it. The
 rules are stated in each docstring and in the report; the margins use the binomial standard error
 of a probe accuracy on the test split, so a difference smaller than the noise is not called a win.
@@ -9,16 +9,16 @@ of a probe accuracy on the test split, so a difference smaller than the noise is
 from __future__ import annotations
 
 import math
-import os
-import platform
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["Verdict", "check_claims", "write_report", "CLAIMS"]
+from .correlation import correlate
+from .tables import StudyTables, accuracy_grid
+
+__all__ = ["Verdict", "check_claims", "CLAIMS", "RULES", "rule_text"]
 
 CLAIMS = {
     "C1": "Probe accuracy rises with depth, peaks mid-depth, then falls (SRA Fig. 2 right)",
@@ -45,16 +45,12 @@ def _se_points(p: float, n: int) -> float:
     return 100 * math.sqrt(max(p * (1 - p), 1e-4) / max(n, 1))
 
 
-def _grid(lg: pd.DataFrame, run: str) -> pd.DataFrame:
-    return lg[lg["run"] == run].pivot_table(index="block", columns="t", values="accuracy").sort_index()
-
-
-def check_c1(tb: dict) -> Verdict:
+def check_c1(tb: StudyTables) -> Verdict:
     """Profile = accuracy per block averaged over t (baseline, EMA). Held if the peak is at an inner
     block and beats both the first and the last block by more than 2 standard errors."""
-    lg = tb["layer_grid"]
+    lg = tb.layer_grid
     run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
-    g = _grid(lg, run)
+    g = accuracy_grid(lg, run)
     prof = 100 * g.mean(axis=1)
     n = int(lg["n_test"].iloc[0])
     margin = 2 * _se_points(prof.max() / 100, n)
@@ -73,10 +69,10 @@ def check_c1(tb: dict) -> Verdict:
     return Verdict("C1", v, s, details, [f"layer_grid_{run}.png", "accuracy_vs_block.png"])
 
 
-def check_c2(tb: dict) -> Verdict:
+def check_c2(tb: StudyTables) -> Verdict:
     """Per block, Spearman rho between log-SNR and accuracy across t. Held if the median rho > 0.5
     and the least-noisy t beats the noisiest t by more than 2 SE in at least 3/4 of the blocks."""
-    lg = tb["layer_grid"]
+    lg = tb.layer_grid
     run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
     df = lg[lg["run"] == run]
     n = int(df["n_test"].iloc[0])
@@ -101,13 +97,13 @@ def check_c2(tb: dict) -> Verdict:
     return Verdict("C2", v, s, details, [f"layer_grid_{run}.png"])
 
 
-def check_c3(tb: dict) -> Verdict:
+def check_c3(tb: StudyTables) -> Verdict:
     """SRA - baseline accuracy over all (block, t) cells. Held if the mean gain exceeds 1 SE and at
     least 2/3 of the cells improve (sign test p reported); did not hold if the mean is below -1 SE."""
-    lg = tb["layer_grid"]
+    lg = tb.layer_grid
     if not {"sra", "baseline"} <= set(lg["run"]):
         return Verdict("C3", "inconclusive", "needs a baseline and an SRA run")
-    diff = 100 * (_grid(lg, "sra") - _grid(lg, "baseline"))
+    diff = 100 * (accuracy_grid(lg, "sra") - accuracy_grid(lg, "baseline"))
     vals = diff.values.ravel()
     vals = vals[np.isfinite(vals)]
     n = int(lg["n_test"].iloc[0])
@@ -127,10 +123,10 @@ def check_c3(tb: dict) -> Verdict:
     return Verdict("C3", v, s, details, ["sra_minus_baseline.png", "sra_vs_baseline_blocks.png"])
 
 
-def check_c4(tb: dict) -> Verdict:
+def check_c4(tb: StudyTables) -> Verdict:
     """SRA run: teacher (EMA, k_t, lower t) minus student (online, k_s, t) accuracy per checkpoint;
     held if the teacher leads at >= 3/4 of the checkpoints and both have Spearman(step, acc) > 0."""
-    cur = tb["curves"]
+    cur = tb.curves
     run = "sra" if "sra" in set(cur["run"]) else sorted(set(cur["run"]))[0]
     d = cur[cur["run"] == run].pivot_table(index="step", columns="role", values="accuracy").sort_index()
     gap = 100 * (d["teacher"] - d["student"])
@@ -151,12 +147,11 @@ def check_c4(tb: dict) -> Verdict:
     return Verdict("C4", v, s, details, ["teacher_vs_student.png"])
 
 
-def check_c5(tb: dict, quality: pd.DataFrame) -> Verdict:
+def check_c5(tb: StudyTables) -> Verdict:
     """Across all checkpoints of all runs: Spearman between teacher-cell accuracy and fd (lower fd =
     better, so the claim predicts a negative rho). Held if rho <= -0.5 with its bootstrap CI below
     0; the partial correlation controlling for the step says whether it is more than training time."""
-    from analysis.correlation import correlate
-
+    quality = tb.quality
     metric = quality["metric"].iloc[0]
     tab = correlate(100 * quality["accuracy"], quality[metric], control=quality["step"], n_boot=1000)
     row = tab.set_index("method")
@@ -183,11 +178,12 @@ def _fd_noise(quality: pd.DataFrame, metric: str, *rows: pd.Series) -> float:
     return 2 * math.sqrt(sum(v * v for v in se)) if se else 0.0
 
 
-def check_c6(tb: dict, quality: pd.DataFrame) -> Verdict:
+def check_c6(tb: StudyTables) -> Verdict:
     """Final checkpoints: DiverseDiT vs baseline on mean off-diagonal CKA (EMA) and fd. Held if the CKA
     is lower and fd is lower by more than 2 SE of the difference; did not hold if the CKA is not lower
     and fd is not lower; otherwise inconclusive."""
-    sims = tb.get("curves_similarity")
+    quality = tb.quality
+    sims = tb.curves_similarity
     if sims is None or not {"diverse", "baseline"} <= set(sims["run"]):
         return Verdict("C6", "inconclusive", "needs a baseline and a DiverseDiT run")
     last = sims.sort_values("step").groupby("run").tail(1).set_index("run")
@@ -223,11 +219,12 @@ def _time_to_reach(df: pd.DataFrame, metric: str, target: float) -> float | None
     return None
 
 
-def check_c7(tb: dict, quality: pd.DataFrame) -> Verdict:
+def check_c7(tb: StudyTables) -> Verdict:
     """Target = the baseline's final fd plus 2 SE of a difference (what cannot be told apart from it).
     Held if SRA reaches it in < 0.9x the training time the baseline needed, did not hold if it needs
     > 1.1x or never reaches it (linear interpolation between checkpoints; same machine, measured
     steps/s); inconclusive in between."""
+    quality = tb.quality
     metric = quality["metric"].iloc[0]
     if not {"sra", "baseline"} <= set(quality["run"]):
         return Verdict("C7", "inconclusive", "needs a baseline and an SRA run")
@@ -251,56 +248,14 @@ def check_c7(tb: dict, quality: pd.DataFrame) -> Verdict:
     return Verdict("C7", v, s, details, ["quality_vs_time.png"])
 
 
-def check_claims(out: str | os.PathLike) -> list[Verdict]:
-    from analysis.study import load_tables, quality_table
-
-    tb = load_tables(out)
-    q = quality_table(out)
-    return [check_c1(tb), check_c2(tb), check_c3(tb), check_c4(tb), check_c5(tb, q), check_c6(tb, q),
-            check_c7(tb, q)]
+RULES = {"C1": check_c1, "C2": check_c2, "C3": check_c3, "C4": check_c4, "C5": check_c5, "C6": check_c6,
+         "C7": check_c7}
 
 
-def _machine() -> str:
-    import torch
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-    return f"{dev}; torch {torch.__version__}; Python {platform.python_version()}"
+def rule_text(claim: str) -> str:
+    """The rule of a claim as stated in its check's docstring (one line)."""
+    return " ".join((RULES[claim].__doc__ or "").split())
 
 
-def write_report(out: str | os.PathLike, figures: str | os.PathLike, figs: dict | None = None) -> Path:
-    """Write ``<figures>/REPORT.md``: one section per claim with its figure, numbers and verdict."""
-    from analysis.study import load_tables
-
-    tb = load_tables(out)
-    verdicts = check_claims(out)
-    study = tb["study"]
-    cfg = study.get("config", {})
-    tim = study.get("timings_s", {})
-    lines = ["# Representation claims, checked with repdyn", "",
-             f"Study `{cfg.get('name')}`: {cfg.get('model')} {cfg.get('model_overrides') or ''} on {cfg.get('data')}, "
-             f"{cfg.get('steps')} steps at batch {cfg.get('batch_size')}, runs: "
-             f"{', '.join(m for m in cfg.get('methods', []))}"
-             + (f" + SRA teacher blocks {cfg.get('extra_teacher_blocks')}" if cfg.get("extra_teacher_blocks") else "")
-             + ".", f"Machine: {_machine()}.",
-             f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
-             "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
-             "Verdicts are computed by `analysis/claims.py` from the tables in "
-             f"`{Path(out) / 'tables'}`; the rule for each claim is stated below. This is a tiny-scale check: "
-             "a claim that does not hold here may still hold at ImageNet scale.", "",
-             "| claim | verdict | summary |", "|---|---|---|"]
-    for v in verdicts:
-        lines.append(f"| {v.claim}: {CLAIMS[v.claim]} | **{v.verdict}** | {v.summary} |")
-    lines.append("")
-    checks = {"C1": check_c1, "C2": check_c2, "C3": check_c3, "C4": check_c4, "C5": check_c5, "C6": check_c6,
-              "C7": check_c7}
-    for v in verdicts:
-        lines += [f"## {v.claim}: {CLAIMS[v.claim]}", "", f"**Verdict: {v.verdict}.** {v.summary}.", ""]
-        lines += [f"- {d}" for d in v.details]
-        lines += ["", f"Rule: {' '.join((checks[v.claim].__doc__ or '').split())}", ""]
-        lines += [f"![{v.claim}]({f})" for f in v.figures if (Path(figures) / f).exists()]
-        lines.append("")
-    from probe.cache import atomic_write_text
-
-    path = Path(figures) / "REPORT.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(path, "\n".join(lines) + "\n")
+def check_claims(tb: StudyTables) -> list[Verdict]:
+    return [rule(tb) for rule in RULES.values()]

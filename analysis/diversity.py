@@ -1,6 +1,7 @@
 """DiverseDiT's three representation-diversity terms, as reference pure functions and a report.
 
-Definitions follow ``shared/spec/methods.md`` section 2.2 (the official code's behaviour, not the
+Definitions follow docs/methods.md, "DiverseDiT: official behaviour and our choices" (the
+official code's behaviour, not the
 paper's prose). Each term takes block features of shape (N, T, D) -- N images, T tokens, D
 channels -- and returns a 0-d tensor. They are plain torch ops, differentiable, dtype-preserving
 and device-agnostic, so a training loss can call them directly on autocast features:

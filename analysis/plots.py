@@ -1,16 +1,14 @@
 """Figures for the analysis suite (matplotlib / seaborn, headless).
 
-Every function takes the result objects of the other ``analysis`` modules, a target ``path``
-(".png"; the suffix is forced), a ``title`` and an optional ``meta`` mapping (model, weights,
-protocol, ...) rendered as a subtitle, so each figure states what it shows. Files are written
-atomically (temp file + rename); ``pdf=True`` also writes a PDF beside the PNG. Each returns the
-PNG path.
+Every function takes the result objects or tidy tables of the other ``analysis`` modules, a
+``title`` and an optional ``meta`` mapping (model, weights, protocol, ...) rendered as a subtitle, so
+each figure states what it shows, and returns the matplotlib ``Figure``. Nothing here writes a file:
+``commands/`` saves figures with :func:`training.files.save_figure` (atomic, PNG and optional PDF).
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,10 +21,16 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
+from probe.grid import format_t  # noqa: E402
+
+from .correlation import linear_fit  # noqa: E402
+from .diversity import pair_matrix  # noqa: E402
+
 __all__ = [
     "describe",
-    "save_figure",
     "heatmap",
+    "layer_grid_heatmap",
+    "plot_similarity_curves",
     "plot_cka_grid",
     "plot_cka_panels",
     "plot_diversity",
@@ -53,32 +57,6 @@ def _titles(fig: plt.Figure, title: str, meta: Mapping[str, Any] | None) -> None
     fig.suptitle(title + (f"\n{sub}" if sub else ""), fontsize=11)
 
 
-def _fmt_t(t: Any) -> str:
-    if isinstance(t, (float, np.floating)):
-        return f"{t:g}"
-    return str(t)
-
-
-def save_figure(fig: plt.Figure, path: str | os.PathLike, pdf: bool = False, dpi: int = 150) -> Path:
-    """Save ``fig`` atomically as PNG (and PDF if asked), close it, return the PNG path."""
-    png = Path(path).with_suffix(".png")
-    png.parent.mkdir(parents=True, exist_ok=True)
-    targets = [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else [])
-    try:
-        for target, fmt in targets:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.stem}.", suffix=f".{fmt}.tmp")
-            os.close(fd)
-            try:
-                fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
-                os.replace(tmp, target)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-    finally:
-        plt.close(fig)
-    return png
-
-
 def _annotate_ok(shape: tuple[int, int], annotate: bool | str) -> bool:
     if annotate == "auto":
         return shape[0] * shape[1] <= 256
@@ -89,7 +67,6 @@ def heatmap(
     matrix: np.ndarray,
     row_labels: Sequence[Any],
     col_labels: Sequence[Any] | None = None,
-    path: str | os.PathLike = "heatmap.png",
     title: str = "",
     meta: Mapping[str, Any] | None = None,
     annotate: bool | str = "auto",
@@ -100,8 +77,7 @@ def heatmap(
     cbar_label: str = "",
     xlabel: str = "",
     ylabel: str = "",
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Annotated heatmap of a (R, C) matrix (annotations when R*C <= 256 by default)."""
     m = np.asarray(matrix, dtype=float)
     col_labels = row_labels if col_labels is None else col_labels
@@ -113,19 +89,17 @@ def heatmap(
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_cka_grid(
     grid: Any,
-    path: str | os.PathLike,
     title: str = "CKA over (block, t)",
     meta: Mapping[str, Any] | None = None,
     cmap: str = "magma",
     vmin: float | None = 0.0,
     vmax: float | None = 1.0,
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Full (blocks*t)^2 matrix of a ``similarity.CKAGrid``: block-major order, white lines
     between blocks, block labels at the group centres and t labels on the cells when they fit."""
     m = np.asarray(grid.matrix, dtype=float)
@@ -152,26 +126,24 @@ def plot_cka_grid(
     ax.set_yticks([(s + e - 1) / 2 for _, s, e in ga], [f"block {b}" for b, _, _ in ga], fontsize=8)
     ax.set_xticks([(s + e - 1) / 2 for _, s, e in gb], [f"block {b}" for b, _, _ in gb], fontsize=8, rotation=90)
     if len(ka) <= 40:
-        ax.set_yticks(range(len(ka)), [f"t={_fmt_t(k[1])}" for k in ka], minor=True, fontsize=6)
+        ax.set_yticks(range(len(ka)), [f"t={format_t(k[1])}" for k in ka], minor=True, fontsize=6)
         ax.tick_params(axis="y", which="minor", pad=55, length=0)
     ts = sorted({k[1] for k in ka})
-    ax.set_xlabel(f"columns: block-major (block, t), t in {[_fmt_t(t) for t in ts]}")
+    ax.set_xlabel(f"columns: block-major (block, t), t in {[format_t(t) for t in ts]}")
     ax.set_ylabel("rows: (block, t)")
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_cka_panels(
     grid: Any,
-    path: str | os.PathLike,
     view: str = "block_by_block",
     title: str | None = None,
     meta: Mapping[str, Any] | None = None,
     ncols: int = 4,
     cmap: str = "magma",
     annotate: bool | str = "auto",
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Small multiples of a ``CKAGrid``: block x block per t (``view="block_by_block"``) or
     t x t per block (``view="t_by_t"``), one shared colour scale [0, 1]."""
     if view == "block_by_block":
@@ -190,8 +162,8 @@ def plot_cka_panels(
     for ax, k in zip(axes.flat, keys):
         m, rl, cl = get(k)
         sns.heatmap(m, ax=ax, vmin=0, vmax=1, cmap=cmap, cbar=False, square=True, annot=ann, fmt=".2f",
-                    annot_kws={"fontsize": 6}, xticklabels=[_fmt_t(c) for c in cl], yticklabels=[_fmt_t(r) for r in rl])
-        ax.set_title(f"{lab}={_fmt_t(k)}", fontsize=9)
+                    annot_kws={"fontsize": 6}, xticklabels=[format_t(c) for c in cl], yticklabels=[format_t(r) for r in rl])
+        ax.set_title(f"{lab}={format_t(k)}", fontsize=9)
         ax.set_xlabel(axis_name, fontsize=8)
         ax.set_ylabel(axis_name, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -201,21 +173,17 @@ def plot_cka_panels(
                  fraction=0.02, pad=0.02, label="debiased CKA" if grid.meta.get("debiased", True) else "CKA")
     default = "CKA block x block at each t" if view == "block_by_block" else "CKA t x t within each block"
     _titles(fig, title or default, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_diversity(
     report: pd.DataFrame,
-    path: str | os.PathLike,
     terms: Sequence[str] = ("orthogonality", "token_cosine", "dispersion"),
     ts: Sequence[Hashable] | None = None,
     title: str = "DiverseDiT diversity terms per block pair",
     meta: Mapping[str, Any] | None = None,
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Rows = terms, columns = t; each panel the (L, L) block-pair matrix of that term."""
-    from .diversity import pair_matrix
-
     ts = sorted(report["t"].unique()) if ts is None else list(ts)
     ranges = {"orthogonality": (-1, 1, "vlag"), "token_cosine": (0, 1, "magma"), "dispersion": (-1, 0, "magma_r"),
               "diversity": (-1, 1, "vlag")}
@@ -235,26 +203,24 @@ def plot_diversity(
             sns.heatmap(m, ax=ax, vmin=lo, vmax=hi, cmap=cmap, square=True, cbar=False,
                         annot=L <= 8, fmt=".2g" if term == "dispersion" else ".2f", annot_kws={"fontsize": 6},
                         xticklabels=blocks, yticklabels=blocks)
-            ax.set_title(f"{term}, t={_fmt_t(t)}", fontsize=9)
+            ax.set_title(f"{term}, t={format_t(t)}", fontsize=9)
             ax.set_xlabel("block", fontsize=8)
             ax.set_ylabel("block", fontsize=8)
             ax.tick_params(labelsize=7)
         fig.colorbar(plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(lo, hi), cmap=cmap),
                      ax=axes[i, :].tolist(), fraction=0.025, pad=0.01, label=term)
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_pca_grid(
     pca_grid: Any,
-    path: str | os.PathLike,
     images: Sequence[int] | None = None,
     inputs: np.ndarray | None = None,
     title: str = "Patch-token PCA (shared basis per block, fixed colour scale)",
     meta: Mapping[str, Any] | None = None,
-    pdf: bool = False,
     image_labels: Sequence[str] | None = None,
-) -> Path:
+) -> plt.Figure:
     """PCA-RGB maps: one panel group per image, side by side; rows = blocks, columns = t.
 
     inputs: optional (N_img, H, W[, C]) images in [0, 1] or [-1, 1] shown above each group.
@@ -300,27 +266,25 @@ def plot_pca_grid(
                 ax = axes[r0 + bi, gi * len(ts) + tj]
                 ax.imshow(pca_grid.images[(b, t)][im_idx], interpolation="nearest")
                 if bi == len(blocks) - 1:
-                    ax.set_xlabel(f"t={_fmt_t(t)}", fontsize=7)
+                    ax.set_xlabel(f"t={format_t(t)}", fontsize=7)
                 if bi == 0 and inputs is None and tj == 0:
                     ax.set_title(image_labels[im_idx] if image_labels is not None else f"image {im_idx}",
                                  fontsize=8, loc="left")
                 if gi == 0 and tj == 0:
                     ax.set_ylabel(f"block {b}", fontsize=8)
     _titles(fig, title, {**(meta or {}), "basis": pca_grid.meta.get("basis")})
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_umap(
     embeddings: Mapping[Any, np.ndarray],
     labels: Sequence[int] | np.ndarray,
-    path: str | os.PathLike,
     class_names: Sequence[str] | None = None,
     title: str = "UMAP of pooled block features",
     meta: Mapping[str, Any] | None = None,
     ncols: int = 4,
     point_size: float = 6.0,
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """One scatter panel per key ((block, t) cell, or t for AlignedUMAP), coloured by class."""
     labels = np.asarray(labels)
     keys = list(embeddings)
@@ -337,9 +301,9 @@ def plot_umap(
             ax.scatter(e[sel, 0], e[sel, 1], s=point_size, color=col, alpha=0.8, linewidths=0,
                        label=class_names[c] if class_names is not None else str(c))
         if isinstance(k, tuple) and len(k) == 2:
-            ax.set_title(f"block {k[0]}, t={_fmt_t(k[1])}", fontsize=9)
+            ax.set_title(f"block {k[0]}, t={format_t(k[1])}", fontsize=9)
         else:
-            ax.set_title(f"t={_fmt_t(k)}" if not isinstance(k, str) else k, fontsize=9)
+            ax.set_title(f"t={format_t(k)}" if not isinstance(k, str) else k, fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         ax.set_xlabel("UMAP-1", fontsize=8)
@@ -349,14 +313,13 @@ def plot_umap(
     handles, labs = axes.flat[0].get_legend_handles_labels()
     fig.legend(handles, labs, loc="outside right center", fontsize=8, markerscale=2.5, title="class", frameon=False)
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_correlation(
     x: Sequence[float],
     y: Sequence[float],
     table: pd.DataFrame,
-    path: str | os.PathLike,
     xlabel: str = "probe accuracy",
     ylabel: str = "FID",
     point_labels: Sequence[Any] | None = None,
@@ -364,11 +327,8 @@ def plot_correlation(
     hue_label: str = "step",
     title: str = "Probe accuracy vs generation quality",
     meta: Mapping[str, Any] | None = None,
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Scatter with least-squares fit line and the correlation table as text (r [CI], p)."""
-    from .correlation import linear_fit
-
     xa, ya = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     fig, ax = plt.subplots(figsize=(6.4, 4.8))
     sc = ax.scatter(xa, ya, c=None if hue is None else np.asarray(hue, dtype=float), cmap="viridis",
@@ -394,21 +354,19 @@ def plot_correlation(
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_attribution(
     images: np.ndarray,
     patch_maps: np.ndarray,
-    path: str | os.PathLike,
     targets: Sequence[Any] | None = None,
     class_names: Sequence[str] | None = None,
     title: str = "Integrated gradients of the probe logit, per patch",
     meta: Mapping[str, Any] | None = None,
     alpha: float = 0.55,
-    pdf: bool = False,
     panel_titles: Sequence[str] | None = None,
-) -> Path:
+) -> plt.Figure:
     """Each image with its per-patch attribution overlaid (diverging colours, symmetric scale).
 
     images: (N, C, H, W) or (N, H, W[, C]) in [-1, 1] or [0, 1]; patch_maps: (N, h, w).
@@ -446,14 +404,13 @@ def plot_attribution(
     cb.set_label("per-patch attribution\n(scale per image)", fontsize=7)
     cb.set_ticks([])
     _titles(fig, title, meta)
-    return save_figure(fig, path, pdf)
+    return fig
 
 
 def plot_curves(
     frame: pd.DataFrame,
     x: str,
     y: str,
-    path: str | os.PathLike,
     hue: str | None = None,
     style: str | None = None,
     title: str = "",
@@ -461,8 +418,7 @@ def plot_curves(
     xlabel: str | None = None,
     ylabel: str | None = None,
     logx: bool = False,
-    pdf: bool = False,
-) -> Path:
+) -> plt.Figure:
     """Line plot of a tidy table (e.g. probe accuracy or CKA vs step, per weights / block)."""
     for c in [x, y] + [c for c in (hue, style) if c]:
         if c not in frame.columns:
@@ -478,4 +434,89 @@ def plot_curves(
     if hue or style:
         ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
     _titles(fig, title or f"{y} vs {x}", meta)
-    return save_figure(fig, path, pdf)
+    return fig
+
+
+def _fmt_lsnr(v: float) -> str:
+    if math.isinf(v):
+        return "+inf" if v > 0 else "-inf"
+    return f"{v:+.1f}"
+
+
+def layer_grid_heatmap(df: pd.DataFrame, title: str | None = None, value: str = "accuracy",
+                       meta: Mapping[str, Any] | None = None) -> plt.Figure:
+    """Probe accuracy (%) of one checkpoint's layer grid: blocks (rows, 1 at the top, block 0 = the
+    input embedding when present) x t (columns, clean -> noisy, with log-SNR under each t), the best
+    cell boxed in red. Serves ``probe layer-grid`` and the study's figures.
+
+    ``df``: the tidy layer-grid table of one checkpoint x weights.
+    """
+    if df.empty:
+        raise ValueError("no rows to plot")
+    if "checkpoint" in df.columns and len(df[["checkpoint", "weights"]].drop_duplicates()) > 1:
+        raise ValueError("layer_grid_heatmap draws one checkpoint x weights; filter the table first")
+    grid = df.pivot_table(index="block", columns="t", values=value, aggfunc="mean").sort_index()
+    grid = grid[sorted(grid.columns, key=float)]
+    lsnr = df.drop_duplicates("t").set_index("t")["log_snr"]
+    cols = [f"{format_t(t)}\n{_fmt_lsnr(float(lsnr[t]))}" for t in grid.columns]
+    data = grid.to_numpy(dtype=float) * 100.0
+    nb, nt = data.shape
+    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * nt, 1.9 + 0.42 * nb))
+    sns.heatmap(pd.DataFrame(data, index=grid.index, columns=cols), ax=ax, annot=nb * nt <= 400,
+                fmt=".0f" if nb * nt > 120 else ".1f", cmap="viridis", vmin=max(0.0, np.nanmin(data) - 5),
+                vmax=min(100.0, np.nanmax(data) + 2),
+                cbar_kws={"label": "top-1 accuracy (%)" if value == "accuracy" else value},
+                annot_kws={"fontsize": 8 if nt <= 12 else 6}, linewidths=0.4, linecolor="white")
+    ax.set_ylabel("block (1-based output; 0 = input embedding)" if 0 in grid.index else "block (1-based output)")
+    ax.set_xlabel("t (larger = noisier)  /  log-SNR        red box: best cell")
+    ax.tick_params(axis="x", labelsize=8, rotation=0)
+    ax.tick_params(axis="y", rotation=0)
+    if title is None:
+        r = df.iloc[0]
+        step = "" if pd.isna(r.get("step")) else f" @ step {int(r['step'])}"
+        title = (f"{r.get('model', '?')}{step} ({Path(str(r['checkpoint'])).name}, {r['weights']} weights)\n"
+                 f"{r.get('probe', '?')} probe, label={r.get('label_policy', '?')}, pooling={r.get('pooling', '?')}, "
+                 f"{r.get('dataset', '?')} n_train={r.get('n_train', '?')} n_test={r.get('n_test', '?')}")
+    sub = describe(meta)
+    ax.set_title(title + (f"\n{sub}" if sub else ""), fontsize=9)
+    best = np.unravel_index(np.nanargmax(data), data.shape)
+    ax.add_patch(plt.Rectangle((best[1], best[0]), 1, 1, fill=False, edgecolor="red", lw=1.8))
+    fig.tight_layout()
+    return fig
+
+
+_SIM_PANELS = (
+    ("cka_mean_offdiag", "mean off-diagonal CKA between blocks", "debiased CKA"),
+    ("cka_student_teacher", "CKA student cell vs teacher cell", "debiased CKA"),
+    ("orthogonality", "orthogonality (pooled cosine)", "cosine"),
+    ("token_cosine", "token |cosine| (MI proxy)", "|cosine|"),
+    ("dispersion", "channel dispersion", "dispersion (<= 0)"),
+    ("diversity", "DiverseDiT total (mean of 3 terms)", "value"),
+)
+MIN_Y_SPAN = 0.02  # the smallest y range drawn: differences below it are noise, not trends
+
+
+def plot_similarity_curves(frame: pd.DataFrame, title: str, meta: Mapping[str, Any] | None,
+                           st_label: str) -> plt.Figure:
+    """One panel per similarity / diversity quantity over training steps, each with its own y scale
+    (they differ by orders of magnitude), but never narrower than :data:`MIN_Y_SPAN`, so a change of
+    1e-7 is drawn flat instead of as a trend."""
+    fig, axes = plt.subplots(2, 3, figsize=(12.5, 6.4), sharex=True, layout="constrained")
+    for ax, (col, name, ylab) in zip(axes.flat, _SIM_PANELS):
+        vals = pd.to_numeric(frame[col], errors="coerce")
+        ax.plot(frame["step"], vals, marker="o", color="tab:blue")
+        ax.set_title(name if col != "cka_student_teacher" else f"{name}\n{st_label}", fontsize=9)
+        ax.set_ylabel(ylab, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        if vals.notna().any():
+            lo, hi = float(vals.min()), float(vals.max())
+            if hi - lo < MIN_Y_SPAN:
+                mid = (hi + lo) / 2
+                ax.set_ylim(mid - MIN_Y_SPAN / 2, mid + MIN_Y_SPAN / 2)
+    for ax in axes[-1]:
+        ax.set_xlabel("training step", fontsize=9)
+    _titles(fig, title, meta)
+    return fig
+

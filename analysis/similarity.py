@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.runtime import resolve_device
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Reps = Union[Sequence[ArrayLike], Mapping[Hashable, ArrayLike]]
 
 __all__ = [
-    "resolve_device",
     "as_features",
     "gram",
     "gram_linear",
@@ -64,13 +65,9 @@ __all__ = [
 # --------------------------------------------------------------------------------------------
 # input handling
 # --------------------------------------------------------------------------------------------
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CPU, ``"auto"`` -> CUDA if available else CPU, anything else as given."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str) and device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+def _device(device: str | torch.device | None) -> torch.device:
+    """``None`` -> CPU (pure functions stay on the CPU unless asked), else :func:`training.runtime.resolve_device`."""
+    return torch.device("cpu") if device is None else resolve_device(device)
 
 
 def as_features(
@@ -94,7 +91,7 @@ def as_features(
         t = t.reshape(t.shape[0], -1)
     if t.shape[0] == 0 or t.shape[1] == 0:
         raise ValueError(f"{name}: empty array of shape {tuple(t.shape)}")
-    t = t.to(device=resolve_device(device), dtype=dtype)
+    t = t.to(device=_device(device), dtype=dtype)
     if not torch.isfinite(t).all():
         raise ValueError(f"{name}: contains NaN or Inf")
     return t
@@ -364,7 +361,7 @@ class MinibatchCKA:
         if precision not in ("double", "mixed"):
             raise ValueError(f"precision must be 'double' or 'mixed', got {precision!r}")
         self.debiased, self.kernel, self.threshold = debiased, kernel, threshold
-        self.cross, self.device, self.precision = cross, resolve_device(device), precision
+        self.cross, self.device, self.precision = cross, _device(device), precision
         self.keep_batches = keep_batches
         self.reset()
 
@@ -527,7 +524,7 @@ def _matrix(ra: list[ArrayLike], rb: list[ArrayLike] | None, debiased: bool, ker
             precision: str, max_gram_bytes: float, shuffle_seed: int | None) -> np.ndarray:
     if len(ra) == 0 or (rb is not None and len(rb) == 0):
         raise ValueError("cka_matrix: need at least one representation")
-    dev = resolve_device(device)
+    dev = _device(device)
     sizes = [int(np.shape(r)[0]) for r in ra] + ([int(np.shape(r)[0]) for r in rb] if rb is not None else [])
     n = _check_same_n(sizes, "representations (model A vs model B?)")
     _check_n(n, debiased)
@@ -565,6 +562,7 @@ def _matrix(ra: list[ArrayLike], rb: list[ArrayLike] | None, debiased: bool, ker
 
 def cka_matrix(
     reps: Reps,
+    other: Reps | None = None,
     debiased: bool = True,
     kernel: Kernel = "linear",
     threshold: float = 1.0,
@@ -587,36 +585,23 @@ def cka_matrix(
       * "auto": "gram" if the stacked Grams fit in ``max_gram_bytes`` else "minibatch".
     precision "mixed" builds linear Grams in fp32 (2x faster on CPU), centring and HSIC in fp64.
     ``shuffle_seed`` permutes rows before batching (use when rows are sorted by class).
-    Returns float64 numpy (R, R), symmetric, unit diagonal.
+    Returns float64 numpy (R, R), symmetric, unit diagonal; with ``other`` (R_b representations of
+    the same inputs, see :func:`cross_cka_matrix`) the (R, R_b) cross matrix.
     """
     ra, _ = _rep_list(reps)
-    return _matrix(ra, None, debiased, kernel, threshold, method, batch_size, device, precision,
+    rb = _rep_list(other)[0] if other is not None else None
+    return _matrix(ra, rb, debiased, kernel, threshold, method, batch_size, device, precision,
                    max_gram_bytes, shuffle_seed)
 
 
-def cross_cka_matrix(
-    reps_a: Reps,
-    reps_b: Reps,
-    debiased: bool = True,
-    kernel: Kernel = "linear",
-    threshold: float = 1.0,
-    method: Method = "auto",
-    batch_size: int = 512,
-    device: str | torch.device | None = None,
-    precision: Literal["double", "mixed"] = "double",
-    max_gram_bytes: float = 2**30,
-    shuffle_seed: int | None = None,
-) -> np.ndarray:
+def cross_cka_matrix(reps_a: Reps, reps_b: Reps, **options: Any) -> np.ndarray:
     """(R_a, R_b) CKA between two models' representations of the *same* n inputs.
 
     For teacher EMA vs student online, checkpoint i vs j, SRA vs baseline: row i of ``reps_a[r]``
     and of ``reps_b[s]`` must come from the same input (and, for diffusion features, the same
-    noise draw). Same options as ``cka_matrix``. Raises ValueError on mismatched sample counts.
+    noise draw). ``options``: those of :func:`cka_matrix`. Raises ValueError on mismatched sample counts.
     """
-    ra, _ = _rep_list(reps_a)
-    rb, _ = _rep_list(reps_b)
-    return _matrix(ra, rb, debiased, kernel, threshold, method, batch_size, device, precision,
-                   max_gram_bytes, shuffle_seed)
+    return cka_matrix(reps_a, other=reps_b, **options)
 
 
 def cosine_matrix(

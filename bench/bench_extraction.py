@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from probe.cache import FeatureCache  # noqa: E402
-from probe.grid import extract_grid, noise_bank, sample_indices  # noqa: E402
+from probe.grid import extract_grid, grid_noise, sample_indices  # noqa: E402
 from training.checkpoint import LoadedCheckpoint  # noqa: E402
 from training.data import make_dataset  # noqa: E402
 from training.models import build_model  # noqa: E402
@@ -74,7 +74,7 @@ def overhead(args) -> dict:
         for s in range(0, len(idx), args.batch_size):
             rows = idx[s : s + args.batch_size]
             x0 = ds.get_batch(torch.as_tensor(rows))[0]
-            eps = noise_bank(rows, (1, 32, 32), 0, "train")
+            eps = grid_noise(rows, (1, 32, 32), 0, "train")
             batches.append((x0, eps))
         y = torch.full((args.batch_size,), 10)
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@
 * :mod:`probe.grid`: :func:`extract_grid`, one forward per (batch, t), shared seeded noise;
 * :mod:`probe.cache`: fp16 on-disk cells + JSON manifest, atomic and resumable;
 * :mod:`probe.probes`: batched torch L-BFGS logistic regression, ridge screen, sklearn / cuML, k-NN;
-* :mod:`probe.layer_grid`: the ``probe layer-grid`` pipeline (tidy CSV + heatmap).
+* :mod:`probe.layer_grid`: the layer-grid table (one probe per cell, tidy rows) and its summary.
 
 Imports are lazy so ``import probe`` stays cheap for the CLI.
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 import importlib
 
 __all__ = ["BlockCapture", "capture_blocks", "pool_tokens", "extract_grid", "GridFeatures", "FeatureCache",
-           "fit_probes", "ProbeResult", "run_layer_grid", "grid_table", "summarize", "layer_grid_heatmap"]
+           "fit_probes", "fit_cell_probe", "ProbeResult", "grid_table", "summarize"]
 
 _WHERE = {
     "BlockCapture": "hooks", "capture_blocks": "hooks", "pool_tokens": "hooks",
     "extract_grid": "grid", "GridFeatures": "grid", "FeatureCache": "cache",
-    "fit_probes": "probes", "ProbeResult": "probes",
-    "run_layer_grid": "layer_grid", "grid_table": "layer_grid", "summarize": "layer_grid",
-    "layer_grid_heatmap": "figures",
+    "fit_probes": "probes", "fit_cell_probe": "probes", "ProbeResult": "probes",
+    "grid_table": "layer_grid", "summarize": "layer_grid",
 }
 
 

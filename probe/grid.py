@@ -3,7 +3,7 @@
 For every t of the grid and every batch of images: corrupt x0 with the *same* noise
 ``eps_i`` (common random numbers), run one forward that captures every requested block
 (pooled inside the hook) and stops after the deepest one. The noise for image ``i`` of split
-``s`` is drawn from a generator seeded by ``hash(seed, s, i)``, so it is identical across t,
+``s`` is drawn from a generator seeded by ``(seed, s, "eps", i)`` (:mod:`training.runtime`), so it is identical across t,
 across checkpoints, across batch sizes and across ranks: differences between cells come from
 the model, not from the draw.
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -33,15 +32,15 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from training.flow import model_time
+from training.runtime import NOISE_SCHEME, dist_world, noise_bank, resolve_device, sample_seed
 
 from .cache import FeatureCache, LazyFeatures
 from .hooks import BlockCapture, parse_pooling, pooled_dim
 
-__all__ = ["GridFeatures", "extract_grid", "default_ts", "validate_ts", "sample_indices", "noise_bank",
-           "validate_blocks", "shard_bounds", "LABEL_POLICIES", "NOISE_SCHEME"]
+__all__ = ["GridFeatures", "extract_grid", "default_ts", "validate_ts", "sample_indices", "grid_noise", "load_x0",
+           "validate_blocks", "shard_bounds", "format_t", "LABEL_POLICIES"]
 
 LABEL_POLICIES = ("null", "class")
-NOISE_SCHEME = "per-sample torch.Generator(blake2b(seed:split:index))"
 
 
 @dataclass
@@ -73,12 +72,10 @@ class GridFeatures:
 # ---------------------------------------------------------------------------------------------
 
 
-def _family(ck) -> str:
-    return ck.meta["family"]
-
-
-def _num_timesteps(ck) -> int:
-    return int(ck.meta.get("num_timesteps", 1000) or 1000)
+def format_t(t) -> str:
+    """A timestep as people write it: ``0.3`` (SiT), ``250`` (DiT)."""
+    tf = float(t)
+    return str(int(tf)) if tf == int(tf) and abs(tf) >= 1 else f"{tf:g}"
 
 
 def default_ts(family: str, num_timesteps: int = 1000) -> list:
@@ -140,27 +137,16 @@ def sample_indices(n_total: int, n_samples: int | None, seed: int, split: str) -
         return np.arange(n_total)
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
-    rng = np.random.default_rng(_mix(seed, split, "subset"))
+    rng = np.random.default_rng(sample_seed(seed, split, "subset"))
     return np.sort(rng.permutation(n_total)[:n_samples])
 
 
-def _mix(*parts) -> int:
-    """63-bit seed from any parts (stable across processes, unlike ``hash()``)."""
-    h = hashlib.blake2b(":".join(str(p) for p in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(h, "little") >> 1
+def grid_noise(indices: Sequence[int], shape: tuple[int, ...], seed: int, split: str) -> torch.Tensor:
+    """The extraction noise eps of images ``indices`` of ``split`` (stream ``(split, "eps")``)."""
+    return noise_bank(indices, shape, seed, split, "eps")
 
 
-def noise_bank(indices: Sequence[int], shape: tuple[int, ...], seed: int, split: str, stream: str = "eps") -> torch.Tensor:
-    """(len(indices), *shape) standard normal noise; row i depends only on (seed, split, index, stream)."""
-    out = torch.empty((len(indices), *shape))
-    g = torch.Generator()
-    for row, i in enumerate(indices):
-        g.manual_seed(_mix(seed, split, int(i), stream))
-        out[row] = torch.randn(shape, generator=g)
-    return out
-
-
-def _load_x0(dataset, idx: np.ndarray, seed: int, split: str) -> torch.Tensor:
+def load_x0(dataset, idx: np.ndarray, seed: int, split: str) -> torch.Tensor:
     """Model-space images for rows ``idx``; latent posterior draws are per-sample seeded too."""
     x, _ = dataset.get_batch(torch.as_tensor(idx, dtype=torch.long))
     x = x.float()
@@ -168,7 +154,7 @@ def _load_x0(dataset, idx: np.ndarray, seed: int, split: str) -> torch.Tensor:
         g = torch.Generator()
         rows = []
         for row, i in enumerate(idx):
-            g.manual_seed(_mix(seed, split, int(i), "posterior"))
+            g.manual_seed(sample_seed(seed, split, "posterior", int(i)))
             rows.append(dataset.finalize(x[row : row + 1], g))
         x = torch.cat(rows)
     else:
@@ -192,12 +178,6 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
-
-
-def _dist_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _gather_rows(local: np.ndarray, n: int, world: int, device: torch.device) -> np.ndarray | None:
@@ -234,17 +214,6 @@ def _check_compat(ck, dataset, label_policy: str) -> None:
                          f"checkpoint knows {cfg.num_classes}; use --label null")
 
 
-def _resolve_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        if dist.is_available() and dist.is_initialized() and torch.cuda.is_available():
-            return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device} requested but CUDA is not available; use --device cpu")
-    return dev
-
-
 def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence | None = None,
                  n_samples: int | None = None, label_policy: str = "null", pooling: str = "mean",
                  batch_size: int = 256, seed: int = 0, device: str | torch.device = "cpu",
@@ -259,9 +228,9 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
     ``pooling``: ``mean`` | ``tokens`` | ``spatialK``. ``precision``: ``auto`` (bf16 autocast on
     CUDA, fp32 on CPU) | ``fp32`` | ``bf16``. ``cache``: finished cells are read, not recomputed.
     """
-    family = _family(ck)
+    family = ck.family
     model = ck.model
-    nT = _num_timesteps(ck)
+    nT = ck.num_timesteps
     blocks = validate_blocks(blocks, model.depth)
     ts = validate_ts(ts if ts is not None else default_ts(family, nT), family, nT)
     parse_pooling(pooling)
@@ -280,13 +249,13 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
     else:
         idx = sample_indices(len(dataset), n_samples, seed, split)
     n = len(idx)
-    dev = _resolve_device(device)
+    dev = resolve_device(device)
     if precision == "auto":
         precision = "bf16" if dev.type == "cuda" else "fp32"
     if precision not in ("fp32", "bf16"):
         raise ValueError(f"precision must be auto, fp32 or bf16, got {precision!r}")
-    conv = ck.meta.get("time_convention", "flow-t1-noise" if family == "sit" else "ddpm-t999-noisiest")
-    rank, world = _dist_world()
+    conv = ck.time_convention
+    rank, world = dist_world()
 
     labels = _labels_of(dataset, idx)
     log_snr = {t: float(ck.objective.log_snr(torch.tensor([t], dtype=torch.float64 if family == "sit" else torch.long))[0])
@@ -310,7 +279,7 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
         return {"checkpoint_sha": meta["checkpoint_sha"], "weights": ck.weights, "block": b, "t": _t_key(t),
                 "pooling": pooling, "split": split, "seed": seed, "dataset": meta["dataset"], "n_samples": n,
                 "indices_sha": indices_sha, "label_policy": label_policy, "precision": precision,
-                "time_convention": conv, "family": family}
+                "time_convention": conv, "family": family, "noise": NOISE_SCHEME}
 
     # Which cells still need work (rank 0 decides, everyone follows).
     todo: dict = {}
@@ -351,8 +320,8 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
                 t_in = model_time(t_ours, conv) if family == "sit" else t_ours
                 for start in range(0, len(my_idx), batch_size):
                     rows = my_idx[start : start + batch_size]
-                    x0 = _load_x0(dataset, rows, seed, split).to(dev)
-                    eps = noise_bank(rows, x_shape, seed, split).to(dev)
+                    x0 = load_x0(dataset, rows, seed, split).to(dev)
+                    eps = grid_noise(rows, x_shape, seed, split).to(dev)
                     tt = t_ours.to(dev).expand(len(rows))
                     xt = ck.objective.corrupt(x0, tt, eps)
                     y = (torch.full((len(rows),), null, dtype=torch.long) if label_policy == "null"
@@ -408,8 +377,8 @@ def _few_tokens(ck, dataset, idx, labels, blocks, ts, family, conv, label_policy
     """Full (n, T, D) tokens of a few images per cell (PCA maps, token cosine): one small forward per t."""
     model = ck.model
     x_shape = (model.config.in_channels, model.config.input_size, model.config.input_size)
-    x0 = _load_x0(dataset, idx, seed, split).to(dev)
-    eps = noise_bank(idx, x_shape, seed, split).to(dev)
+    x0 = load_x0(dataset, idx, seed, split).to(dev)
+    eps = grid_noise(idx, x_shape, seed, split).to(dev)
     y = (torch.full((len(idx),), model.y_embedder.num_classes, dtype=torch.long) if label_policy == "null"
          else torch.as_tensor(labels)).to(dev)
     out = {}

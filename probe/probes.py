@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-__all__ = ["ProbeResult", "fit_probes", "PROBES", "DEFAULT_LAMBDAS", "DEFAULT_RIDGE_ALPHAS", "holdout_split",
+__all__ = ["ProbeResult", "fit_probes", "CellProbe", "fit_cell_probe", "PROBES", "DEFAULT_LAMBDAS", "DEFAULT_RIDGE_ALPHAS", "holdout_split",
            "batched_logreg", "batched_ridge", "knn_predict"]
 
 PROBES = ("torch", "ridge", "sklearn", "cuml", "knn")
@@ -496,3 +496,51 @@ def fit_probes(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | N
                  n_fit=int(fit.sum()), num_classes=k)
     return ProbeResult(accuracy=res["acc"], val_accuracy=res["val"], train_accuracy=res["train"], reg=res["reg"],
                        protocol=proto, seconds=time.perf_counter() - t0)
+
+
+@dataclass
+class CellProbe:
+    """One cell's fitted probe: ``logits = ((f - mean) / std) @ weight.T + bias``, with its scores."""
+
+    weight: torch.Tensor  # (K, D)
+    bias: torch.Tensor  # (K,)
+    mean: torch.Tensor  # (D,)
+    std: torch.Tensor  # (D,)
+    probe: str
+    accuracy: float
+    val_accuracy: float
+    reg: float
+
+
+def fit_cell_probe(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | None = None,
+                   seed: int = 0) -> CellProbe:
+    """The layer-grid protocol for one (N, D) cell, returning the probe's weights (for attribution).
+
+    :func:`fit_probes` chooses the strength on the held-out cut and scores the test split; the
+    weights are then refitted on the whole standardised train split with that strength, as its refit
+    step does: batched L-BFGS logistic regression (``torch``) or closed-form ridge on one-hot targets
+    (``ridge``, whose class scores are the regression outputs plus the class priors).
+    """
+    if probe not in ("torch", "ridge"):
+        raise ValueError(f"a refitted cell probe is torch or ridge, got {probe!r}")
+    xtr = np.asarray(xtr, dtype=np.float32)
+    ytr = np.asarray(ytr, dtype=np.int64)
+    res = fit_probes(xtr[None], ytr, np.asarray(xte, dtype=np.float32)[None], yte, probe, num_classes=num_classes,
+                     seed=seed, device="cpu")
+    k = int(res.protocol["num_classes"])
+    a = torch.as_tensor(xtr)[None]
+    y = torch.as_tensor(ytr)
+    mu, sd = _standardise(a, a)
+    xs = (a - mu) / sd
+    if probe == "torch":
+        xa = torch.cat([xs, torch.ones((1, a.shape[1], 1))], dim=2)
+        w, _ = batched_logreg(xa, y, k, torch.tensor([[float(res.reg[0])]]))
+        w = w[0, :, 0, :]  # (D+1, K)
+        weight, bias = w[:-1].T.contiguous(), w[-1]
+    else:
+        w = batched_ridge(xs, y, k, torch.tensor([float(res.reg[0])]))[0, 0]  # (D, K)
+        weight = w.T.contiguous()
+        bias = torch.nn.functional.one_hot(y.long(), k).float().mean(0)
+    return CellProbe(weight, bias, mu[0, 0], sd[0, 0], probe, float(res.accuracy[0]), float(res.val_accuracy[0]),
+                     float(res.reg[0]))
+

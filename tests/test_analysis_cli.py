@@ -91,7 +91,7 @@ def test_similarity_bad_input(tiny_sit_ckpt, tmp_path, cache):
 
 
 def test_cross_similarity_refuses_mismatched_samples():
-    from analysis.commands import cross_similarity
+    from commands.similarity import cross_similarity
     from probe.grid import GridFeatures
 
     def grid(n, start=0):
@@ -188,15 +188,15 @@ def test_attribute_probe_matches_cached_features(tiny_sit_ckpt, cache):
     """The attributed forward is the probed one: feature_fn on the test images reproduces the cache."""
     import torch
 
-    from analysis.commands import FeatureSpec, _load_ck, load_features
-    from probe.grid import _load_x0, noise_bank
     from analysis.attribution import backbone_feature_fn
+    from commands.common import FeatureSpec, load_features, load_for_analysis
+    from probe.grid import grid_noise, load_x0
 
     spec = FeatureSpec(n=8, cache_dir=cache, progress=False, device="cpu")
-    ck = _load_ck(tiny_sit_ckpt, "ema", spec)
+    ck = load_for_analysis(tiny_sit_ckpt, "ema", spec)
     ds, g = load_features(ck, spec, blocks=[2], ts=[0.2], n=8)
-    x0 = _load_x0(ds, g.indices, 0, "test")
-    eps = noise_bank(g.indices, (1, 32, 32), 0, "test")
+    x0 = load_x0(ds, g.indices, 0, "test")
+    eps = grid_noise(g.indices, (1, 32, 32), 0, "test")
     fn = backbone_feature_fn(ck.model, 2, 0.2, eps, lambda x, e, t: ck.objective.corrupt(x, torch.full((len(x),), t), e))
     with torch.no_grad():
         np.testing.assert_allclose(fn(x0).numpy(), g.features[(2, 0.2)], atol=2e-2, rtol=1e-2)  # fp16 cache
@@ -246,7 +246,7 @@ def test_curves_nothing_new_and_non_sra_flags(curves_run, tiny_sit_ckpt, tmp_pat
     res = _ok(["curves", run, "--cache", cache, *CURVE_ARGS])
     assert "0 of 3 checkpoints computed" in res.output
     # a baseline run (no SRA config): blocks from default_blocks, or from the flags
-    from analysis.dynamics import resolve_cells
+    from commands.curves import resolve_cells
     from training.checkpoint import load_checkpoint
 
     ks, kt, t, tt, info = resolve_cells(load_checkpoint(tiny_sit_ckpt))

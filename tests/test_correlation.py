@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from training.files import save_figure
 from analysis import correlation as C
 
 
@@ -103,6 +104,6 @@ def test_correlation_figure(tmp_path):
     x = rng.uniform(0.4, 0.9, 8)
     y = 60 - 40 * x + rng.normal(size=8)
     t = C.correlate(x, y, control=np.arange(8), n_boot=200)
-    p = plots.plot_correlation(x, y, t, tmp_path / "corr.png", hue=np.arange(8) * 1000,
-                               point_labels=[f"{i}k" for i in range(8)], meta={"model": "SiT-T", "block": 4, "t": 0.5})
+    p = save_figure(plots.plot_correlation(x, y, t, hue=np.arange(8) * 1000,
+                               point_labels=[f"{i}k" for i in range(8)], meta={"model": "SiT-T", "block": 4, "t": 0.5}), tmp_path / "corr.png")
     assert p.exists() and p.stat().st_size > 1000

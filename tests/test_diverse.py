@@ -224,7 +224,18 @@ def test_adaptive_weight_rule():
     assert float(adaptive_weight(0.5)) == pytest.approx(0.8)
     assert float(adaptive_weight(0.1)) == 0.0 and float(adaptive_weight(-0.2)) == 0.0
     v = torch.tensor(0.3, requires_grad=True)
-    assert not adaptive_weight(v).requires_grad
+    assert adaptive_weight(v).requires_grad  # official: built from the live loss
+    assert not adaptive_weight(v, detach=True).requires_grad
+
+
+@pytest.mark.parametrize("value, official, detached", [(0.3, 1.0, 0.4), (0.45, 1.6, 0.7), (0.6, 1.0, 1.0),
+                                                        (0.05, 0.0, 0.0)])
+def test_adaptive_weight_gradient_multiplier(value, official, detached):
+    """d(w(L) L)/dL: the official live weight gives (2L - 0.1) / 0.5 in the band, the detached one w."""
+    for detach, want in ((False, official), (True, detached)):
+        v = torch.tensor(value, requires_grad=True)
+        (adaptive_weight(v, detach=detach) * v).backward()
+        assert float(v.grad) == pytest.approx(want, rel=1e-5), (detach, value)
 
 
 def _ctx(feats):
@@ -232,12 +243,13 @@ def _ctx(feats):
                        feats=feats, step=0, epoch=0, autocast=None, generator=None)
 
 
-def test_term_weight_is_detached_and_logs_terms():
+@pytest.mark.parametrize("detach", [False, True])
+def test_term_weight_gradient_and_logs_terms(detach):
     g = torch.Generator().manual_seed(1)
     # Aligned features (high MI) so L_div lands in the adaptive band.
     base = torch.randn(2, 4, 8, generator=g)
     feats = {k: (base + 0.8 * torch.randn(2, 4, 8, generator=g)).requires_grad_() for k in range(1, 5)}
-    term = DiversityTerm(4, [(1, 2), (3, 4)])
+    term = DiversityTerm(4, [(1, 2), (3, 4)], detach_weight=detach)
     loss, logs = term(_ctx(feats))
     value = float(logs["loss_div"])
     assert 0.1 < value < 0.5, value
@@ -251,7 +263,9 @@ def test_term_weight_is_detached_and_logs_terms():
     for f in feats.values():
         f.grad = None
     diversity_loss(feats, [(1, 2), (3, 4)]).loss.backward()
-    torch.testing.assert_close(got, w * feats[1].grad, rtol=1e-4, atol=1e-7)  # no d(w)/dx term
+    # detached: w * dL/dx; official: d(w L)/dx = (2 L - 0.1) / 0.5 * dL/dx
+    mult = w if detach else (2 * value - 0.1) / 0.5
+    torch.testing.assert_close(got, mult * feats[1].grad, rtol=1e-4, atol=1e-7)
     const = DiversityTerm(4, [(1, 2)], weight_mode="constant", weight=0.25)
     loss_c, logs_c = const(_ctx(feats))
     assert float(logs_c["div_weight"]) == 0.25
@@ -265,7 +279,9 @@ def _build(depth=6, **diverse):
 
 def test_from_config_defaults_and_override():
     (term,) = _build()
-    assert term.pairs == official_pairs(6) and term.weight_mode == "adaptive"
+    assert term.pairs == official_pairs(6) and term.weight_mode == "adaptive" and not term.detach_weight
+    (term,) = _build(detach_weight=True)
+    assert term.detach_weight
     (term,) = _build(pairs=[[1, 6], [2, 5]], weight_mode="constant", weight=0.01)
     assert term.pairs == [(1, 6), (2, 5)] and term.weight == 0.01
     (term,) = _build(depth=12, encoder_depth=4)
@@ -283,6 +299,7 @@ def test_from_config_defaults_and_override():
     ({"low": 0.6}, "below"),
     ({"encoder_depth": -1}, "encoder_depth"),
     ({"pair": [[1, 2]]}, "unknown diverse option"),
+    ({"detach_weight": "yes"}, "detach_weight"),
 ])
 def test_bad_diverse_options(opts, match):
     with pytest.raises(ValueError, match=match):

@@ -1,4 +1,4 @@
-"""DiverseDiT diversity terms (methods.md 2.2) and the per-pair report."""
+"""DiverseDiT diversity terms (docs/methods.md, "DiverseDiT: official behaviour") and the per-pair report."""
 
 import numpy as np
 import pytest

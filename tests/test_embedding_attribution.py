@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from training.files import save_figure
 from analysis import attribution as A
 from analysis import embedding as E
 from analysis import plots
@@ -32,8 +33,8 @@ def test_umap_cells(tmp_path):
     assert (labels[d.argmin(1)] == labels).mean() > 0.9
     frame = E.embedding_frame(emb, labels)
     assert list(frame.columns) == ["block", "t", "sample", "x", "y", "label"] and len(frame) == 45
-    p = plots.plot_umap(emb, labels, tmp_path / "umap.png", class_names=["a", "b", "c"],
-                        meta={"model": "toy", "weights": "ema"})
+    p = save_figure(plots.plot_umap(emb, labels, class_names=["a", "b", "c"],
+                                    meta={"model": "toy", "weights": "ema"}), tmp_path / "umap.png")
     assert p.stat().st_size > 1000
 
 
@@ -103,8 +104,9 @@ def test_integrated_gradients_to_patches(tmp_path):
     masked = lambda inp: backbone(inp * (torch.arange(8) >= 2).float())  # noqa: E731  (columns 0-1 dropped)
     out2 = A.probe_attribution(x, masked, probe, method="saliency")
     assert np.abs(out2.patch[:, :, 0]).max() == 0 and np.abs(out2.patch).max() > 0
-    p = plots.plot_attribution(x.numpy(), out.patch, tmp_path / "attr.png", targets=out.target,
-                               meta={"model": "toy", "block": 1, "t": 0.5, "protocol": "IG, 64 steps"})
+    p = save_figure(plots.plot_attribution(x.numpy(), out.patch, targets=out.target,
+                                           meta={"model": "toy", "block": 1, "t": 0.5, "protocol": "IG, 64 steps"}),
+                    tmp_path / "attr.png")
     assert p.exists()
 
 

@@ -15,7 +15,12 @@ import scipy.linalg
 import torch
 from torch import nn
 
+from commands.eval import run_eval
+from commands.sample import SamplerSettings, run_sample
+from training import classifier as C
 from training import evaluation as E
+from training import images as I
+from training import metrics as M
 from training import samplers as S
 from training.checkpoint import save_checkpoint
 from training.data import make_dataset
@@ -44,7 +49,7 @@ def _features(seed: int, n: int = 300, d: int = 12, shift: float = 0.0) -> np.nd
 def test_sqrtm_psd_matches_scipy():
     f = _features(0)
     a = np.cov(f, rowvar=False)
-    r = E.sqrtm_psd(a)
+    r = M.sqrtm_psd(a)
     assert np.allclose(r @ r, a, atol=1e-10)
     assert np.allclose(r, scipy.linalg.sqrtm(a).real, atol=1e-8)
 
@@ -54,19 +59,19 @@ def test_frechet_distance_matches_independent_scipy_computation():
     mu1, s1 = f1.mean(0), np.cov(f1, rowvar=False)
     mu2, s2 = f2.mean(0), np.cov(f2, rowvar=False)
     ref = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(scipy.linalg.sqrtm(s1 @ s2).real)
-    ours = E.frechet_distance_features(f1, f2)
+    ours = M.frechet_distance_features(f1, f2)
     assert ours > 0.5
     assert ours == pytest.approx(ref, rel=1e-7, abs=1e-9)
-    assert E.trace_sqrt_product(s1, s2) == pytest.approx(np.trace(scipy.linalg.sqrtm(s1 @ s2).real), rel=1e-9)
+    assert M.trace_sqrt_product(s1, s2) == pytest.approx(np.trace(scipy.linalg.sqrtm(s1 @ s2).real), rel=1e-9)
 
 
 def test_frechet_distance_of_a_set_to_itself_is_zero_and_shift_is_exact():
     f = _features(3)
-    assert E.frechet_distance_features(f, f) < 1e-9
+    assert M.frechet_distance_features(f, f) < 1e-9
     shift = np.linspace(-1, 1, f.shape[1])
-    assert E.frechet_distance_features(f, f + shift) == pytest.approx((shift**2).sum(), rel=1e-8)
+    assert M.frechet_distance_features(f, f + shift) == pytest.approx((shift**2).sum(), rel=1e-8)
     with pytest.raises(ValueError, match="mismatched"):
-        E.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+        M.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -76,19 +81,19 @@ def test_frechet_distance_of_a_set_to_itself_is_zero_and_shift_is_exact():
 
 def test_to_uint8_npz_and_grid(tmp_path):
     x = torch.tensor([-1.0, 0.0, 1.0, 2.0]).reshape(1, 1, 2, 2).repeat(5, 1, 1, 1)
-    u8 = E.to_uint8(x)
+    u8 = I.to_uint8(x)
     assert u8.dtype == torch.uint8 and u8[0, 0].flatten().tolist() == [0, 128, 255, 255]
-    p = E.save_npz(tmp_path / "s.npz", u8, labels=[0, 1, 2, 3, 4])
+    p = I.save_npz(tmp_path / "s.npz", u8, labels=[0, 1, 2, 3, 4])
     with np.load(p) as z:
         assert z["arr_0"].dtype == np.uint8 and z["arr_0"].shape == (5, 2, 2, 3)  # NHWC, RGB
         assert z["arr_1"].tolist() == [0, 1, 2, 3, 4]
     from PIL import Image
 
-    g = Image.open(E.save_grid(tmp_path / "g.png", u8, nrow=5))
+    g = Image.open(I.save_grid(tmp_path / "g.png", u8, nrow=5))
     assert g.size == (5 * 4 + 2, 4 + 2) and g.mode == "L"
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
     with pytest.raises(ValueError, match="latent-space"):
-        E.to_uint8(x, {"latent_scale": 0.18215})
+        I.to_uint8(x, {"latent_scale": 0.18215})
 
 
 def test_append_metrics_row_replaces_same_key(tmp_path):
@@ -121,14 +126,14 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits_clf(cache_dir):
-    return E.get_classifier("digits", epochs=2)
+    return C.get_classifier("digits", epochs=2)
 
 
 def test_classifier_is_trained_once_and_cached(cache_dir, digits_clf):
     assert digits_clf.path == cache_dir / "classifiers" / "digits.pt" and digits_clf.path.exists()
     assert digits_clf.test_accuracy > 0.8
-    with mock.patch.object(E, "train_classifier", side_effect=AssertionError("retrained")):
-        again = E.get_classifier("digits")
+    with mock.patch.object(C, "train_classifier", side_effect=AssertionError("retrained")):
+        again = C.get_classifier("digits")
     assert again.test_accuracy == pytest.approx(digits_clf.test_accuracy)
     x = torch.randn(4, 1, 8, 8)
     assert torch.allclose(again.model.embed(x), digits_clf.model.eval().embed(x), atol=1e-6)
@@ -137,19 +142,19 @@ def test_classifier_is_trained_once_and_cached(cache_dir, digits_clf):
 def test_classifier_metrics_separate_real_from_noise(digits_clf):
     test = make_dataset("digits", split="test")
     x, y = test.get_batch(torch.arange(len(test)))
-    real = E.classifier_metrics(digits_clf, x, y)
+    real = C.classifier_metrics(digits_clf, x, y)
     assert set(real) == {"fd_digits", "fd_digits_se", "cond_acc_digits"}
     assert real["cond_acc_digits"] == pytest.approx(digits_clf.test_accuracy, abs=1e-6)
-    noise = E.classifier_metrics(digits_clf, torch.rand_like(x) * 2 - 1, y)
+    noise = C.classifier_metrics(digits_clf, torch.rand_like(x) * 2 - 1, y)
     assert noise["fd_digits"] > 5 * real["fd_digits"]
     assert noise["cond_acc_digits"] < 0.5
     # null-class labels (unconditional samples) are left out of the accuracy
-    assert math.isnan(E.classifier_metrics(digits_clf, x[:5], torch.full((5,), 10))["cond_acc_digits"])
+    assert math.isnan(C.classifier_metrics(digits_clf, x[:5], torch.full((5,), 10))["cond_acc_digits"])
 
 
 def test_classifier_cache_path_names(cache_dir):
-    assert E.classifier_cache_path("fashion-mnist").name == "fashion-mnist.pt"
-    p = E.classifier_cache_path("folder:/data/my imgs")
+    assert C.classifier_cache_path("fashion-mnist").name == "fashion-mnist.pt"
+    p = C.classifier_cache_path("folder:/data/my imgs")
     assert p.parent == cache_dir / "classifiers" and p.name.startswith("folder-my-imgs-")
 
 
@@ -201,7 +206,7 @@ def test_torch_fidelity_path_runs_offline_with_random_weights(tmp_path, monkeypa
     with p1, p2:
         # FID on the 768-d layer keeps torch-fidelity's non-symmetric 2048x2048 eigvals (~30 s on one
         # core) out of CI; IS, KID and precision/recall use their standard layers.
-        m = E.inception_metrics(gen, ref, weights, feature_layer_fid="768")
+        m = M.inception_metrics(gen, ref, weights, feature_layer_fid="768")
     assert set(m) == {"fid", "is", "is_std", "kid", "kid_std", "precision", "recall"}
     assert all(np.isfinite(v) for v in m.values())
     assert m["fid"] > 1e-3  # the features are not all identical
@@ -213,8 +218,8 @@ def test_torch_fidelity_path_runs_offline_with_random_weights(tmp_path, monkeypa
 def test_missing_inception_weights_is_a_clear_one_line_error(tmp_path):
     x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     for bad in (None, tmp_path / "missing.pth"):
-        with pytest.raises(ValueError, match=E.INCEPTION_WEIGHTS_NAME) as e:
-            E.inception_metrics(x, x, bad)
+        with pytest.raises(ValueError, match=M.INCEPTION_WEIGHTS_NAME) as e:
+            M.inception_metrics(x, x, bad)
         assert "\n" not in str(e.value) and "--inception-weights" in str(e.value)
 
 
@@ -238,12 +243,12 @@ def tiny_ckpt(tmp_path_factory):
 def test_run_eval_writes_a_keyed_row(tiny_ckpt, digits_clf, tmp_path):
     csv_path = tmp_path / "metrics.csv"
     kw = dict(n=12, method="ode-euler", steps=2, seed=0, batch_size=8, npz_path=tmp_path / "s.npz", progress=False)
-    row = E.run_eval(tiny_ckpt, csv_path, **kw)
+    row = run_eval(tiny_ckpt, csv_path, **kw)
     assert row["run"] == tiny_ckpt.parent.parent.name and row["step"] == 5 and row["weights"] == "ema"
     assert row["fd_digits"] > 0 and 0.0 <= row["cond_acc_digits"] <= 1.0
     assert np.load(tmp_path / "s.npz")["arr_0"].shape == (12, 8, 8, 3)
-    E.run_eval(tiny_ckpt, csv_path, **kw)  # same settings: replaced, not duplicated
-    E.run_eval(tiny_ckpt, csv_path, **{**kw, "steps": 3})
+    run_eval(tiny_ckpt, csv_path, **kw)  # same settings: replaced, not duplicated
+    run_eval(tiny_ckpt, csv_path, **{**kw, "steps": 3})
     with open(csv_path, newline="") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["steps"] for r in rows) == ["2", "3"]
@@ -251,10 +256,10 @@ def test_run_eval_writes_a_keyed_row(tiny_ckpt, digits_clf, tmp_path):
 
 
 def test_run_sample_writes_grid_and_npz(tiny_ckpt, tmp_path):
-    out = E.run_sample(tiny_ckpt, tmp_path / "grid.png", n=6, npz=tmp_path / "s.npz", method="sde", steps=2,
-                       progress=False)
-    assert Path(out["grid"]).exists()
-    with np.load(out["npz"]) as z:
+    out = run_sample(tiny_ckpt, tmp_path / "grid.png", n=6, npz=tmp_path / "s.npz",
+                     sampler=SamplerSettings(method="sde", steps=2), progress=False)
+    assert Path(out.grid).exists()
+    with np.load(out.npz) as z:
         assert z["arr_0"].shape == (6, 8, 8, 3) and z["arr_1"].tolist() == [0, 1, 2, 3, 4, 5]
 
 
@@ -266,7 +271,7 @@ def test_run_sample_writes_grid_and_npz(tiny_ckpt, tmp_path):
 ])
 def test_run_eval_bad_input(tiny_ckpt, tmp_path, kw, msg):
     with pytest.raises(ValueError, match=msg) as e:
-        E.run_eval(tiny_ckpt, tmp_path / "m.csv", n=2, **kw)
+        run_eval(tiny_ckpt, tmp_path / "m.csv", n=2, **kw)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "m.csv").exists()
 
@@ -294,9 +299,9 @@ def test_cli_sample_and_eval(tiny_ckpt, digits_clf, tmp_path):
 def test_fd_bootstrap_se_shrinks_with_more_samples():
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(4000, 8))
-    mu, sigma = E.feature_statistics(ref)
-    small = E.fd_bootstrap_se(rng.normal(0.3, 1, size=(100, 8)), mu, sigma)
-    large = E.fd_bootstrap_se(rng.normal(0.3, 1, size=(1600, 8)), mu, sigma)
+    mu, sigma = M.feature_statistics(ref)
+    small = M.fd_bootstrap_se(rng.normal(0.3, 1, size=(100, 8)), mu, sigma)
+    large = M.fd_bootstrap_se(rng.normal(0.3, 1, size=(1600, 8)), mu, sigma)
     assert 0 < large < small / 2  # ~ 1/sqrt(n): 16x the samples, ~1/4 the error
 
 
@@ -304,5 +309,5 @@ def test_classifier_metrics_work_with_trainable_parameters(digits_clf):
     """A classifier trained in this process has parameters that require grad: metrics must not care."""
     digits_clf.model.requires_grad_(True)
     x = torch.rand(20, 1, 8, 8) * 2 - 1
-    out = E.classifier_metrics(digits_clf, x, torch.zeros(20, dtype=torch.long))
+    out = C.classifier_metrics(digits_clf, x, torch.zeros(20, dtype=torch.long))
     assert np.isfinite(out["fd_digits"]) and out["fd_digits_se"] > 0

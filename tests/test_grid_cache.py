@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from probe.cache import FeatureCache
-from probe.grid import extract_grid, noise_bank, sample_indices
+from probe.grid import extract_grid, grid_noise, sample_indices
 from training.checkpoint import load_checkpoint
 from training.data import make_dataset
 
@@ -42,14 +42,14 @@ class CountingData:
 
 
 def test_noise_bank_is_per_sample_and_seeded():
-    a = noise_bank([5, 9, 11], (1, 4, 4), seed=0, split="train")
-    b = noise_bank([11, 5], (1, 4, 4), seed=0, split="train")  # other batch, other order
+    a = grid_noise([5, 9, 11], (1, 4, 4), 0, "train")
+    b = grid_noise([11, 5], (1, 4, 4), 0, "train")  # other batch, other order
     torch.testing.assert_close(a[0], b[1], rtol=0, atol=0)
     torch.testing.assert_close(a[2], b[0], rtol=0, atol=0)
-    assert not torch.equal(a[0], noise_bank([5], (1, 4, 4), seed=1, split="train")[0])
-    assert not torch.equal(a[0], noise_bank([5], (1, 4, 4), seed=0, split="test")[0])
-    small = sample_indices(1000, 50, seed=0, split="train")
-    big = sample_indices(1000, 200, seed=0, split="train")
+    assert not torch.equal(a[0], grid_noise([5], (1, 4, 4), 1, "train")[0])
+    assert not torch.equal(a[0], grid_noise([5], (1, 4, 4), 0, "test")[0])
+    small = sample_indices(1000, 50, 0, "train")
+    big = sample_indices(1000, 200, 0, "train")
     assert set(small) <= set(big) and len(np.unique(big)) == 200  # nested subsets
 
 
@@ -58,12 +58,14 @@ def test_features_match_manual_forward_and_are_reproducible(tiny_sit_ckpt, fm_tr
     g1 = extract_grid(ck, fm_train, blocks=[2, 4], ts=[0.0, 0.5], n_samples=40, batch_size=16, progress=False)
     g2 = extract_grid(ck, fm_train, blocks=[2, 4], ts=[0.0, 0.5], n_samples=40, batch_size=40, progress=False)
     for cell in g1.features:
-        np.testing.assert_array_equal(g1.features[cell], g2.features[cell])  # batch size does not matter
+        # batch size does not matter: same images, same noise; only the matmul kernels of a smaller last
+        # batch may round differently (1 ulp), so the bound is fp32 rounding, not bit equality
+        np.testing.assert_allclose(g1.features[cell], g2.features[cell], rtol=0, atol=1e-6)
     assert g1.features[(2, 0.5)].shape == (40, 64) and g1.features[(2, 0.5)].dtype == np.float32
     idx = torch.as_tensor(g1.indices[:7])
     x0, y = fm_train.get_batch(idx)
     np.testing.assert_array_equal(g1.labels[:7], y.numpy())
-    eps = noise_bank(g1.indices[:7], (1, 32, 32), seed=0, split="train")
+    eps = grid_noise(g1.indices[:7], (1, 32, 32), 0, "train")
     t = torch.full((7,), 0.5)
     with torch.no_grad():
         ref = ck.model.block_features(ck.objective.corrupt(x0, t, eps), t, torch.full((7,), 10), [4])[4].mean(1)
@@ -85,7 +87,7 @@ def test_foreign_t0_noise_convention_feeds_mirrored_time(tiny_sit_ckpt, fm_train
     g = extract_grid(ck, fm_train, blocks=[3], ts=[0.3], n_samples=12, progress=False)
     idx = torch.as_tensor(g.indices)
     x0, _ = fm_train.get_batch(idx)
-    eps = noise_bank(g.indices, (1, 32, 32), seed=0, split="train")
+    eps = grid_noise(g.indices, (1, 32, 32), 0, "train")
     xt = ck.objective.corrupt(x0, torch.full((12,), 0.3), eps)  # our convention for the corruption
     with torch.no_grad():
         fed = ck.model.block_features(xt, torch.full((12,), 0.7), torch.full((12,), 10), [3])[3].mean(1)

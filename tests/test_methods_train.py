@@ -71,12 +71,13 @@ def test_method_trains_with_decreasing_generation_loss(runs, name):
 def test_method_logs_its_columns(runs, name):
     _, rows, cfg = runs[name]
     cols = set(rows[0])
-    parts = set(cfg.method.split("+"))
+    parts = set(cfg.method_spec.parts)
     assert {"loss", "loss_gen"} <= cols
     assert (SRA_COLUMNS <= cols) == ("sra" in parts) and (bool(SRA_COLUMNS & cols) == ("sra" in parts))
     assert (DIV_COLUMNS <= cols) == ("diverse" in parts) and (bool(DIV_COLUMNS & cols) == ("diverse" in parts))
     if "sra" in parts:
-        assert all(float(r["align_weight"]) == pytest.approx(0.2) for r in rows)
+        base = 0.04 if cfg.family == "dit" else 0.2  # the official per-family lambda
+        assert all(float(r["align_weight"]) == pytest.approx(base) for r in rows)
         assert all(float(r["norm_head"]) > 0 and float(r["norm_target"]) > 0 for r in rows)
         # the total is the generation loss plus the weighted alignment (plus the weighted diversity)
         r = rows[-1]
@@ -93,7 +94,7 @@ def test_method_logs_its_columns(runs, name):
 @pytest.mark.parametrize("name", list(RUNS))
 def test_checkpoint_loads_for_probing(runs, name):
     ckpt, _, cfg = runs[name]
-    parts = set(cfg.method.split("+"))
+    parts = set(cfg.method_spec.parts)
     state = torch.load(ckpt, weights_only=True)
     ck = load_checkpoint(ckpt)  # EMA weights, eval mode
     m = ck.model

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 
+from training.files import save_figure
 from analysis import pca as P
 
 
@@ -92,7 +93,7 @@ def test_tokens_to_grid_and_errors(tmp_path):
     rng = np.random.default_rng(5)
     tok, _ = _structured_tokens(rng)
     grid = P.pca_rgb_grid({(b, t): tok * b for b in (1, 2) for t in (0.2, 0.8)})
-    out = plots.plot_pca_grid(grid, tmp_path / "pca", inputs=rng.uniform(size=(2, 8, 8)),
-                              meta={"model": "toy", "weights": "ema"}, pdf=True)
+    out = save_figure(plots.plot_pca_grid(grid, inputs=rng.uniform(size=(2, 8, 8)),
+                                          meta={"model": "toy", "weights": "ema"}), tmp_path / "pca", pdf=True)
     assert out.suffix == ".png" and out.stat().st_size > 1000 and out.with_suffix(".pdf").exists()
     assert not list(tmp_path.glob("*.tmp"))

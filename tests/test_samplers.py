@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from training import samplers as S
+from training.runtime import PerSampleNoise
 from training.diffusion import GaussianDiffusion
 from training.flow import make_path
 from training.models import build_model
@@ -121,7 +122,7 @@ def test_heun_beats_euler_at_same_steps(x1):
 
 
 def test_sde_matches_ode_in_distribution(x1):
-    noise = S.PerSampleNoise(3, range(N), (2,))
+    noise = PerSampleNoise(3, range(N), (2,))
     x_sde = S.euler_maruyama_sde(exact_velocity, x1, Y, 120, noise, make_path("linear"))
     check_target(x_sde)
     x_ode = S.heun_ode(exact_velocity, x1, Y, 40).double()
@@ -144,7 +145,7 @@ def test_ddpm_with_perfect_eps_recovers_data(x1, learn_sigma):
     eps_fn = make_exact_eps(base)
     # learned sigma: var value -1 = posterior variance (the exact reverse variance for small steps)
     fn = eps_fn if not learn_sigma else (lambda x, t, y: torch.cat([eps_fn(x, t, y), -torch.ones_like(x)], 1))
-    noise = S.PerSampleNoise(5, range(N), (2,))
+    noise = PerSampleNoise(5, range(N), (2,))
     check_target(S.ddpm_ancestral(fn, noise.draw(), Y, diff, noise))
 
 
@@ -213,7 +214,7 @@ def test_cfg_scale_one_equals_conditional_model():
     m = _tiny("SiT-T/4")
     meta = S.infer_meta(m)
     out = S.sample(m, n=4, method="ode-euler", steps=3, cfg_scale=1.0, seed=1, labels=[0, 1, 2, 1])
-    x = S.PerSampleNoise(1, range(4), (1, 8, 8)).draw()
+    x = PerSampleNoise(1, range(4), (1, 8, 8)).draw()
     ref = S.euler_ode(S.model_fn_from_module(m, meta), x, torch.tensor([0, 1, 2, 1]), 3)
     assert torch.allclose(out, ref, atol=1e-6)
     guided = S.sample(m, n=4, method="ode-euler", steps=3, cfg_scale=3.0, seed=1, labels=[0, 1, 2, 1])

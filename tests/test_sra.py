@@ -259,6 +259,17 @@ def test_from_config_defaults():
     assert term.project_block() == 2 and term.student_blocks() == set()
 
 
+@pytest.mark.parametrize("family, weight", [("sit", 0.2), ("dit", 0.04)])
+@pytest.mark.parametrize("schedule", ["constant", "official"])
+def test_default_weight_is_the_official_base_of_the_family(family, weight, schedule):
+    """Official SRA training: lambda base 0.2 for SiT, 0.04 for DiT, whatever the schedule."""
+    from training.methods import SRAOptions
+
+    mc = model_config("SiT-T/8" if family == "sit" else "DiT-T/8", sra_head=True)
+    assert SRAOptions.from_dict({"schedule": schedule}, mc).weight == weight
+    assert SRAOptions.from_dict({"weight": 0.5}, mc).weight == 0.5
+
+
 @pytest.mark.parametrize("sra, match", [
     ({"student_block": 0}, "student_block=0 is out of range"),
     ({"teacher_block": 7}, "teacher_block=7 is out of range"),

@@ -17,7 +17,6 @@ import hashlib
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,31 +24,25 @@ from typing import Any
 
 import torch
 
+from .files import save_torch
 from .models import MODEL_SIZES, DiffusionTransformer, ModelConfig
 from .objectives import Objective, make_objective
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint", "list_checkpoints",
-           "latest_checkpoint", "file_sha"]
+           "latest_checkpoint", "file_sha", "run_dir_of"]
 
 CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
 
 def save_checkpoint(state: dict, path: str | os.PathLike) -> Path:
-    """Write ``state`` to ``path`` atomically: a temp file in the same folder, fsync, rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
+    """Write ``state`` to ``path`` atomically (temp file in the same folder, fsync, rename)."""
+    return save_torch(state, path)
+
+
+def run_dir_of(path: str | os.PathLike) -> Path:
+    """The run folder of a checkpoint: ``<run>`` for ``<run>/checkpoints/NNNNNNN.pt``, else its folder."""
+    p = Path(path).resolve()
+    return p.parent.parent if p.parent.name == "checkpoints" else p.parent
 
 
 def list_checkpoints(run_dir: str | os.PathLike) -> list[Path]:
@@ -111,6 +104,39 @@ class LoadedCheckpoint:
     sha: str
     step: int | None
     ignored_keys: list[str] = field(default_factory=list)
+
+    @property
+    def family(self) -> str:
+        """``dit`` or ``sit``."""
+        return self.meta["family"]
+
+    @property
+    def num_timesteps(self) -> int:
+        """DDPM steps T (DiT); 1000 where the file does not say."""
+        return int(self.meta.get("num_timesteps") or 1000)
+
+    @property
+    def time_convention(self) -> str:
+        """How the network reads t: ``flow-t1-noise`` (ours, REPA/SRA), ``flow-t0-noise`` (willisma/SiT),
+        ``ddpm-t999-noisiest`` (DiT)."""
+        return self.meta.get("time_convention") or ("flow-t1-noise" if self.family == "sit" else "ddpm-t999-noisiest")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.meta.get("num_classes") or self.model.y_embedder.num_classes)
+
+    @property
+    def data(self) -> str | None:
+        """The dataset spec the run trained on (None for foreign files)."""
+        return self.meta.get("data")
+
+    @property
+    def run_dir(self) -> Path:
+        return run_dir_of(self.path)
+
+    @property
+    def run_name(self) -> str:
+        return self.run_dir.name
 
 
 _HEADS_BY_WIDTH = {hidden: heads for _, hidden, heads in MODEL_SIZES.values()}

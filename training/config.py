@@ -14,9 +14,43 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "PRESETS", "resolve_config", "parse_set_overrides"]
+__all__ = ["TrainConfig", "MethodSpec", "PRESETS", "METHODS", "resolve_config", "parse_set_overrides"]
 
 METHODS = ("baseline", "sra", "diverse", "sra+diverse")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """The method grammar, parsed in one place: ``baseline`` or ``+``-joined parts (``sra``,
+    ``diverse``), e.g. ``sra+diverse``. Parts are written in a fixed order, so the name is canonical."""
+
+    sra: bool = False
+    diverse: bool = False
+
+    PARTS = ("sra", "diverse")
+
+    @classmethod
+    def parse(cls, text: str | None) -> "MethodSpec":
+        text = (text or "baseline").strip()
+        parts = [p.strip() for p in text.split("+") if p.strip()]
+        bad = [p for p in parts if p not in cls.PARTS + ("baseline",)]
+        if bad or not parts or ("baseline" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
+            raise ValueError(f"unknown method {text!r}; use one of {', '.join(METHODS)}")
+        return cls(sra="sra" in parts, diverse="diverse" in parts)
+
+    @property
+    def parts(self) -> tuple[str, ...]:
+        return tuple(p for p in self.PARTS if getattr(self, p))
+
+    @property
+    def name(self) -> str:
+        """``baseline``, ``sra``, ``diverse`` or ``sra+diverse``."""
+        return "+".join(self.parts) or "baseline"
+
+    @property
+    def slug(self) -> str:
+        """The name as a file or run name (``sra-diverse``)."""
+        return self.name.replace("+", "-")
 
 
 @dataclass
@@ -56,8 +90,7 @@ class TrainConfig:
     num_workers: int = 0
 
     def validate(self) -> "TrainConfig":
-        if self.method not in METHODS:
-            raise ValueError(f"unknown method {self.method!r}; use one of {', '.join(METHODS)}")
+        self.method = MethodSpec.parse(self.method).name
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError("steps, batch_size and grad_accum must be >= 1")
         if self.batch_size % self.grad_accum:
@@ -69,6 +102,10 @@ class TrainConfig:
         if self.lr <= 0 or self.grad_clip < 0:
             raise ValueError("lr must be > 0 and grad_clip >= 0")
         return self
+
+    @property
+    def method_spec(self) -> MethodSpec:
+        return MethodSpec.parse(self.method)
 
     @property
     def family(self) -> str:

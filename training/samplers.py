@@ -13,9 +13,9 @@ Time conventions inside this module:
 
 Guidance intervals are given in normalised noise time (1 = pure noise): SiT t, DiT t / (T - 1).
 
-Per-sample seeding: sample ``i`` owns a generator seeded from ``(seed, i)``; its initial noise and
-every SDE / DDPM noise draw come from it, in a fixed order, so a sample does not depend on the
-batch it was drawn in.
+Per-sample seeding (:class:`training.runtime.PerSampleNoise`, stream ``("sample",)``): sample ``i``
+owns a generator seeded from ``(seed, "sample", i)``; its initial noise and every SDE / DDPM noise
+draw come from it, in a fixed order, so a sample does not depend on the batch it was drawn in.
 """
 
 from __future__ import annotations
@@ -30,12 +30,11 @@ from torch import nn
 
 from .diffusion import GaussianDiffusion
 from .flow import FlowPath, make_path, model_time, model_velocity_sign
+from .runtime import PerSampleNoise
 
 __all__ = [
     "METHODS",
     "ModelFn",
-    "PerSampleNoise",
-    "sample_seed",
     "validate_options",
     "infer_meta",
     "resolve_labels",
@@ -56,48 +55,6 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # method -> family that can run it
 METHODS: dict[str, str] = {"ode-euler": "sit", "ode-heun": "sit", "sde": "sit", "ddpm": "dit"}
 SDE_LAST_T = 0.04  # REPA/SRA: the stochastic part stops here, then one drift-only step to 0.
-
-
-# ------------------------------------------------------------------------------------------------
-# Seeding
-# ------------------------------------------------------------------------------------------------
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """A 63-bit seed that depends only on (seed, sample index)."""
-    return int(np.random.SeedSequence([int(seed), int(index)]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
-class PerSampleNoise:
-    """One CPU generator per sample: ``draw()`` gives (B, *shape) normal noise for the batch.
-
-    Each generator fills ``chunk`` draws at a time (fewer small RNG calls); the chunking is fixed,
-    so sample i's stream depends only on (seed, i). Draws happen on the CPU (identical on every
-    device) and are then moved to ``device``.
-    """
-
-    def __init__(self, seed: int, indices: Sequence[int], shape: Sequence[int],
-                 device: torch.device | str = "cpu", chunk: int | None = None):
-        self.shape = tuple(shape)
-        self.device = torch.device(device)
-        # depends on the sample shape only (never on the batch), at most ~1 MB per sample
-        self.chunk = chunk or int(min(16, max(1, 2**18 // max(1, int(np.prod(self.shape))))))
-        self.generators = []
-        for i in indices:
-            g = torch.Generator()
-            g.manual_seed(sample_seed(seed, i))
-            self.generators.append(g)
-        self._buf: torch.Tensor | None = None
-        self._pos = self.chunk
-
-    def draw(self) -> torch.Tensor:
-        if self._pos == self.chunk:
-            self._buf = torch.stack([torch.randn((self.chunk, *self.shape), generator=g) for g in self.generators])
-            self._buf = self._buf.to(self.device)
-            self._pos = 0
-        out = self._buf[:, self._pos]
-        self._pos += 1
-        return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -432,7 +389,7 @@ def sample(ck_or_model: Any, meta: dict | None = None, n: int = 16, labels: Any 
     bar = _progress(n, progress, f"sampling {method}")
     for start in range(0, n, batch_size):
         idx = list(range(start, min(n, start + batch_size)))
-        noise = PerSampleNoise(seed, idx, shape, device)
+        noise = PerSampleNoise(seed, idx, shape, device=device)
         y = y_all[idx].to(device)
         out.append(_one_batch(fn, method, steps, noise, y, path, diffusion, clip_denoised).float().cpu())
         bar.update(len(idx))

@@ -26,19 +26,15 @@ from .config import TrainConfig
 from .data import ResumableBatchSampler, make_dataset
 from .methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
 from .models import DiffusionTransformer, model_config
+from .files import atomic_path, atomic_write_text
 from .objectives import make_objective
+from .runtime import dist_info, init_distributed, resolve_device
 
 __all__ = ["Trainer", "TrainingDiverged", "train"]
 
 
 class TrainingDiverged(RuntimeError):
     """Raised when the loss or gradient norm stops being finite."""
-
-
-def _dist_info() -> tuple[int, int, int]:
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
-    return 0, 1, 0
 
 
 @torch.no_grad()
@@ -53,11 +49,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False):
         self.cfg = config.validate()
         self.quiet = quiet
-        self.rank, self.world, self.local_rank = _dist_info()
-        if self.world > 1 and not dist.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() and config.device != "cpu" else "gloo"
-            dist.init_process_group(backend)
-        self.device = self._pick_device(config.device)
+        self.rank, self.world, self.local_rank = dist_info()
+        init_distributed(config.device)
+        self.device = resolve_device(config.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cuda.matmul.allow_tf32 = True
@@ -112,16 +106,6 @@ class Trainer:
         self.forward_model = fwd
 
     # -- setup helpers ------------------------------------------------------------------------------
-    def _pick_device(self, name: str) -> torch.device:
-        if name == "auto":
-            return torch.device(f"cuda:{self.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        dev = torch.device(name)
-        if dev.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for but CUDA is not available; use --device cpu")
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device(f"cuda:{self.local_rank}")
-        return dev
-
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -295,17 +279,15 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         csv_path = self.out / "metrics.csv"
         if self.rank == 0:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+            atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             if csv_path.exists():  # drop rows a crashed run wrote past the step we resume from
                 with open(csv_path) as f:
                     rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
-                tmp = csv_path.with_suffix(".csv.tmp")
-                with open(tmp, "w", newline="") as f:
+                with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
                     if rows:
                         w = csv.DictWriter(f, fieldnames=list(rows[0]))
                         w.writeheader()
                         w.writerows(rows)
-                os.replace(tmp, csv_path)
         self.csv_path = csv_path
         self.tb = None
         if self.rank == 0:

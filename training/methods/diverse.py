@@ -12,15 +12,15 @@ quantities on any checkpoint:
   "usage" pooled over blocks (the loss *rewards* uneven channel use);
 * :func:`diversity_loss` — the mean of the three, over a block-pair set.
 
-Behaviour follows the official code (``kobeshegu/DiverseDiT`` ``loss.py``, see
-``/work/shared/spec/methods.md`` 2.2-2.3), with three deliberate, documented differences:
+Behaviour follows the official code (``kobeshegu/DiverseDiT`` ``loss.py``, see docs/methods.md,
+"DiverseDiT: official behaviour and our choices"), with two deliberate, documented differences and one option:
 
 1. The pair set is an explicit list (``diverse.pairs``, 1-based blocks) instead of being computed
    inside the loss; its default (:func:`official_pairs`) reproduces the official selection, except
    that a negative start index (small depth or ``encoder_depth > 9``) is clamped to 0 instead of
    wrapping around (wrapping pairs a block with itself or repeats pairs).
-2. The adaptive weight is computed on a *detached* value (the paper's rule); the official code
-   builds it from the live tensor, which changes the gradient in the 0.1-0.5 band.
+2. The adaptive weight is built from the live loss, as the official code does (the gradient passes
+   through it); ``diverse.detach_weight: true`` uses it as a detached coefficient instead.
 3. Non-finite values are not silently replaced by 0: the trainer stops on a non-finite loss.
    The terms are computed in fp32 (or wider) whatever the autocast dtype.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +38,7 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..models import ModelConfig
 from ..objectives import Objective
-from . import LossTerm, StepContext
+from .base import LossTerm, StepContext, check_option_names
 
 __all__ = [
     "orthogonality",
@@ -50,6 +51,7 @@ __all__ = [
     "adaptive_weight",
     "DiversityTerms",
     "DiversityTerm",
+    "DiverseOptions",
 ]
 
 _EPS = 1e-8  # the official normalisation epsilon
@@ -192,41 +194,59 @@ def official_pairs(depth: int, encoder_depth: int = 8, max_pairs: int = 10) -> l
     return out
 
 
-def adaptive_weight(value: torch.Tensor | float, low: float = 0.1, high: float = 0.5) -> torch.Tensor:
-    """The paper's piecewise weight on a detached value: 1 above ``high``, ``(v - low) / 0.5`` between
-    ``low`` and ``high`` (the 0.5 is the paper's constant, not ``high - low``), 0 at or below ``low``."""
-    v = torch.as_tensor(value).detach().float()
+def adaptive_weight(value: torch.Tensor | float, low: float = 0.1, high: float = 0.5,
+                    detach: bool = False) -> torch.Tensor:
+    """The piecewise weight: 1 above ``high``, ``(v - low) / 0.5`` between ``low`` and ``high`` (the 0.5
+    is the paper's constant, not ``high - low``), 0 at or below ``low``.
+
+    ``detach=False`` (the official code) builds it from the live loss, so the gradient of
+    ``w * L`` in the band is ``(2 L - low) / 0.5`` (1.0 at L = 0.3, 1.6 at L = 0.45);
+    ``detach=True`` (the paper's formula read as a coefficient) gives ``w`` alone (0.4, 0.7).
+    """
+    v = torch.as_tensor(value)
+    v = (v.detach() if detach else v).float()
     mid = (v - low) / 0.5
     return torch.where(v > high, torch.ones_like(v), torch.where(v > low, mid, torch.zeros_like(v)))
 
 
-_OPTIONS = {"pairs", "encoder_depth", "weight_mode", "weight", "low", "high"}
+def _parse_pairs(raw: Any, depth: int) -> list[tuple[int, int]]:
+    pairs = []
+    for p in raw:
+        if not isinstance(p, (list, tuple)) or len(p) != 2 or not all(
+                isinstance(k, int) and not isinstance(k, bool) for k in p):
+            raise ValueError(f"diverse.pairs must be a list of [a, b] 1-based block pairs, got item {p!r}")
+        a, b = p
+        if not (1 <= a <= depth and 1 <= b <= depth):
+            raise ValueError(f"diverse.pairs item {list(p)} is out of range: blocks are 1..{depth} (1-based)")
+        if a == b:
+            raise ValueError(f"diverse.pairs item {list(p)} pairs a block with itself; use two different blocks")
+        pairs.append((a, b))
+    if not pairs:
+        raise ValueError("diverse.pairs is empty; give at least one [a, b] pair or leave it unset")
+    return pairs
 
 
-class DiversityTerm(LossTerm):
-    """``w * L_div`` on the student's block outputs (after long-skip fusion), training steps only.
+@dataclass(frozen=True)
+class DiverseOptions:
+    """DiverseDiT's options (``config.diverse``), validated against the model in one place.
 
-    The features come from the student forward's ``features=`` (the trainer asks for
-    :meth:`student_blocks`), so sampling and probing never collect them.
+    ``pairs`` default to :func:`official_pairs` of (depth, ``encoder_depth``); ``weight_mode``
+    ``adaptive`` (official) or ``constant`` (``weight``); ``detach_weight`` False = the official
+    gradient through the adaptive weight, True = the weight as a detached coefficient.
     """
 
-    name = "diverse"
-
-    def __init__(self, depth: int, pairs: Sequence[tuple[int, int]], weight_mode: str = "adaptive",
-                 weight: float = 0.001, low: float = 0.1, high: float = 0.5):
-        self.depth = depth
-        self.pairs = [(int(a), int(b)) for a, b in pairs]
-        self.weight_mode = weight_mode
-        self.weight = float(weight)
-        self.low, self.high = float(low), float(high)
+    pairs: tuple[tuple[int, int], ...]
+    encoder_depth: int = 8
+    weight_mode: str = "adaptive"
+    weight: float = 0.001
+    low: float = 0.1
+    high: float = 0.5
+    detach_weight: bool = False
 
     @classmethod
-    def from_config(cls, config: TrainConfig, model_config: ModelConfig, objective: Objective) -> "DiversityTerm":
-        """Validate ``config.diverse`` against the model (before any training) and build the term."""
-        opts = dict(config.diverse or {})
-        unknown = set(opts) - _OPTIONS
-        if unknown:
-            raise ValueError(f"unknown diverse option(s) {sorted(unknown)}; valid: {sorted(_OPTIONS)}")
+    def from_dict(cls, opts: dict | None, model_config: ModelConfig) -> "DiverseOptions":
+        opts = dict(opts or {})
+        check_option_names(opts, cls, "diverse")
         depth = model_config.depth
         if model_config.long_skip and depth % 2:
             raise ValueError(f"DiverseDiT long skips pair block i with depth-1-i and need an even depth, got "
@@ -234,20 +254,8 @@ class DiversityTerm(LossTerm):
         enc = opts.get("encoder_depth", 8)
         if isinstance(enc, bool) or not isinstance(enc, int) or enc < 0:
             raise ValueError(f"diverse.encoder_depth must be an integer >= 0, got {enc!r}")
-        if "pairs" in opts and opts["pairs"] is not None:
-            pairs = []
-            for p in opts["pairs"]:
-                if not isinstance(p, (list, tuple)) or len(p) != 2 or not all(
-                        isinstance(k, int) and not isinstance(k, bool) for k in p):
-                    raise ValueError(f"diverse.pairs must be a list of [a, b] 1-based block pairs, got item {p!r}")
-                a, b = p
-                if not (1 <= a <= depth and 1 <= b <= depth):
-                    raise ValueError(f"diverse.pairs item {list(p)} is out of range: blocks are 1..{depth} (1-based)")
-                if a == b:
-                    raise ValueError(f"diverse.pairs item {list(p)} pairs a block with itself; use two different blocks")
-                pairs.append((a, b))
-            if not pairs:
-                raise ValueError("diverse.pairs is empty; give at least one [a, b] pair or leave it unset")
+        if opts.get("pairs") is not None:
+            pairs = _parse_pairs(opts["pairs"], depth)
         else:
             if depth < 2:
                 raise ValueError(f"the diversity loss needs at least 2 blocks, got depth {depth}")
@@ -262,7 +270,35 @@ class DiversityTerm(LossTerm):
                 raise ValueError(f"diverse.{key} must be a finite number >= 0, got {val!r}")
         if not low < high:
             raise ValueError(f"diverse.low ({low}) must be below diverse.high ({high})")
-        return cls(depth, pairs, mode, weight, low, high)
+        detach = opts.get("detach_weight", False)
+        if not isinstance(detach, bool):
+            raise ValueError(f"diverse.detach_weight must be true or false, got {detach!r}")
+        return cls(tuple(pairs), enc, mode, float(weight), float(low), float(high), detach)
+
+
+class DiversityTerm(LossTerm):
+    """``w * L_div`` on the student's block outputs (after long-skip fusion), training steps only.
+
+    The features come from the student forward's ``features=`` (the trainer asks for
+    :meth:`student_blocks`), so sampling and probing never collect them.
+    """
+
+    name = "diverse"
+
+    def __init__(self, depth: int, pairs: Sequence[tuple[int, int]], weight_mode: str = "adaptive",
+                 weight: float = 0.001, low: float = 0.1, high: float = 0.5, detach_weight: bool = False):
+        self.depth = depth
+        self.detach_weight = bool(detach_weight)
+        self.pairs = [(int(a), int(b)) for a, b in pairs]
+        self.weight_mode = weight_mode
+        self.weight = float(weight)
+        self.low, self.high = float(low), float(high)
+
+    @classmethod
+    def from_config(cls, config: TrainConfig, model_config: ModelConfig, objective: Objective) -> "DiversityTerm":
+        """Validate ``config.diverse`` against the model (before any training) and build the term."""
+        o = DiverseOptions.from_dict(config.diverse, model_config)
+        return cls(model_config.depth, o.pairs, o.weight_mode, o.weight, o.low, o.high, o.detach_weight)
 
     def student_blocks(self) -> set[int]:
         # Every block: the dispersion term runs over all of them, as the official code.
@@ -272,7 +308,7 @@ class DiversityTerm(LossTerm):
         feats = {k: ctx.feats[k] for k in range(1, self.depth + 1)}
         terms = diversity_loss(feats, self.pairs)
         if self.weight_mode == "adaptive":
-            w = adaptive_weight(terms.loss, self.low, self.high)
+            w = adaptive_weight(terms.loss, self.low, self.high, detach=self.detach_weight)
         else:
             w = torch.tensor(self.weight, device=terms.loss.device)
         logs = {"loss_div": terms.loss, "div_orth": terms.orthogonality, "div_mi": terms.mi_proxy,

@@ -6,8 +6,8 @@ built by ``model_flags_for_method``) and is pulled towards the raw block ``k_t``
 at a less noisy time ``t_T <= t``. The teacher runs under ``no_grad`` in the student's autocast
 dtype and stops after block ``k_t`` (identical features, cheaper than the official full pass).
 
-Facts and paper/code differences: ``/work/shared/spec/methods.md`` section 1; the project's
-choices: ``/work/shared/spec/decisions.md`` ("SRA defaults"). User documentation:
+Official-code facts, paper/code differences and the project's choices: ``docs/methods.md``,
+"SRA: official behaviour and our choices". User documentation:
 ``docs/methods.md``.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -22,9 +23,9 @@ import torch.nn.functional as F
 from ..config import TrainConfig
 from ..models import ModelConfig
 from ..objectives import Objective
-from . import LossTerm, StepContext
+from .base import LossTerm, StepContext, check_option_names
 
-__all__ = ["SRATerm", "default_blocks", "sra_distance", "official_weight", "DISTANCES", "SCHEDULES"]
+__all__ = ["SRATerm", "SRAOptions", "default_blocks", "sra_distance", "official_weight", "DISTANCES", "SCHEDULES"]
 
 DISTANCES = ("smooth-l1", "cosine", "cosine-channel")
 SCHEDULES = ("constant", "official")
@@ -37,12 +38,10 @@ _BLOCK_TABLE: dict[tuple[str, int, int], tuple[int, int]] = {
     ("sit", 12, 768): (3, 8),  # SiT-B
 }
 
-# Official lambda schedule bases (methods.md 1.5): SiT 0.2, DiT 0.04 (256 px).
+# Official lambda bases of the SRA training scripts: SiT 0.2, DiT 0.04 (256 px); the default for both schedules.
 _OFFICIAL_BASE = {"sit": 0.2, "dit": 0.04}
 
 DEFAULT_T_MAX = 0.2  # the teacher's time is t - U[0, t_max): paper and README value for SiT and DiT
-_OPTIONS = {"student_block", "teacher_block", "t_max", "weight", "distance", "beta", "schedule",
-            "decay_start", "decay_epochs"}
 
 
 def default_blocks(model_config: ModelConfig) -> tuple[int, int]:
@@ -113,6 +112,53 @@ def _block(opts: dict, key: str, default: int, depth: int) -> int:
     return val
 
 
+@dataclass(frozen=True)
+class SRAOptions:
+    """SRA's options (``config.sra``), validated against the model in one place.
+
+    Defaults: the blocks of :func:`default_blocks`, ``t_max`` 0.2, smooth-L1 with beta 0.05, and
+    the official base weight of the family (SiT 0.2, DiT 0.04) for both schedules.
+    """
+
+    student_block: int
+    teacher_block: int
+    t_max: float = DEFAULT_T_MAX
+    weight: float = 0.2
+    distance: str = "smooth-l1"
+    beta: float = 0.05
+    schedule: str = "constant"
+    decay_start: int = 149
+    decay_epochs: float = 1000.0
+
+    @classmethod
+    def from_dict(cls, opts: dict | None, model_config: ModelConfig) -> "SRAOptions":
+        opts = dict(opts or {})
+        check_option_names(opts, cls, "sra")
+        depth = model_config.depth
+        ks_def, kt_def = default_blocks(model_config) if depth >= 2 else (1, 1)
+        ks = _block(opts, "student_block", ks_def, depth)
+        kt = _block(opts, "teacher_block", kt_def, depth)
+        t_max = _number(opts, "t_max", DEFAULT_T_MAX)
+        if not 0 < t_max <= 1:
+            raise ValueError(f"sra.t_max must be in (0, 1], got {t_max}")
+        distance = opts.get("distance", "smooth-l1")
+        if distance not in DISTANCES:
+            raise ValueError(f"sra.distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
+        schedule = opts.get("schedule", "constant")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"sra.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        weight = _number(opts, "weight", _OFFICIAL_BASE[model_config.family])
+        beta = _number(opts, "beta", 0.05)
+        decay_start = opts.get("decay_start", 149)
+        if isinstance(decay_start, bool) or not isinstance(decay_start, int) or decay_start < 0:
+            raise ValueError(f"sra.decay_start must be an integer epoch >= 0, got {decay_start!r}")
+        decay_epochs = _number(opts, "decay_epochs", 1000.0)
+        if weight < 0 or beta <= 0 or decay_epochs <= 0:
+            raise ValueError(f"sra.weight must be >= 0 and sra.beta, sra.decay_epochs > 0 "
+                             f"(got weight={weight}, beta={beta}, decay_epochs={decay_epochs})")
+        return cls(ks, kt, t_max, weight, distance, beta, schedule, decay_start, decay_epochs)
+
+
 class SRATerm(LossTerm):
     """``lambda(epoch) * distance(ap_head(student block k_s), EMA block k_t at t_T)``."""
 
@@ -134,39 +180,13 @@ class SRATerm(LossTerm):
     @classmethod
     def from_config(cls, config: TrainConfig, model_config: ModelConfig, objective: Objective) -> "SRATerm":
         """Validate ``config.sra`` (and the EMA teacher) against the model, before any training."""
-        opts = dict(config.sra or {})
-        unknown = set(opts) - _OPTIONS
-        if unknown:
-            raise ValueError(f"unknown sra option(s) {sorted(unknown)}; valid: {sorted(_OPTIONS)}")
+        options = SRAOptions.from_dict(config.sra, model_config)
         if not model_config.sra_head:
             raise ValueError("SRA needs the projection head: build the model with sra_head=True "
                              "(do not override model_overrides.sra_head to false)")
         if config.ema_decay <= 0:
             raise ValueError(f"SRA's teacher is the EMA, but ema_decay is {config.ema_decay}: the teacher would be "
                              "the student itself; set ema_decay in (0, 1), e.g. 0.999 for tiny runs, 0.9999 for papers")
-        depth = model_config.depth
-        ks_def, kt_def = default_blocks(model_config) if depth >= 2 else (1, 1)
-        ks = _block(opts, "student_block", ks_def, depth)
-        kt = _block(opts, "teacher_block", kt_def, depth)
-        t_max = _number(opts, "t_max", DEFAULT_T_MAX)
-        if not 0 < t_max <= 1:
-            raise ValueError(f"sra.t_max must be in (0, 1], got {t_max}")
-        distance = opts.get("distance", "smooth-l1")
-        if distance not in DISTANCES:
-            raise ValueError(f"sra.distance must be one of {', '.join(DISTANCES)}, got {distance!r}")
-        schedule = opts.get("schedule", "constant")
-        if schedule not in SCHEDULES:
-            raise ValueError(f"sra.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
-        default_w = _OFFICIAL_BASE[model_config.family] if schedule == "official" else 0.2
-        weight = _number(opts, "weight", default_w)
-        beta = _number(opts, "beta", 0.05)
-        decay_start = opts.get("decay_start", 149)
-        if isinstance(decay_start, bool) or not isinstance(decay_start, int) or decay_start < 0:
-            raise ValueError(f"sra.decay_start must be an integer epoch >= 0, got {decay_start!r}")
-        decay_epochs = _number(opts, "decay_epochs", 1000.0)
-        if weight < 0 or beta <= 0 or decay_epochs <= 0:
-            raise ValueError(f"sra.weight must be >= 0 and sra.beta, sra.decay_epochs > 0 "
-                             f"(got weight={weight}, beta={beta}, decay_epochs={decay_epochs})")
         kept = config.ema_decay ** config.steps
         if kept > 0.5:
             warnings.warn(
@@ -174,7 +194,7 @@ class SRATerm(LossTerm):
                 f"{kept:.0%} of its random initialisation at the end; use a faster EMA for short runs "
                 f"(ema_decay <= {0.5 ** (1 / config.steps):.5f} keeps at most half; the tiny presets use 0.999 "
                 f"for 1500+ steps)", stacklevel=2)
-        return cls(ks, kt, t_max, weight, distance, beta, schedule, decay_start, decay_epochs)
+        return cls(**asdict(options))
 
     def project_block(self) -> int | None:
         return self.student_block

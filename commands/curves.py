@@ -4,7 +4,7 @@ For every checkpoint of a run folder (``training.checkpoint.list_checkpoints``):
 
 * **student** probe accuracy: online weights (``ck["model"]``), block ``k_s``, time ``t``;
 * **teacher** probe accuracy: EMA weights, block ``k_t``, the less noisy ``t_teacher``
-  (SRA's teacher: methods.md 1.x; the EMA is also what is sampled from);
+  (SRA's teacher; the EMA is also what is sampled from);
 * **similarity** on ``similarity_weights`` (EMA by default) at ``t``: the mean off-diagonal
   debiased CKA between blocks (pooled features), the debiased CKA between the student cell and the
   teacher cell (the pair SRA aligns), and DiverseDiT's three terms averaged over block pairs
@@ -28,15 +28,27 @@ import json
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .commands import FeatureSpec, _fmt_t, cell_t, load_features, write_table
+from analysis import plots
+from analysis.diversity import diversity_report
+from analysis.similarity import cka, cka_matrix
+from probe.grid import format_t, validate_blocks
+from probe.layer_grid import grid_table
+from probe.probes import PROBES
+from training.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
+from training.data import make_dataset
+from training.files import write_table
+from training.methods import SRAOptions
+from training.methods.sra import DEFAULT_T_MAX, default_blocks
+from training.runtime import resolve_device
 
-__all__ = ["CurveSettings", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
+from .common import FeatureSpec, Outputs, cell_t, load_features
+
+__all__ = ["CurveSettings", "CurvesResult", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
 
 PROBE_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "role", "weights", "block", "t", "log_snr",
                  "accuracy", "val_accuracy", "train_accuracy", "reg", "probe", "label_policy", "pooling", "dataset",
@@ -44,6 +56,17 @@ PROBE_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "role", "weights
 SIM_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "weights", "t", "log_snr", "cka_mean_offdiag",
                "cka_student_teacher", "orthogonality", "token_cosine", "dispersion", "diversity", "n_blocks",
                "n_test", "n_div", "settings_hash"]
+
+
+@dataclass
+class CurvesResult(Outputs):
+    computed: int = 0  # checkpoints computed in this call (the others came from the tables)
+    checkpoints: int = 0
+    student: tuple = ()  # (block, t)
+    teacher: tuple = ()
+    source: str = ""  # where the cells came from: flags, the run's SRA config or the defaults
+    table: pd.DataFrame | None = None  # curves.csv rows of this run and settings
+    similarity_table: pd.DataFrame | None = None
 
 
 @dataclass
@@ -68,31 +91,28 @@ class CurveSettings:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _sra_options(ck) -> dict | None:
-    """The run's SRA options (config first, then checkpoint meta; {} = SRA with defaults), None without SRA."""
+def _sra_options(ck: LoadedCheckpoint) -> SRAOptions | None:
+    """The run's SRA options (config first, then checkpoint meta), None for a run without SRA."""
     method = str(ck.meta.get("method") or ck.config.get("method") or "")
-    if "sra" not in method:
+    if "sra" not in method.split("+"):
         return None
     opts = dict(ck.config.get("sra") or {})
     opts.update({k: v for k, v in ((ck.meta.get("method_config") or {}).get("sra") or {}).items() if k not in opts})
-    return opts
+    return SRAOptions.from_dict(opts, ck.model.config)
 
 
 def resolve_cells(ck, student_block: int | None = None, teacher_block: int | None = None, t: float | None = None,
                   t_teacher: float | None = None) -> tuple[int, int, float | int, float | int, dict]:
     """(k_s, k_t, t, t_teacher, info): flags first, then the run's SRA config, then the defaults."""
-    from probe.grid import validate_blocks
-    from training.methods.sra import DEFAULT_T_MAX, default_blocks
-
     sra = _sra_options(ck)
-    opts = sra or {}
     depth = ck.model.depth
-    ks_def, kt_def = default_blocks(ck.model.config) if depth >= 2 else (1, 1)
-    ks = student_block if student_block is not None else int(opts.get("student_block", ks_def))
-    kt = teacher_block if teacher_block is not None else int(opts.get("teacher_block", kt_def))
+    ks_def, kt_def = (sra.student_block, sra.teacher_block) if sra else (
+        default_blocks(ck.model.config) if depth >= 2 else (1, 1))
+    ks = student_block if student_block is not None else ks_def
+    kt = teacher_block if teacher_block is not None else kt_def
     validate_blocks([ks, kt], depth)
-    t_max = float(opts.get("t_max", DEFAULT_T_MAX))
-    fam, nt = ck.meta["family"], int(ck.meta.get("num_timesteps", 1000) or 1000)
+    t_max = sra.t_max if sra else DEFAULT_T_MAX
+    fam, nt = ck.family, ck.num_timesteps
     if fam == "sit":
         t0 = cell_t(ck, 0.5 if t is None else t)
         tt = cell_t(ck, max(0.0, round(float(t0) - t_max / 2, 6)) if t_teacher is None else t_teacher)
@@ -118,11 +138,6 @@ def _read(path: Path, columns: list[str]) -> pd.DataFrame:
 def _one_checkpoint(path: Path, settings: CurveSettings, spec: FeatureSpec, run: str, probe_device: str,
                     dtr, dte) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Probe rows (student, teacher) and the similarity row of one checkpoint."""
-    from analysis.diversity import diversity_report
-    from analysis.similarity import cka, cka_matrix
-    from probe.layer_grid import grid_table
-    from training.checkpoint import load_checkpoint
-
     s = settings
     cks = {w: load_checkpoint(path, weights=w, family=spec.family, time_convention=spec.time_convention,
                               trust=spec.trust) for w in {"model", "ema", s.similarity_weights}}
@@ -160,17 +175,13 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
                teacher_block: int | None = None, t: float | None = None, t_teacher: float | None = None,
                probe: str = "torch", n_train: int = 2000, n_test: int = 1000, n_div: int = 64,
                similarity_weights: str = "ema", probe_device: str | None = None,
-               out: str | os.PathLike | None = None, pdf: bool = False) -> dict[str, Any]:
+               out: str | os.PathLike | None = None, pdf: bool = False) -> CurvesResult:
     """Per-checkpoint student/teacher probe accuracy, CKA and diversity over training.
 
     Writes (into ``out``, default ``<run>/curves``) ``curves.csv``, ``curves_similarity.csv``,
     ``curves.png`` (student vs teacher accuracy over steps) and ``curves_similarity.png`` (CKA and
-    diversity terms over steps). Returns paths, tables and the number of checkpoints computed.
+    diversity terms over steps).
     """
-    from analysis import plots
-    from probe.probes import PROBES
-    from training.checkpoint import list_checkpoints, load_checkpoint
-
     run_dir = Path(run_dir)
     if not run_dir.exists():
         raise FileNotFoundError(f"run folder {run_dir} does not exist")
@@ -195,17 +206,12 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     probe_df, sim_df = _read(pcsv, PROBE_COLUMNS), _read(scsv, SIM_COLUMNS)
     done = set(probe_df.loc[probe_df["settings_hash"] == h, "checkpoint_sha"]) & set(
         sim_df.loc[sim_df["settings_hash"] == h, "checkpoint_sha"])
-    from training.checkpoint import file_sha
-
     shas = {p: file_sha(p) for p in ckpts}
     todo = [p for p in ckpts if shas[p] not in done]
-    pdev = probe_device or ("cuda" if spec.device in ("auto", "cuda") and _cuda() else
-                            (spec.device if spec.device != "auto" else "cpu"))
-    run = run_dir.resolve().name if run_dir.name != "checkpoints" else run_dir.resolve().parent.name
+    pdev = probe_device or str(resolve_device(spec.device))
+    run = run_dir_of(ckpts[0]).name
     if todo:  # loaded once for every checkpoint (the same images and noise for all of them)
-        from training.data import make_dataset
-
-        data = spec.data or first.meta.get("data") or "fashion-mnist"
+        data = spec.data or first.data or "fashion-mnist"
         dtr, dte = make_dataset(data, "train"), make_dataset(data, "test")
     for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):
         pr, sr = _one_checkpoint(p, settings, spec, run, pdev, dtr, dte)
@@ -222,57 +228,21 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     meta = {"model": model,
             "protocol": f"{probe} probe, label={spec.label}, pooling={spec.pooling}, n_train={n_train}, "
                         f"n_test={n_test}", "blocks": info["source"]}
-    pcur["cell"] = [f"{r} ({'online' if w == 'model' else 'EMA'}, block {b}, t={_fmt_t(cell_t(first, tv))})"
+    pcur["cell"] = [f"{r} ({'online' if w == 'model' else 'EMA'}, block {b}, t={format_t(cell_t(first, tv))})"
                     for r, w, b, tv in zip(pcur["role"], pcur["weights"], pcur["block"], pcur["t"])]
     pcur["accuracy (%)"] = 100 * pcur["accuracy"]
-    files: dict[str, Any] = {"out": outdir, "computed": len(todo), "checkpoints": len(ckpts),
-                             "student": (ks, t0), "teacher": (kt, tt), "info": info}
-    files["png"] = plots.plot_curves(pcur, "step", "accuracy (%)", outdir / "curves.png", hue="cell",
-                                     title=f"Linear-probe accuracy over training: student vs teacher ({run})",
-                                     meta=meta, xlabel="training step", ylabel="top-1 accuracy (%)", pdf=pdf)
+    res = CurvesResult(outdir, computed=len(todo), checkpoints=len(ckpts), student=(ks, t0), teacher=(kt, tt),
+                       source=info["source"])
+    res.save("png", plots.plot_curves(pcur, "step", "accuracy (%)", hue="cell",
+                                      title=f"Linear-probe accuracy over training: student vs teacher ({run})",
+                                      meta=meta, xlabel="training step", ylabel="top-1 accuracy (%)"), "curves.png", pdf)
     wword = "EMA" if similarity_weights == "ema" else "online"
-    files["similarity_png"] = plot_similarity_curves(
-        scur, outdir / "curves_similarity.png",
-        title=f"CKA and DiverseDiT terms over training ({run}, {wword} weights, t={_fmt_t(t0)})",
+    res.save("similarity_png", plots.plot_similarity_curves(
+        scur, title=f"CKA and DiverseDiT terms over training ({run}, {wword} weights, t={format_t(t0)})",
         meta={"model": model, "protocol": f"debiased CKA on n={n_test} pooled test images; diversity terms on the "
                                           f"tokens of n={n_div} images, mean over block pairs"},
-        st_label=f"block {ks} @ t={_fmt_t(t0)} (online) vs block {kt} @ t={_fmt_t(tt)} (EMA)", pdf=pdf)
-    files["csv"], files["similarity_csv"] = pcsv, scsv
-    files["table"], files["similarity_table"] = pcur, scur
-    return files
-
-
-_SIM_PANELS = (
-    ("cka_mean_offdiag", "mean off-diagonal CKA between blocks", "debiased CKA"),
-    ("cka_student_teacher", "CKA student cell vs teacher cell", "debiased CKA"),
-    ("orthogonality", "orthogonality (pooled cosine)", "cosine"),
-    ("token_cosine", "token |cosine| (MI proxy)", "|cosine|"),
-    ("dispersion", "channel dispersion", "dispersion (<= 0)"),
-    ("diversity", "DiverseDiT total (mean of 3 terms)", "value"),
-)
-
-
-def plot_similarity_curves(frame: pd.DataFrame, path: str | os.PathLike, title: str, meta: dict,
-                           st_label: str, pdf: bool = False) -> Path:
-    """One panel per quantity over training steps, each with its own y scale (they differ by orders)."""
-    from analysis import plots
-
-    plt = plots.plt
-    fig, axes = plt.subplots(2, 3, figsize=(12.5, 6.4), sharex=True, layout="constrained")
-    for ax, (col, name, ylab) in zip(axes.flat, _SIM_PANELS):
-        ax.plot(frame["step"], frame[col], marker="o", color="tab:blue")
-        ax.set_title(name if col != "cka_student_teacher" else f"{name}\n{st_label}", fontsize=9)
-        ax.set_ylabel(ylab, fontsize=8)
-        ax.grid(alpha=0.3)
-        ax.tick_params(labelsize=8)
-        ax.ticklabel_format(axis="y", useOffset=False)
-    for ax in axes[-1]:
-        ax.set_xlabel("training step", fontsize=9)
-    plots._titles(fig, title, meta)
-    return plots.save_figure(fig, path, pdf)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+        st_label=f"block {ks} @ t={format_t(t0)} (online) vs block {kt} @ t={format_t(tt)} (EMA)"),
+        "curves_similarity.png", pdf)
+    res.files["csv"], res.files["similarity_csv"] = pcsv, scsv
+    res.table, res.similarity_table = pcur, scur
+    return res

@@ -1,0 +1,161 @@
+"""The study's figures, one recipe each, from :class:`~analysis.tables.StudyTables`.
+
+Each ``fig_*`` returns ``{file name: matplotlib Figure}`` and writes nothing; ``commands.demo``
+(and the notebooks, through it) saves them. :data:`FIGURE_FAMILIES` maps a family name to its
+recipe, so a notebook regenerates exactly the figures of one family.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+
+from probe.grid import format_t
+
+from . import plots
+from .correlation import correlate
+from .tables import StudyTables, accuracy_grid
+
+__all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_probe_vs_quality",
+           "fig_quality_vs_time", "fig_diversity", "block_cka", "FIGURE_FAMILIES"]
+
+Figures = dict[str, plt.Figure]
+
+
+def _meta(tb: StudyTables, **extra) -> dict:
+    return {"model": tb.config.get("model", "?"), "data": tb.config.get("data", "?"), **extra}
+
+
+def fig_layer_grid(tb: StudyTables) -> Figures:
+    """C1/C2: probe accuracy over blocks x t (the layer-grid heatmap, per run) and accuracy vs block per t."""
+    lg = tb.layer_grid
+    if lg is None:
+        return {}
+    out: Figures = {}
+    for run, df in lg.groupby("run"):
+        r = df.iloc[0]
+        out[f"layer_grid_{run}.png"] = plots.layer_grid_heatmap(
+            df, title=f"Linear-probe accuracy (%) per block and t: {run} (EMA, step {int(r['step'])})",
+            meta={"protocol": f"{r['probe']} probe, label={r['label_policy']}, n_train={r['n_train']}, "
+                              f"n_test={r['n_test']}"})
+    base = lg[lg["run"] == "baseline"] if "baseline" in set(lg["run"]) else lg
+    frame = base.assign(**{"accuracy (%)": 100 * base["accuracy"], "t": base["t"].map(format_t)})
+    out["accuracy_vs_block.png"] = plots.plot_curves(
+        frame, "block", "accuracy (%)", hue="t", title="Probe accuracy rises with depth, peaks, then falls? (baseline, EMA)", meta=_meta(tb, weights="EMA"), xlabel="block",
+        ylabel="top-1 accuracy (%)")
+    return out
+
+
+def fig_sra_vs_baseline(tb: StudyTables) -> Figures:
+    """C3: SRA minus baseline probe accuracy over the grid."""
+    lg = tb.layer_grid
+    if lg is None or not {"sra", "baseline"} <= set(lg["run"]):
+        return {}
+    diff = 100 * (accuracy_grid(lg, "sra") - accuracy_grid(lg, "baseline"))
+    lim = max(1.0, float(np.nanmax(np.abs(diff.values))))
+    frame = lg[lg["run"].isin(["sra", "baseline"])]
+    frame = frame.assign(**{"accuracy (%)": 100 * frame["accuracy"], "t": frame["t"].map(format_t)})
+    return {
+        "sra_minus_baseline.png": plots.heatmap(
+            diff.values, list(diff.index), [format_t(t) for t in diff.columns],
+            title="SRA - baseline: probe accuracy (points) per block and t", cmap="vlag", vmin=-lim, vmax=lim,
+            fmt="+.1f", meta=_meta(tb, weights="EMA, final checkpoints"), cbar_label="accuracy difference (pts)",
+            xlabel="t (1 = pure noise)", ylabel="block"),
+        "sra_vs_baseline_blocks.png": plots.plot_curves(
+            frame, "block", "accuracy (%)", hue="t", style="run",
+            title="Probe accuracy per block: SRA (dashed) vs baseline", meta=_meta(tb, weights="EMA"),
+            xlabel="block", ylabel="top-1 accuracy (%)"),
+    }
+
+
+def fig_teacher_student(tb: StudyTables) -> Figures:
+    """C4: student (online, block k_s, t) vs teacher (EMA, block k_t, lower t) over training."""
+    if tb.curves is None:
+        return {}
+    c = tb.cells
+    frame = tb.curves.assign(**{"accuracy (%)": 100 * tb.curves["accuracy"]})
+    return {"teacher_vs_student.png": plots.plot_curves(
+        frame, "step", "accuracy (%)", hue="run", style="role", title="Teacher vs student probe accuracy over training",
+        meta=_meta(tb, protocol=f"student = online block {c.get('student_block')} at t={c.get('t_student')}; "
+                                f"teacher = EMA block {c.get('teacher_block')} at t={c.get('t_teacher')}"),
+        xlabel="training step", ylabel="top-1 accuracy (%)")}
+
+
+def fig_probe_vs_quality(tb: StudyTables) -> Figures:
+    """C5: fd of every checkpoint vs the teacher layer's probe accuracy."""
+    q = tb.quality
+    if q.empty:
+        return {}
+    metric = q["metric"].iloc[0]
+    tab = correlate(100 * q["accuracy"], q[metric], control=q["step"], x_name="teacher probe acc", y_name=metric,
+                    n_boot=1000)
+    c = tb.cells
+    return {"probe_vs_quality.png": plots.plot_correlation(
+        100 * q["accuracy"], q[metric], tab,
+        xlabel=f"teacher-cell probe accuracy (%) (EMA block {c.get('teacher_block')}, t={c.get('t_teacher')})",
+        ylabel=f"{metric} (lower is better)", point_labels=[f"{r}@{s}" for r, s in zip(q["run"], q["step"])],
+        hue=q["step"], title="Generation quality vs teacher-layer probe accuracy (all checkpoints)", meta=_meta(tb))}
+
+
+def fig_quality_vs_time(tb: StudyTables) -> Figures:
+    """C7: fd over training wall-clock time, per run."""
+    q = tb.quality
+    if q.empty:
+        return {}
+    metric = q["metric"].iloc[0]
+    return {"quality_vs_time.png": plots.plot_curves(
+        q, "train_seconds", metric, hue="run", title=f"{metric} over training wall-clock time", meta=_meta(tb),
+        xlabel="training time (s, same machine)", ylabel=f"{metric} (lower is better)")}
+
+
+def block_cka(cka: pd.DataFrame) -> pd.DataFrame:
+    """Block x block CKA at equal t from ``probe similarity``'s tidy ``cka.csv`` (columns t, block_a,
+    block_b, cka)."""
+    df = cka[cka["t_a"] == cka["t_b"]]
+    return df.rename(columns={"t_a": "t"})[["t", "block_a", "block_b", "cka"]]
+
+
+def fig_diversity(tb: StudyTables) -> Figures:
+    """C6: mean off-diagonal CKA over training and block x block CKA per run (same t, shared scale)."""
+    out: Figures = {}
+    if tb.curves_similarity is not None:
+        out["cka_offdiag_over_training.png"] = plots.plot_curves(
+            tb.curves_similarity, "step", "cka_mean_offdiag", hue="run",
+            title="Mean off-diagonal CKA between blocks over training (EMA)",
+            meta=_meta(tb, protocol="debiased linear CKA, pooled test features"), xlabel="training step",
+            ylabel="mean off-diagonal CKA")
+    mats = {run: block_cka(df) for run, df in tb.similarity.items()}
+    if mats:
+        ts = sorted(next(iter(mats.values()))["t"].unique())
+        t0 = ts[len(ts) // 2]
+        # one colour scale for every panel, from the lowest value shown, so small differences are visible
+        lo = min(float(df.loc[df["t"] == t0, "cka"].min()) for df in mats.values())
+        vmin = max(0.0, np.floor(lo * 20) / 20)
+        fig, axes = plt.subplots(1, len(mats), figsize=(4.2 * len(mats), 3.8), constrained_layout=True)
+        axes = np.atleast_1d(axes)
+        for ax, (run, df) in zip(axes, sorted(mats.items())):
+            sub = df[df["t"] == t0].pivot_table(index="block_a", columns="block_b", values="cka")
+            im = ax.imshow(sub.values, vmin=vmin, vmax=1, cmap="magma")
+            ax.set_xticks(range(len(sub.columns)), sub.columns)
+            ax.set_yticks(range(len(sub.index)), sub.index)
+            off = sub.values[~np.eye(len(sub), dtype=bool)]
+            ax.set_title(f"{run}: mean off-diagonal {np.nanmean(off):.2f}")
+            ax.set_xlabel("block")
+            ax.set_ylabel("block")
+        fig.colorbar(im, ax=axes.tolist(), label="debiased CKA")
+        fig.suptitle(f"Block x block CKA at t={format_t(t0)} (EMA, final checkpoints, pooled test features)")
+        out["cka_blocks_by_run.png"] = fig
+    return out
+
+
+FIGURE_FAMILIES: dict[str, Callable[[StudyTables], Figures]] = {
+    "layer_grid": fig_layer_grid,
+    "sra_vs_baseline": fig_sra_vs_baseline,
+    "teacher_student": fig_teacher_student,
+    "probe_vs_quality": fig_probe_vs_quality,
+    "quality_vs_time": fig_quality_vs_time,
+    "diversity": fig_diversity,
+}

@@ -1,0 +1,104 @@
+"""``probe layer-grid``: checkpoint -> grid features -> one probe per cell -> tidy table + heatmap.
+
+The steps are the ones of ``docs/probing.md``: features of ``n_train`` train images and ``n_test``
+official-test images for every (block, t) cell (shared noise, null label by default, cached), one
+probe per cell fitted on train (held-out L2 selection, refit) and scored on test. The outputs are
+written only once everything has succeeded, each atomically, so a failed run never leaves a table
+that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from analysis.plots import layer_grid_heatmap
+from probe.cache import FeatureCache
+from probe.grid import LABEL_POLICIES, default_ts, extract_grid, validate_blocks, validate_ts
+from probe.hooks import parse_pooling
+from probe.layer_grid import DEFAULT_N_TEST, DEFAULT_N_TRAIN, TABLE_COLUMNS, grid_table
+from probe.probes import PROBES
+from training.checkpoint import load_checkpoint
+from training.data import make_dataset
+from training.files import atomic_write_text, save_figure, write_table
+from training.runtime import init_distributed, resolve_device
+
+from .common import check_weights
+
+__all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
+
+
+@dataclass
+class LayerGridResult:
+    """The table and where it was written (paths are None off rank 0 under torchrun)."""
+
+    table: pd.DataFrame
+    csv: Path | None
+    png: Path | None
+    protocol: Path | None
+    probe_seconds: float | None = None
+
+
+def default_out(checkpoint: Path, weights: str, label: str, probe: str) -> Path:
+    return Path("layer_grid") / f"{checkpoint.stem}-{weights}-{label}-{probe}"
+
+
+def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, blocks: Sequence[int] | None = None,
+                   ts: Sequence | None = None, weights: str = "ema", label: str = "null", probe: str = "torch",
+                   device: str = "auto", n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST,
+                   pooling: str = "mean", seed: int = 0, batch_size: int = 256,
+                   out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
+                   family: str | None = None, time_convention: str | None = None, trust: bool = False,
+                   data_root: str | None = None, holdout: float = 0.2, progress: bool = True,
+                   probe_device: str | None = None) -> LayerGridResult:
+    """Probe every (block, t) cell of one checkpoint; writes ``layer_grid.csv``, ``layer_grid.png`` and
+    ``layer_grid.protocol.json`` (the full extraction and probe protocol). ``cache_dir=None`` disables
+    the feature cache. Under ``torchrun`` every rank extracts its shard; rank 0 probes and writes."""
+    # Cheap argument checks first, so typos fail before a checkpoint or dataset is loaded.
+    check_weights(weights)
+    if label not in LABEL_POLICIES:
+        raise ValueError(f"--label must be null or class, got {label!r}")
+    if probe not in PROBES:
+        raise ValueError(f"--probe must be one of {', '.join(PROBES)}, got {probe!r}")
+    parse_pooling(pooling)
+    if n_train < 2 or n_test < 1:
+        raise ValueError("--n-train must be >= 2 and --n-test >= 1")
+    if probe == "cuml" and not torch.cuda.is_available():
+        raise ValueError("cuML needs a CUDA GPU; use --probe torch")
+    checkpoint = Path(checkpoint)
+    rank, _ = init_distributed(device)
+    dev = resolve_device(device)
+
+    ck = load_checkpoint(checkpoint, weights=weights, family=family, time_convention=time_convention, trust=trust)
+    validate_blocks(blocks, ck.model.depth)
+    validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
+    data = data or ck.data or "fashion-mnist"
+    dtrain = make_dataset(data, "train", root=data_root)
+    dtest = make_dataset(data, "test", root=data_root)
+    cache = FeatureCache(cache_dir) if cache_dir is not None else None
+    common = dict(blocks=blocks, ts=ts or None, label_policy=label, pooling=pooling, batch_size=batch_size,
+                  seed=seed, device=dev, cache=cache, progress=progress)
+    gtr = extract_grid(ck, dtrain, n_samples=n_train, split="train", **common)
+    gte = extract_grid(ck, dtest, n_samples=n_test, split="test", **common)
+    if rank != 0:
+        return LayerGridResult(pd.DataFrame(columns=TABLE_COLUMNS), None, None, None)
+
+    num_classes = max(dtrain.num_classes, int(gtr.labels.max()) + 1, int(gte.labels.max()) + 1)
+    df, proto = grid_table(gtr, gte, probe, device=probe_device or str(dev), seed=seed, holdout=holdout,
+                           progress=progress, num_classes=num_classes)
+    out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe)
+    out.mkdir(parents=True, exist_ok=True)
+    csv_path, png_path, proto_path = out / "layer_grid.csv", out / "layer_grid.png", out / "layer_grid.protocol.json"
+    # Figure first (the step most likely to fail), the table last: a CSV only exists for a finished run
+    # (an older table in the same folder is removed first so it cannot pass for this run's).
+    csv_path.unlink(missing_ok=True)
+    save_figure(layer_grid_heatmap(df), png_path)
+    atomic_write_text(proto_path, json.dumps(proto, indent=1, default=str))
+    write_table(df, csv_path)
+    return LayerGridResult(df, csv_path, png_path, proto_path, proto["probe_seconds"])

@@ -1,0 +1,62 @@
+"""``probe sample``: a PNG grid (and optionally an ADM ``.npz``) from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training import samplers
+from training.checkpoint import load_checkpoint
+from training.images import require_pixels, save_grid, save_npz, to_uint8
+
+__all__ = ["SampleResult", "SamplerSettings", "run_sample"]
+
+
+@dataclass
+class SamplerSettings:
+    """How samples are drawn (shared by ``probe sample`` and ``probe eval``)."""
+
+    method: str | None = None  # default: sde for SiT, ddpm for DiT
+    steps: int = 50
+    cfg_scale: float = 1.0
+    guidance_interval: tuple[float, float] = (0.0, 1.0)
+    legacy_cfg_channels: bool = False
+    labels: Any = None
+    seed: int = 0
+    batch_size: int = 64
+
+    def resolved_method(self, family: str) -> str:
+        return self.method or ("ddpm" if family == "dit" else "sde")
+
+    def kwargs(self, family: str) -> dict[str, Any]:
+        return dict(method=self.resolved_method(family), steps=self.steps, cfg_scale=self.cfg_scale,
+                    guidance_interval=tuple(self.guidance_interval), legacy_cfg_channels=self.legacy_cfg_channels,
+                    labels=self.labels, seed=self.seed, batch_size=self.batch_size)
+
+
+@dataclass
+class SampleResult:
+    grid: Path
+    npz: Path | None
+    n: int
+    method: str
+    steps: int
+
+
+def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int = 64,
+               npz: str | os.PathLike | None = None, weights: str = "ema", family: str | None = None,
+               trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
+               progress: bool = True) -> SampleResult:
+    s = sampler or SamplerSettings()
+    ck = load_checkpoint(ckpt_path, weights=weights, family=family, trust=trust)
+    kw = s.kwargs(ck.family)
+    samplers.validate_options(ck.family, kw["method"], s.steps, s.cfg_scale, tuple(s.guidance_interval),
+                              ck.num_timesteps)
+    require_pixels(ck.meta)
+    images = samplers.sample(ck, None, n=n, device=device, progress=progress, **kw)
+    u8 = to_uint8(images, ck.meta)
+    y = samplers.resolve_labels(s.labels, n, int(ck.meta.get("num_classes") or 1), s.seed)
+    grid = save_grid(out, u8)
+    return SampleResult(grid, save_npz(npz, u8, y) if npz is not None else None, n, kw["method"], s.steps)

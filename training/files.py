@@ -1,0 +1,95 @@
+"""Atomic file writes: the one place the project turns bytes, text, tables, arrays, figures or
+checkpoints into files.
+
+Every writer goes through :func:`atomic_path`: the content lands in a temp file in the destination
+folder, is flushed to disk and renamed over the target (``os.replace``, atomic on POSIX), so a
+crash never leaves a torn file that looks complete. ``tempfile.mkstemp`` creates files with mode
+0600; the final file gets ``0666 & ~umask`` instead, the mode ``open()`` would have given it, so
+tables and reports stay readable to colleagues on a shared machine when the umask says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_table", "write_npz", "save_figure",
+           "save_torch", "current_umask"]
+
+
+def current_umask() -> int:
+    """The process umask (reading it means setting it; restored at once)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it, give it the umask's mode and rename it
+    over ``path``. On any error the temp file is removed and ``path`` is untouched."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode())
+
+
+def write_table(df: Any, path: str | os.PathLike) -> Path:
+    """A pandas DataFrame as CSV (no index), atomically."""
+    return atomic_write_text(path, df.to_csv(index=False))
+
+
+def write_npz(path: str | os.PathLike, compressed: bool = True, **arrays: Any) -> Path:
+    """Named numpy arrays as one ``.npz``, atomically."""
+    import numpy as np
+
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def save_figure(fig: Any, path: str | os.PathLike, pdf: bool = False, dpi: int = 150) -> Path:
+    """A matplotlib figure as PNG (the suffix is forced; and PDF beside it if asked), closed after."""
+    import matplotlib.pyplot as plt
+
+    png = Path(path).with_suffix(".png")
+    try:
+        for target, fmt in [(png, "png")] + ([(png.with_suffix(".pdf"), "pdf")] if pdf else []):
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+    finally:
+        plt.close(fig)
+    return png
+
+
+def save_torch(obj: Any, path: str | os.PathLike) -> Path:
+    """``torch.save`` atomically (checkpoints, classifier caches)."""
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
