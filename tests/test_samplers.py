@@ -198,6 +198,39 @@ def test_guidance_formula_interval_and_legacy_channels():
     assert torch.allclose(gd(x, torch.full((3,), 500), y)[:, :4], out[:, :4])
 
 
+def test_heun_corrector_guidance_follows_the_current_t():
+    """Official REPA/SRA Heun: the corrector at t_next is guided when t_cur is inside the interval.
+
+    Toy field: v = x + 1 for the class, v = x for the null label, so guidance (scale s) turns the
+    +1 into +s. Three steps 1 -> 2/3 -> 1/3 -> 0, interval [0.5, 0.7]: step 1 starts outside
+    (t_cur = 1), so its corrector at 2/3 is not guided although 2/3 is inside; step 2 starts inside
+    (t_cur = 2/3), so its corrector at 1/3 is guided although 1/3 is outside."""
+    null, s = 1, 3.0
+
+    def field(x, t, y):
+        return x + (y != null).float().reshape(-1, 1)
+
+    g = S.guided_model_fn(field, s, null, (0.5, 0.7))
+    x0, y = torch.zeros(2, 1), torch.zeros(2, dtype=torch.long)
+    out = S.heun_ode(g, x0, y, 3)
+
+    def ref(decide_by_next: bool) -> torch.Tensor:
+        x, grid = x0.clone().double(), [1.0, 2 / 3, 1 / 3, 0.0]
+        guided = lambda t: 0.5 - 1e-9 <= t <= 0.7 + 1e-9  # noqa: E731
+        for i, (tc, tn) in enumerate(zip(grid[:-1], grid[1:])):
+            dt = tn - tc
+            v = x + (s if guided(tc) else 1.0)
+            xp = x + dt * v
+            if i < 2:
+                x = x + dt * 0.5 * (v + xp + (s if guided(tn if decide_by_next else tc) else 1.0))
+            else:
+                x = xp
+        return x
+
+    torch.testing.assert_close(out.double(), ref(False), rtol=0, atol=1e-6)
+    assert (ref(True) - ref(False)).abs().max() > 0.03  # the old rule (decide by t_next) differs
+
+
 def _tiny(name: str, **kw) -> nn.Module:
     torch.manual_seed(0)
     m = build_model(name, input_size=8, in_channels=kw.pop("in_channels", 1), num_classes=3, **kw)

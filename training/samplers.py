@@ -173,14 +173,15 @@ def guided_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int,
     ``guide_channels``: how many leading output channels are guided; ``None`` = all prediction
     channels (x's channels; a learned-variance tail is taken from the conditional pass, as DiT).
     ``3`` reproduces the DiT/SiT repos' legacy behaviour. A scale of exactly 1 is the
-    conditional model (no extra pass).
+    conditional model (no extra pass). The returned function takes an optional ``guide_t``: the time
+    whose position in the interval decides guidance (default: ``t`` itself).
     """
     if cfg_scale == 1.0:
         return model_fn
     low, high = guidance_interval
 
-    def fn(x, t, y):
-        tn = normalised_time(t)
+    def fn(x, t, y, guide_t=None):
+        tn = normalised_time(t if guide_t is None else guide_t)
         active = (tn >= low - 1e-9) & (tn <= high + 1e-9)
         if not bool(active.any()):
             return model_fn(x, t, y)
@@ -193,6 +194,7 @@ def guided_model_fn(model_fn: ModelFn, cfg_scale: float, null_class: int,
         head = torch.where(mask, guided, cond[:, :k])
         return torch.cat([head, cond[:, k:]], dim=1)
 
+    fn.takes_guide_t = True  # Heun's corrector decides guidance at the current t (official samplers)
     return fn
 
 
@@ -239,15 +241,21 @@ def euler_ode(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, steps: int) -
 
 @torch.no_grad()
 def heun_ode(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor, steps: int) -> torch.Tensor:
-    """Heun (trapezoidal corrector); the last step is plain Euler as REPA/SRA (2 steps - 1 NFE)."""
+    """Heun (trapezoidal corrector); the last step is plain Euler as REPA/SRA (2 steps - 1 NFE).
+
+    As in the official REPA/SRA sampler, whether the corrector evaluation at ``t_next`` is guided is
+    decided by the *current* ``t_cur`` (so a step that starts inside the guidance interval is guided
+    in both of its evaluations)."""
     grid = flow_time_grid(steps).tolist()
     x = x.float()
+    by_current = getattr(model_fn, "takes_guide_t", False)
     for i, (t_cur, t_next) in enumerate(zip(grid[:-1], grid[1:])):
         dt = t_next - t_cur
         v = model_fn(x, _tvec(t_cur, x), y)
         x_pred = x + dt * v
         if i < steps - 1:
-            v_next = model_fn(x_pred, _tvec(t_next, x), y)
+            kw = {"guide_t": _tvec(t_cur, x)} if by_current else {}
+            v_next = model_fn(x_pred, _tvec(t_next, x), y, **kw)
             x = x + dt * 0.5 * (v + v_next)
         else:
             x = x_pred
