@@ -71,6 +71,8 @@ OptTime = Annotated[Optional[str], typer.Option(help="flow-t1-noise | flow-t0-no
 OptTrust = Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")]
 OptPdf = Annotated[bool, typer.Option("--pdf", help="Also write every figure as PDF.")]
 OptQuiet = Annotated[bool, typer.Option(help="No progress bars.")]
+OptOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace results that the output folder (or file) "
+                                            "holds for another checkpoint or settings.")]
 OptProbe = Annotated[str, typer.Option(help="torch (batched L-BFGS) | ridge (fast screen) | sklearn | cuml | knn")]
 OptNTrain = Annotated[int, typer.Option(help="Train images for the probes (fit + held-out L2 choice).")]
 OptNTest = Annotated[int, typer.Option(help="Images of the official test split (accuracy).")]
@@ -97,11 +99,15 @@ def _parse_blocks(values: Optional[list[str]]) -> Optional[list[int]]:
     for v in _split_list(values):
         try:
             if "-" in v.lstrip("-"):
-                lo, hi = v.split("-", 1)
-                out.extend(range(int(lo), int(hi) + 1))
+                lo, hi = (int(p) for p in v.split("-", 1))
+                if lo > hi:
+                    raise ValueError(f"--blocks range {v!r} is reversed or empty; write it low-high, e.g. {hi}-{lo}")
+                out.extend(range(lo, hi + 1))
             else:
                 out.append(int(v))
-        except ValueError:
+        except ValueError as e:
+            if "reversed" in str(e):
+                raise
             raise ValueError(f"--blocks expects integers or ranges like 1-4, got {v!r}") from None
     return out or None
 
@@ -142,6 +148,7 @@ def _sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, 
 
 
 def _echo_files(res: Any) -> None:
+    typer.echo(f"{'folder:':<15} {res.out}")
     for k, v in res.files.items():
         typer.echo(f"{k + ':':<15} {v}")
 
@@ -204,10 +211,10 @@ def layer_grid(
     pooling: Annotated[str, typer.Option(help="mean | tokens (tokens as samples) | spatialK (e.g. spatial2).")] = "mean",
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000, seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: layer_grid/<ckpt>-<weights>-<label>-"
-                                                "<probe>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: layer_grid/<run>-<ckpt>-<sha8>-<weights>-"
+                                                "<label>-<probe>).")] = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Linear-probe accuracy for every (block, t) cell: writes layer_grid.csv, a heatmap PNG and the protocol.
 
@@ -222,11 +229,12 @@ def layer_grid(
     res = run_layer_grid(ckpt, data=data, blocks=_parse_blocks(blocks), ts=_parse_ts(t), weights=weights, label=label,
                          probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
                          batch_size=batch_size, out_dir=out, cache_dir=None if no_cache else cache, family=family,
-                         time_convention=time_convention, trust=trust_checkpoint, progress=not quiet)
+                         time_convention=time_convention, trust=trust_checkpoint, progress=not quiet,
+                         overwrite=overwrite)
     if res.csv is None:  # a non-zero torchrun rank
         return
     typer.echo(summarize(res.table))
-    typer.echo(f"table:    {res.csv}\nheatmap:  {res.png}\nprotocol: {res.protocol}")
+    typer.echo(f"folder:   {res.csv.parent}\ntable:    {res.csv}\nheatmap:  {res.png}\nprotocol: {res.protocol}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -244,7 +252,7 @@ def sample(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
-    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
+    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Sample from a checkpoint: a PNG grid and optionally an ADM .npz.
 
@@ -257,7 +265,7 @@ def sample(
     res = run_sample(ckpt, out, n=n, npz=npz, weights=weights, family=family, trust=trust_checkpoint,
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
                                       batch_size),
-                     device=str(resolve_device(device)), progress=not quiet)
+                     device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite)
     typer.echo(f"{res.n} samples ({res.method}, {res.steps} steps) -> {res.grid}" + (f", {res.npz}" if res.npz else ""))
 
 
@@ -309,7 +317,7 @@ def eval_(
 
 def _out_opt(kind: str):
     return Annotated[Optional[Path], typer.Option(help=f"Output folder (default: figures/{kind}/<run>-<ckpt>-"
-                                                  "<weights>).")]
+                                                  "<sha8>-<weights>).")]
 
 
 OutSimilarity, OutDiversity, OutPca, OutUmap, OutAttribution = (
@@ -332,7 +340,7 @@ def similarity(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutSimilarity = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """CKA + cosine over the (block, t) grid: cka.csv/.npz, full-grid, block x block and t x t heatmaps.
 
@@ -346,7 +354,7 @@ def similarity(
                  trust_checkpoint, quiet)
     _echo_files(run_similarity(ckpt, spec, weights=weights, other=other, other_weights=other_weights,
                                blocks=_parse_blocks(blocks), ts=_parse_ts(t), debiased=not biased, method=cka_method,
-                               out=out, pdf=pdf))
+                               out=out, pdf=pdf, overwrite=overwrite))
 
 
 @app.command()
@@ -358,7 +366,7 @@ def diversity(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutDiversity = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """DiverseDiT's three terms for every block pair and t: diversity.csv, dispersion.csv, figures.
 
@@ -369,7 +377,7 @@ def diversity(
     spec = _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet)
     _echo_files(run_diversity(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t), out=out,
-                              pdf=pdf))
+                              pdf=pdf, overwrite=overwrite))
 
 
 @app.command()
@@ -387,7 +395,7 @@ def pca(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutPca = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Patch-token PCA as RGB maps (rows = blocks, columns = t), several images side by side: pca.png, pca.npz.
 
@@ -398,7 +406,7 @@ def pca(
     spec = _spec(data, split, 0, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet)
     _echo_files(run_pca(ckpt, spec, weights=weights, images=_ints(images, "--images"), blocks=_parse_blocks(blocks),
-                        ts=_parse_ts(t), basis=basis, out=out, pdf=pdf))
+                        ts=_parse_ts(t), basis=basis, out=out, pdf=pdf, overwrite=overwrite))
 
 
 @app.command()
@@ -416,7 +424,7 @@ def umap(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutUmap = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """UMAP of mean-pooled features for chosen cells, and AlignedUMAP across t for one block.
 
@@ -429,7 +437,8 @@ def umap(
                  trust_checkpoint, quiet)
     cells = [c.strip() for v in cell or [] for c in str(v).split(";") if c.strip()]  # also "4:0.5;6:0.3"
     _echo_files(run_umap(ckpt, spec, weights=weights, cells=cells, aligned_block=aligned_block, ts=_parse_ts(t),
-                         n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=pdf))
+                         n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=pdf,
+                         overwrite=overwrite))
 
 
 @app.command()
@@ -448,7 +457,7 @@ def attribute(
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto", out: OutAttribution = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Captum attribution of a trained linear probe's class logit back to the input patches.
 
@@ -459,7 +468,8 @@ def attribute(
     spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
                  time_convention, trust_checkpoint, quiet)
     res = run_attribute(ckpt, spec, block=block, t=t, weights=weights, images=_ints(images, "--images"),
-                        n_train=n_train, target=target, probe=probe, method=method, n_steps=n_steps, out=out, pdf=pdf)
+                        n_train=n_train, target=target, probe=probe, method=method, n_steps=n_steps, out=out, pdf=pdf,
+                        overwrite=overwrite)
     typer.echo(f"probe ({probe}) test accuracy at block {block}, t={t:g}: {100 * res.probe.accuracy:.1f}%")
     _echo_files(res)
 
@@ -525,7 +535,9 @@ def correlate(
                                                "instead of choosing --cell.")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="No partial correlation on training step.")] = False,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 2000,
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: figures/correlate).")] = Path("figures/correlate"),
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: figures/correlate/<metric>-<hash of "
+                                                "the inputs and options>).")] = None,
+    overwrite: OptOverwrite = False,
     pdf: OptPdf = False,
 ) -> None:
     """Probe quality vs generation quality across checkpoints or runs: correlation.csv, joined.csv, scatter + fit.
@@ -538,7 +550,8 @@ def correlate(
     if len(probe_csv) < 2:
         raise ValueError("give the probe table(s) and then the metrics CSV: probe correlate PROBE_CSV METRICS_CSV")
     res = run_correlate(probe_csv[:-1], probe_csv[-1], metric=metric, value=value, cell=cell, weights=weights,
-                        role=role, on=on, agg=agg, control_step=not no_control, n_boot=n_boot, out=out, pdf=pdf)
+                        role=role, on=on, agg=agg, control_step=not no_control, n_boot=n_boot, out=out, pdf=pdf,
+                        overwrite=overwrite)
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
     typer.echo(f"joined {len(res.joined)} checkpoints on {res.join_key}")

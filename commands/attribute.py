@@ -17,7 +17,8 @@ from probe.probes import CellProbe, fit_cell_probe
 from training.files import write_npz, write_table
 from training.flow import model_time
 
-from .common import FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis, prepare_out
+from .common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis, prepare_out,
+                     releases_outputs, result_identity)
 
 __all__ = ["AttributionResult", "run_attribute"]
 
@@ -30,10 +31,12 @@ class AttributionResult(Outputs):
     probe: CellProbe | None = None
 
 
+@releases_outputs
 def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: float, weights: str = "ema",
                   images: Sequence[int] | None = None, n_train: int = 2000, target: str = "label", probe: str = "torch",
                   method: str = "integrated_gradients", n_steps: int = 32,
-                  out: str | os.PathLike | None = None, pdf: bool = False) -> AttributionResult:
+                  out: str | os.PathLike | None = None, pdf: bool = False,
+                  overwrite: bool = False) -> AttributionResult:
     """The probe is fitted on cached (block, t) features of ``n_train`` train images with the
     layer-grid protocol and scored on ``spec.n`` test images. The attributed images are test rows
     ``images`` (default 0..5), noised to ``t`` with the *same* per-image noise as the cache, so the
@@ -52,6 +55,9 @@ def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: 
     ck = load_for_analysis(ckpt, weights, spec)
     tt = cell_t(ck, t)
     validate_blocks([block], ck.model.depth)
+    res = prepare_out(out, "attribution", ckpt, weights, AttributionResult, sha=ck.sha, overwrite=overwrite,
+                      identity=result_identity(ck, spec, block=block, t=tt, images=images, n_train=n_train,
+                                               target=target, probe=probe, method=method, n_steps=n_steps))
     dtr, gtr = load_features(ck, spec, blocks=[block], ts=[tt], split="train", n=n_train)
     dte, gte = load_features(ck, spec, blocks=[block], ts=[tt], split="test")
     if max(images) >= len(dte) or min(images) < 0:
@@ -78,7 +84,6 @@ def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: 
                              n_steps=n_steps, patch_size=cfg.patch_size)
     pred = attr.logits.argmax(1)
     names = getattr(dte, "class_names", None)
-    res = prepare_out(out, "attribution", ckpt, weights, AttributionResult)
     meta = describe_grid(ck, gte, block=block, t=tt, probe=f"{probe}, n_train={n_train}, test acc "
                                                             f"{100 * cp.accuracy:.1f}%")
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
@@ -100,4 +105,4 @@ def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: 
                                  labels=labels, target=attr.target, logits=attr.logits)
     res.files["csv"] = write_table(rows, res.out / "attribution.csv")
     res.table, res.probe = rows, cp
-    return res
+    return res.finish()

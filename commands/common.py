@@ -7,9 +7,12 @@ and claim rules it calls live in ``analysis/`` and ``probe/``.
 
 from __future__ import annotations
 
+import atexit
+import functools
+import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,13 +20,15 @@ import numpy as np
 
 from probe.cache import FeatureCache
 from probe.grid import GridFeatures, default_ts, extract_grid, format_t, validate_ts
-from training.checkpoint import LoadedCheckpoint, load_checkpoint, run_dir_of
+from training.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
 from training.data import make_dataset
-from training.files import save_figure
+from training.files import atomic_write_text, save_figure
+from training.runtime import pid_alive
 
 __all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
-           "DEFAULT_CACHE", "check_weights"]
+           "DEFAULT_CACHE", "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs",
+           "checkpoint_tag"]
 
 DEFAULT_CACHE = Path(".repdyn_cache/features")
 
@@ -62,6 +67,128 @@ class Outputs:
         """Save a figure into the folder under ``label``."""
         self.files[label] = save_figure(fig, self.out / name, pdf)
         return self.files[label]
+
+    def finish(self: "R") -> "R":
+        """Record the files written and release the folder for other processes."""
+        release_output(self.out, [p.name for p in self.files.values()])
+        return self
+
+
+# ----------------------------------------------------------------------------------------------
+# Output folders: one writer at a time, never silently replaced
+# ----------------------------------------------------------------------------------------------
+
+OWNER_FILE = ".repdyn-output.json"  # what the folder holds: command, checkpoint(s), settings, files
+LOCK_FILE = ".repdyn-output.lock"  # the pid of the process writing it
+
+
+def _lock(path: Path) -> None:
+    lock = path / LOCK_FILE
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise ValueError(f"{path} is being written by another probe process (pid {pid}); wait for it to "
+                                 "finish or pass another --out") from None
+            lock.unlink(missing_ok=True)  # stale (a killed run) or our own: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        _HELD.add(path.resolve())
+        return
+    raise ValueError(f"could not lock {path}: another process keeps taking it; pass another --out")
+
+
+_HELD: set[Path] = set()
+
+
+@atexit.register
+def _release_all() -> None:
+    for path in list(_HELD):
+        release_output(path)
+
+
+def releases_outputs(fn):
+    """Decorator for a ``run_*``: output folders it claimed are released if it fails (a notebook
+    that hit an error must not keep other processes out of the folder)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        before = set(_HELD)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException:
+            for path in _HELD - before:
+                release_output(path)
+            raise
+
+    return wrapper
+
+
+def _canonical(identity: dict[str, Any]) -> dict[str, Any]:
+    return json.loads(json.dumps(identity, sort_keys=True, default=str))
+
+
+def claim_output(path: Path, identity: dict[str, Any], overwrite: bool = False) -> None:
+    """Create and lock ``path`` for this process, and record what it will hold.
+
+    * a file at ``path``: error (a folder is expected);
+    * a live process holding the folder: error naming its pid (two writers would mix results);
+    * a folder recorded for another identity (other checkpoint, weights or settings): error unless
+      ``overwrite``, which first removes the files that result recorded; the same identity (a rerun,
+      a resumed study step) is fine, and so is a record of a run that failed before finishing.
+    """
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {path} is a file; give a folder")
+    path.mkdir(parents=True, exist_ok=True)
+    _lock(path)
+    owner = path / OWNER_FILE
+    want = _canonical(identity)
+    try:
+        have = json.loads(owner.read_text()) if owner.exists() else None
+    except (OSError, json.JSONDecodeError):
+        have = None
+    if have is not None and have.get("identity") != want and have.get("files"):  # a finished result
+        if not overwrite:
+            release_output(path)
+            old = have.get("identity", {})
+            diff = sorted(k for k in set(old) | set(want) if old.get(k) != want.get(k))
+            raise ValueError(f"{path} holds results of another run ({', '.join(diff)} differ); pass --overwrite to "
+                             "replace them or choose another --out")
+        for name in have.get("files", []):
+            (path / Path(name).name).unlink(missing_ok=True)
+    atomic_write_text(owner, json.dumps({"identity": want, "files": (have or {}).get("files", []) if have and
+                                         have.get("identity") == want else []}, indent=1))
+
+
+def release_output(path: Path, files: list[str] | None = None) -> None:
+    """Record ``files`` as the folder's results (if given) and drop this process's lock."""
+    path = Path(path)
+    owner = path / OWNER_FILE
+    if files is not None and owner.exists():
+        rec = json.loads(owner.read_text())
+        rec["files"] = sorted(set(rec.get("files", [])) | set(files))
+        atomic_write_text(owner, json.dumps(rec, indent=1))
+    lock = path / LOCK_FILE
+    try:
+        if int(lock.read_text().strip() or 0) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+    _HELD.discard(path.resolve())
+
+
+def result_identity(ck: LoadedCheckpoint, spec: FeatureSpec | None = None, **settings: Any) -> dict[str, Any]:
+    """What a result depends on: the checkpoint's content and weights, the extraction protocol (not
+    the cache, device, batch size or progress bars) and the command's own settings."""
+    proto = {k: v for k, v in asdict(spec).items() if k not in ("cache_dir", "device", "batch_size", "progress",
+                                                                "trust")} if spec else {}
+    return {"checkpoint_sha": ck.sha, "weights": ck.weights, **proto, **settings}
 
 
 def check_weights(weights: str) -> str:
@@ -132,20 +259,30 @@ def analysis_ts(ck: LoadedCheckpoint, few: bool) -> list:
     return list(fr) if ck.family == "sit" else [int(f * ck.num_timesteps) for f in fr]
 
 
-def default_out(kind: str, ckpt: str | os.PathLike, weights: str) -> Path:
-    """``figures/<kind>/<run>-<ckpt stem>-<weights>``: one folder per analysed checkpoint and weights."""
-    return Path("figures") / kind / f"{run_dir_of(ckpt).name}-{Path(ckpt).stem}-{weights}"
+def checkpoint_tag(ckpt: str | os.PathLike, sha: str | None = None) -> str:
+    """``<run>-<checkpoint stem>-<sha8>``: unique per checkpoint file even when every run names its
+    checkpoints by step (``runs/sit/checkpoints/0000030.pt`` vs ``runs/dit/checkpoints/0000030.pt``)."""
+    return f"{run_dir_of(ckpt).name}-{Path(ckpt).stem}-{(sha or file_sha(ckpt))[:8]}"
+
+
+def default_out(kind: str, ckpt: str | os.PathLike, weights: str, sha: str | None = None) -> Path:
+    """``figures/<kind>/<run>-<ckpt stem>-<sha8>-<weights>``: one folder per analysed checkpoint and weights."""
+    return Path("figures") / kind / f"{checkpoint_tag(ckpt, sha)}-{weights}"
 
 
 R = TypeVar("R", bound=Outputs)
 
 
-def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, result: type[R] = Outputs) -> R:
-    """The command's output folder (created) wrapped in its result type."""
-    path = Path(out) if out is not None else default_out(kind, ckpt, weights)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"--out {path} is a file; give a folder")
-    path.mkdir(parents=True, exist_ok=True)
+def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, result: type[R] = Outputs, *,
+                identity: dict[str, Any] | None = None, overwrite: bool = False, sha: str | None = None) -> R:
+    """The command's output folder, claimed for this process and these results, in its result type.
+
+    Called before any heavy work. ``identity`` (the checkpoint and every setting that changes the
+    results) is recorded in the folder; a folder recorded for another identity is never replaced
+    unless ``overwrite`` (see :func:`claim_output`). ``Outputs.finish()`` releases the claim.
+    """
+    path = Path(out) if out is not None else default_out(kind, ckpt, weights, sha)
+    claim_output(path, {"command": kind, **(identity or {})}, overwrite)
     return result(path)
 
 

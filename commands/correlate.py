@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -17,7 +19,9 @@ from analysis.correlation import SmallSampleWarning, correlate, join_probe_metri
 from probe.grid import format_t
 from training.files import write_table
 
-from .common import Outputs, parse_cells, weights_word
+from training.checkpoint import file_sha
+
+from .common import Outputs, claim_output, parse_cells, releases_outputs, weights_word
 
 __all__ = ["CorrelationResult", "run_correlate", "prepare_join", "JOIN_KEYS"]
 
@@ -72,11 +76,12 @@ def _read_csv(path: str | os.PathLike, what: str) -> pd.DataFrame:
     return df
 
 
+@releases_outputs
 def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], metrics_csv: str | os.PathLike, *,
                   metric: str, value: str = "accuracy", cell: str | tuple | None = None,
                   weights: str | None = None, role: str | None = None, on: str = "auto", agg: str | None = None,
                   control_step: bool = True, n_boot: int = 2000, out: str | os.PathLike | None = None,
-                  pdf: bool = False) -> CorrelationResult:
+                  pdf: bool = False, overwrite: bool = False) -> CorrelationResult:
     """Join probe results with a generation-metrics table and correlate (one point per checkpoint).
 
     ``probe_csv``: ``layer_grid.csv`` / ``curves.csv`` file(s) (several are concatenated: across
@@ -87,6 +92,10 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
     Spearman, Kendall, partial on step, bootstrap CIs), ``joined.csv`` and ``correlation.png``.
     """
     paths = [probe_csv] if isinstance(probe_csv, (str, os.PathLike)) else list(probe_csv)
+    ident = {"command": "correlate", "inputs": [file_sha(p) for p in [*paths, metrics_csv] if Path(p).exists()],
+             "metric": metric, "value": value, "cell": cell, "weights": weights, "role": role, "on": on, "agg": agg,
+             "control_step": control_step, "n_boot": n_boot}
+    default = Path("figures") / "correlate" / f"{metric}-{hashlib.sha256(json.dumps(ident, default=str).encode()).hexdigest()[:8]}"
     probe = pd.concat([_read_csv(p, "probe") for p in paths], ignore_index=True)
     metrics = _read_csv(metrics_csv, "metrics")
     if metric not in metrics.columns:
@@ -138,8 +147,6 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
     table.insert(0, "join_key", key)
     for col, v in filt.items():
         table[col] = v
-    res = CorrelationResult(Path(out) if out is not None else Path("figures") / "correlate")
-    res.out.mkdir(parents=True, exist_ok=True)
     first = probe.iloc[0]
     desc = []
     if cell is not None:
@@ -151,6 +158,8 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
                          f"n_train={first.get('n_train', '?')}") if "probe" in probe.columns else None,
             "join": f"{key}, n={len(joined)}"}
     lab = (joined["step"] if "step" in joined.columns else joined[key]).tolist()
+    res = CorrelationResult(Path(out) if out is not None else default)
+    claim_output(res.out, ident, overwrite)  # after the inputs are validated: a typo creates no folder
     res.warnings, res.join_key = small, key
     res.save("png", plots.plot_correlation(
         joined[value], joined[metric], table,
@@ -163,4 +172,4 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
     res.files["joined_csv"] = write_table(joined, res.out / "joined.csv")
     res.files["csv"] = write_table(table, res.out / "correlation.csv")
     res.table, res.joined = table, joined
-    return res
+    return res.finish()

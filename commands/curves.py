@@ -46,7 +46,7 @@ from training.methods import SRAOptions
 from training.methods.sra import DEFAULT_T_MAX, default_blocks
 from training.runtime import resolve_device
 
-from .common import FeatureSpec, Outputs, cell_t, load_features
+from .common import FeatureSpec, Outputs, cell_t, claim_output, load_features, releases_outputs
 
 __all__ = ["CurveSettings", "CurvesResult", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
 
@@ -171,6 +171,7 @@ def _one_checkpoint(path: Path, settings: CurveSettings, spec: FeatureSpec, run:
     return probe, pd.DataFrame([sim], columns=SIM_COLUMNS)
 
 
+@releases_outputs
 def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: int | None = None,
                teacher_block: int | None = None, t: float | None = None, t_teacher: float | None = None,
                probe: str = "torch", n_train: int = 2000, n_test: int = 1000, n_div: int = 64,
@@ -201,7 +202,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
                              spec.pooling, spec.seed, spec.data)
     h = settings.hash()
     outdir = Path(out) if out is not None else run_dir / "curves"
-    outdir.mkdir(parents=True, exist_ok=True)
+    claim_output(outdir, {"command": "curves"})  # one writer; the tables hold every settings' rows by design
     pcsv, scsv = outdir / "curves.csv", outdir / "curves_similarity.csv"
     probe_df, sim_df = _read(pcsv, PROBE_COLUMNS), _read(scsv, SIM_COLUMNS)
     done = set(probe_df.loc[probe_df["settings_hash"] == h, "checkpoint_sha"]) & set(
@@ -245,4 +246,4 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
         "curves_similarity.png", pdf)
     res.files["csv"], res.files["similarity_csv"] = pcsv, scsv
     res.table, res.similarity_table = pcur, scur
-    return res
+    return res.finish()

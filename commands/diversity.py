@@ -13,7 +13,8 @@ from analysis import plots
 from analysis.diversity import dispersion_table, diversity_report
 from training.files import write_table
 
-from .common import FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out
+from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out,
+                     releases_outputs, result_identity)
 
 __all__ = ["DiversityResult", "run_diversity"]
 
@@ -32,9 +33,10 @@ def _plot_ts(ts: list, k: int = 4) -> list:
     return [ts[i] for i in sorted({int(round(x)) for x in np.linspace(0, len(ts) - 1, k)})]
 
 
+@releases_outputs
 def run_diversity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema",
                   blocks: Sequence[int] | None = None, ts: Sequence | None = None,
-                  out: str | os.PathLike | None = None, pdf: bool = False) -> DiversityResult:
+                  out: str | os.PathLike | None = None, pdf: bool = False, overwrite: bool = False) -> DiversityResult:
     """Token features by default (``spec.pooling="tokens"``: the terms are defined on tokens; with
     pooled features the token cosine becomes a per-image cosine). Writes ``diversity.csv``,
     ``dispersion.csv`` (per block and pooled over blocks), ``diversity.png`` (pair matrices for up to
@@ -42,13 +44,14 @@ def run_diversity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = 
     if spec.n < 2:
         raise ValueError(f"the diversity terms need at least 2 images, got --n {spec.n}")
     ck = load_for_analysis(ckpt, weights, spec)
+    res = prepare_out(out, "diversity", ckpt, weights, DiversityResult, sha=ck.sha, overwrite=overwrite,
+                      identity=result_identity(ck, spec, blocks=blocks, ts=ts))
     _, g = load_features(ck, spec, blocks=blocks, ts=ts)
     if len(g.blocks) < 2:
         raise ValueError("the diversity terms compare block pairs: pass at least 2 --blocks")
     feats = {(b, t): g.features[(b, t)] for b in g.blocks for t in g.ts}
     rep = diversity_report(feats, g.blocks, g.ts, log_snr=g.log_snr)
     disp = dispersion_table(feats, g.blocks, g.ts)
-    res = prepare_out(out, "diversity", ckpt, weights, DiversityResult)
     meta = describe_grid(ck, g)
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     res.save("png", plots.plot_diversity(rep, ts=_plot_ts(g.ts), title=f"DiverseDiT diversity terms per block pair: "
@@ -66,4 +69,4 @@ def run_diversity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = 
     res.files["dispersion_csv"] = write_table(disp, res.out / "dispersion.csv")
     res.files["csv"] = write_table(rep, res.out / "diversity.csv")
     res.table, res.dispersion = rep, disp
-    return res
+    return res.finish()

@@ -29,7 +29,7 @@ from training.data import make_dataset
 from training.files import atomic_write_text, save_figure, write_table
 from training.runtime import init_distributed, resolve_device
 
-from .common import check_weights
+from .common import check_weights, checkpoint_tag, claim_output, release_output, releases_outputs
 
 __all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
 
@@ -45,10 +45,12 @@ class LayerGridResult:
     probe_seconds: float | None = None
 
 
-def default_out(checkpoint: Path, weights: str, label: str, probe: str) -> Path:
-    return Path("layer_grid") / f"{checkpoint.stem}-{weights}-{label}-{probe}"
+def default_out(checkpoint: Path, weights: str, label: str, probe: str, sha: str | None = None) -> Path:
+    """``layer_grid/<run>-<ckpt stem>-<sha8>-<weights>-<label>-<probe>``: unique per checkpoint file."""
+    return Path("layer_grid") / f"{checkpoint_tag(checkpoint, sha)}-{weights}-{label}-{probe}"
 
 
+@releases_outputs
 def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, blocks: Sequence[int] | None = None,
                    ts: Sequence | None = None, weights: str = "ema", label: str = "null", probe: str = "torch",
                    device: str = "auto", n_train: int = DEFAULT_N_TRAIN, n_test: int = DEFAULT_N_TEST,
@@ -56,7 +58,7 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
                    out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                    family: str | None = None, time_convention: str | None = None, trust: bool = False,
                    data_root: str | None = None, holdout: float = 0.2, progress: bool = True,
-                   probe_device: str | None = None) -> LayerGridResult:
+                   probe_device: str | None = None, overwrite: bool = False) -> LayerGridResult:
     """Probe every (block, t) cell of one checkpoint; writes ``layer_grid.csv``, ``layer_grid.png`` and
     ``layer_grid.protocol.json`` (the full extraction and probe protocol). ``cache_dir=None`` disables
     the feature cache. Under ``torchrun`` every rank extracts its shard; rank 0 probes and writes."""
@@ -79,6 +81,12 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     validate_blocks(blocks, ck.model.depth)
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
+    out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe, ck.sha)
+    if rank == 0:  # claimed before any extraction: a wrong --out fails in seconds, not after the fits
+        claim_output(out, {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data,
+                           "blocks": blocks, "ts": ts, "label": label, "probe": probe, "n_train": n_train,
+                           "n_test": n_test, "pooling": pooling, "seed": seed, "holdout": holdout,
+                           "time_convention": ck.time_convention}, overwrite)
     dtrain = make_dataset(data, "train", root=data_root)
     dtest = make_dataset(data, "test", root=data_root)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
@@ -92,8 +100,6 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     num_classes = max(dtrain.num_classes, int(gtr.labels.max()) + 1, int(gte.labels.max()) + 1)
     df, proto = grid_table(gtr, gte, probe, device=probe_device or str(dev), seed=seed, holdout=holdout,
                            progress=progress, num_classes=num_classes)
-    out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe)
-    out.mkdir(parents=True, exist_ok=True)
     csv_path, png_path, proto_path = out / "layer_grid.csv", out / "layer_grid.png", out / "layer_grid.protocol.json"
     # Figure first (the step most likely to fail), the table last: a CSV only exists for a finished run
     # (an older table in the same folder is removed first so it cannot pass for this run's).
@@ -101,4 +107,5 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     save_figure(layer_grid_heatmap(df), png_path)
     atomic_write_text(proto_path, json.dumps(proto, indent=1, default=str))
     write_table(df, csv_path)
+    release_output(out, [csv_path.name, png_path.name, proto_path.name])
     return LayerGridResult(df, csv_path, png_path, proto_path, proto["probe_seconds"])

@@ -48,7 +48,11 @@ class SampleResult:
 def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int = 64,
                npz: str | os.PathLike | None = None, weights: str = "ema", family: str | None = None,
                trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
-               progress: bool = True) -> SampleResult:
+               progress: bool = True, overwrite: bool = False) -> SampleResult:
+    """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling)."""
+    for target in (out, npz):
+        if target is not None and Path(target).exists() and not overwrite:
+            raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another path")
     s = sampler or SamplerSettings()
     ck = load_checkpoint(ckpt_path, weights=weights, family=family, trust=trust)
     kw = s.kwargs(ck.family)

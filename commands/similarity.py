@@ -17,7 +17,10 @@ from analysis.similarity import cka_grid, cosine_matrix
 from probe.grid import GridFeatures, format_t
 from training.files import write_npz, write_table
 
-from .common import FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out
+from training.checkpoint import file_sha
+
+from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out,
+                     releases_outputs, result_identity)
 
 __all__ = ["SimilarityResult", "run_similarity", "cross_similarity", "check_n"]
 
@@ -76,10 +79,12 @@ def _keys_arrays(keys, suffix: str = "") -> dict[str, np.ndarray]:
     return {f"blocks{suffix}": np.array([k[0] for k in keys]), f"ts{suffix}": np.array([float(k[1]) for k in keys])}
 
 
+@releases_outputs
 def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema",
                    other: str | os.PathLike | None = None, other_weights: str | None = None,
                    blocks: Sequence[int] | None = None, ts: Sequence | None = None, debiased: bool = True,
-                   method: str = "auto", out: str | os.PathLike | None = None, pdf: bool = False) -> SimilarityResult:
+                   method: str = "auto", out: str | os.PathLike | None = None, pdf: bool = False,
+                   overwrite: bool = False) -> SimilarityResult:
     """Within one model: the full (blocks*t)^2 matrix, plus block x block per t and t x t per block
     figures. With ``other`` and/or ``other_weights`` (teacher EMA vs student online, checkpoint i vs
     j, SRA vs baseline): the cross-model (cells_a x cells_b) matrix on the same images and noise.
@@ -88,9 +93,12 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
     """
     check_n(spec.n, debiased)
     ck = load_for_analysis(ckpt, weights, spec)
-    _, ga = load_features(ck, spec, blocks=blocks, ts=ts)
     cross = other is not None or (other_weights is not None and other_weights != weights)
-    res = prepare_out(out, "similarity", ckpt, weights, SimilarityResult)
+    ident = result_identity(ck, spec, other=file_sha(other) if other is not None else None,
+                            other_weights=other_weights, blocks=blocks, ts=ts, debiased=debiased, estimator=method)
+    res = prepare_out(out, "similarity", ckpt, weights, SimilarityResult, identity=ident, overwrite=overwrite,
+                      sha=ck.sha)
+    _, ga = load_features(ck, spec, blocks=blocks, ts=ts)
     est = "debiased CKA" if debiased else "biased CKA"
     meta = describe_grid(ck, ga, estimator=est)
     if not cross:
@@ -142,4 +150,4 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
     res.files["npz"] = write_npz(res.out / f"{prefix}.npz", **arrays)
     res.files["csv"] = write_table(df, res.out / f"{prefix}.csv")
     res.table = df
-    return res
+    return res.finish()

@@ -12,15 +12,16 @@ from analysis.embedding import aligned_umap, embedding_frame, umap_cells
 from training.files import write_table
 
 from .common import (FeatureSpec, Outputs, analysis_ts, cell_t, describe_grid, load_features, load_for_analysis,
-                     parse_cells, prepare_out)
+                     parse_cells, prepare_out, releases_outputs, result_identity)
 
 __all__ = ["run_umap"]
 
 
+@releases_outputs
 def run_umap(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema",
              cells: Sequence[str | tuple] | None = None, aligned_block: int | None = None,
              ts: Sequence | None = None, n_neighbors: int = 15, min_dist: float = 0.1, umap_seed: int | None = 0,
-             out: str | os.PathLike | None = None, pdf: bool = False) -> Outputs:
+             out: str | os.PathLike | None = None, pdf: bool = False, overwrite: bool = False) -> Outputs:
     """Default (neither ``cells`` nor ``aligned_block``): the middle block at 3 values of t. Writes
     ``umap.csv`` / ``umap.png`` for the cells and ``umap_aligned.csv`` / ``umap_aligned.png`` for the
     aligned block (tidy: block, t, sample, x, y, label, dataset index)."""
@@ -34,8 +35,10 @@ def run_umap(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema"
     tss = [cell_t(ck, t) for t in ts] if ts else few
     blocks = sorted({b for b, _ in parsed} | ({aligned_block} if aligned_block is not None else set()))
     all_ts = sorted({t for _, t in parsed} | (set(tss) if aligned_block is not None else set()))
+    res = prepare_out(out, "umap", ckpt, weights, sha=ck.sha, overwrite=overwrite,
+                      identity=result_identity(ck, spec, cells=parsed, aligned_block=aligned_block, ts=tss,
+                                               n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed))
     ds, g = load_features(ck, spec, blocks=blocks, ts=all_ts)
-    res = prepare_out(out, "umap", ckpt, weights)
     meta = describe_grid(ck, g, umap=f"n_neighbors={n_neighbors}, min_dist={min_dist}, z-scored")
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     names = getattr(ds, "class_names", None)
@@ -56,4 +59,4 @@ def run_umap(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema"
                                                 title=f"AlignedUMAP of block {aligned_block} across t: {name}",
                                                 meta={**meta, "block": aligned_block}), "umap_aligned.png", pdf)
         res.files["aligned_csv"] = write_table(df, res.out / "umap_aligned.csv")
-    return res
+    return res.finish()

@@ -6,7 +6,10 @@ needs nothing beyond numpy to read, maps lazily (``np.load(mmap_mode="r")``), an
 cell means a finished cell is never rewritten when another one is added. fp16 halves the disk
 cost of fp32 and is far finer than the noise of any probe on these features.
 
-Crash safety: a cell is written to ``cells/<key>.partial.npy`` and only renamed to
+Integrity: the manifest records each cell's sha256; a cell whose bytes changed since (garbage, a
+torn copy) is recomputed, and a cell with non-finite values is never committed.
+
+Crash safety: a cell is written to ``cells/<key>.<pid>-<random>.partial.npy`` and only renamed to
 ``cells/<key>.npy`` (``os.replace``, atomic on POSIX) once every row is in; the manifest entry is
 added after that, by an atomic rewrite of ``manifest.json`` under a file lock. A cell is "done"
 only if it is in the manifest *and* its file has the recorded shape, so an interrupted extraction
@@ -26,12 +29,14 @@ import fcntl
 import hashlib
 import json
 import os
+import secrets
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
 
 from training.files import atomic_write_text
+from training.runtime import pid_alive
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
 
@@ -45,6 +50,15 @@ def _canonical(fields: Mapping) -> str:
     return json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), default=str)
 
 
+def _file_digest(path: Path) -> str:
+    """sha256 of a cell file: a cell whose bytes changed after it was written is recomputed."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def cell_key(fields: Mapping) -> str:
     """Stable 24-hex key of a cell's identifying fields (order-insensitive)."""
     return hashlib.sha256(_canonical(fields).encode()).hexdigest()[:24]
@@ -56,9 +70,10 @@ class CellWriter:
     def __init__(self, cache: "FeatureCache", fields: Mapping, shape: tuple[int, ...]):
         self.cache, self.fields, self.shape = cache, dict(fields), tuple(int(s) for s in shape)
         self.key = cell_key(self.fields)
-        self.partial = cache.cells_dir / f"{self.key}.partial.npy"
+        # per-process, per-writer name: two writers of one cell never share a file (the last rename
+        # wins, with identical content); leftovers of killed runs are removed by FeatureCache
+        self.partial = cache.cells_dir / f"{self.key}.{os.getpid()}-{secrets.token_hex(4)}.partial.npy"
         self.final = cache.cells_dir / f"{self.key}.npy"
-        self.partial.unlink(missing_ok=True)  # a leftover from an interrupted run
         self._mm = np.lib.format.open_memmap(self.partial, mode="w+", dtype=np.float16, shape=self.shape)
         self._rows_written = 0
 
@@ -70,10 +85,16 @@ class CellWriter:
     def commit(self) -> None:
         if self._rows_written < self.shape[0]:
             raise RuntimeError(f"cell {self.key}: only {self._rows_written}/{self.shape[0]} rows written")
+        if not np.isfinite(self._mm).all():
+            self.abort()
+            where = {k: self.fields.get(k) for k in ("block", "t", "weights")}
+            raise ValueError(f"non-finite features (NaN/inf) in cell {where}: the model's activations overflowed; "
+                             "check the checkpoint (a diverged run?) or extract in fp32")
         self._mm.flush()
         del self._mm
+        digest = _file_digest(self.partial)
         os.replace(self.partial, self.final)
-        self.cache._register(self.key, self.fields, self.shape)
+        self.cache._register(self.key, self.fields, self.shape, digest)
 
     def abort(self) -> None:
         with contextlib.suppress(Exception):
@@ -94,8 +115,18 @@ class FeatureCache:
         self.manifest_path = self.root / "manifest.json"
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / ".lock"
+        self._verified: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) checked this process
         if self.manifest_path.exists():
             self._check_format(self._read_manifest())
+        self._remove_orphans()
+
+    def _remove_orphans(self) -> None:
+        """Partial cells of processes that no longer run (killed mid-cell)."""
+        for p in self.cells_dir.glob("*.partial.npy"):
+            pid = p.name.split(".")[-3].split("-")[0] if p.name.count(".") >= 3 else ""
+            alive = pid.isdigit() and pid_alive(int(pid))
+            if not alive:
+                p.unlink(missing_ok=True)
 
     # -- manifest -------------------------------------------------------------------------------
     def _check_format(self, m: dict) -> None:
@@ -127,12 +158,12 @@ class FeatureCache:
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
-    def _register(self, key: str, fields: dict, shape: tuple[int, ...]) -> None:
+    def _register(self, key: str, fields: dict, shape: tuple[int, ...], digest: str) -> None:
         with self._locked():
             m = self._read_manifest()
             self._check_format(m)
             m.setdefault("cells", {})[key] = {"fields": fields, "shape": list(shape), "dtype": "float16",
-                                              "file": f"cells/{key}.npy"}
+                                              "file": f"cells/{key}.npy", "sha256": digest}
             atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True, default=str))
 
     def entries(self) -> dict[str, dict]:
@@ -168,18 +199,33 @@ class FeatureCache:
             on_disk = np.load(path, mmap_mode="r").shape
         except (ValueError, OSError):
             return False  # truncated file: recompute
-        if list(on_disk) != list(e["shape"]):
+        if list(on_disk) != list(e["shape"]) or not self._intact(cell_key(fields), path, e):
             return False
         if shape is not None and tuple(on_disk) != tuple(shape):
             raise ValueError(f"feature cache {self.root}: cell {cell_key(fields)} has shape {tuple(on_disk)}, "
                              f"expected {tuple(shape)} (written by another protocol); delete it or use another --cache")
         return True
 
+    def _intact(self, key: str, path: Path, entry: dict) -> bool:
+        """The file still has the bytes it was written with (checked once per process and file state)."""
+        st = path.stat()
+        state = (st.st_size, st.st_mtime_ns)
+        if self._verified.get(key) == state:
+            return True
+        if entry.get("sha256") != _file_digest(path):
+            return False
+        self._verified[key] = state
+        return True
+
     def load(self, fields: Mapping) -> np.ndarray:
         e = self._entry(fields)
         if e is None:
             raise KeyError(f"cell not in cache {self.root}: {dict(fields)}")
-        return np.load(self.root / e["file"], mmap_mode="r")
+        path = self.root / e["file"]
+        if not self._intact(cell_key(fields), path, e):
+            raise ValueError(f"feature cache {self.root}: cell {cell_key(fields)} changed on disk after it was "
+                             "written (checksum mismatch); run the command again to recompute it")
+        return np.load(path, mmap_mode="r")
 
     def writer(self, fields: Mapping, shape: tuple[int, ...]) -> CellWriter:
         return CellWriter(self, fields, shape)

@@ -271,13 +271,15 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
         "model": ck.meta.get("model_name") or f"{family.upper()}-d{model.depth}-w{hidden}",
         "method": ck.meta.get("method"), "time_convention": conv,
         "dataset": getattr(dataset, "name", "?"), "split": split, "n_samples": n, "indices_sha": indices_sha,
+        "split_rule": getattr(dataset, "split_rule", "official"),
         "seed": seed, "label_policy": label_policy, "pooling": pooling, "precision": precision,
         "noise": NOISE_SCHEME, "blocks": blocks, "ts": ts, "feature_dtype": "float16" if cache else "float32",
     }
 
     def key(b: int, t) -> dict:
         return {"checkpoint_sha": meta["checkpoint_sha"], "weights": ck.weights, "block": b, "t": _t_key(t),
-                "pooling": pooling, "split": split, "seed": seed, "dataset": meta["dataset"], "n_samples": n,
+                "pooling": pooling, "split": split, "split_rule": meta["split_rule"], "seed": seed,
+                "dataset": meta["dataset"], "n_samples": n,
                 "indices_sha": indices_sha, "label_policy": label_policy, "precision": precision,
                 "time_convention": conv, "family": family, "noise": NOISE_SCHEME}
 

@@ -86,18 +86,47 @@ def test_image_folder(tmp_path):
     assert x.shape == (3, 16, 16) and x[0].mean() == pytest.approx(1.0) and y == 0
 
 
-def test_latents_layout_samples_posterior(tmp_path):
-    root = tmp_path / "vae-sd"
+def _latents(root, n: int) -> None:
     (root / "00000").mkdir(parents=True)
     labels = []
-    for i in range(3):
+    for i in range(n):
         mom = np.concatenate([np.full((4, 4, 4), float(i)), np.full((4, 4, 4), 0.5)]).astype(np.float32)
         np.save(root / "00000" / f"img{i:08d}.npy", mom)
-        labels.append([f"00000/img{i:08d}.npy", i])
+        labels.append([f"00000/img{i:08d}.npy", i % 3])
     (root / "dataset.json").write_text(json.dumps({"labels": labels}))
-    ds = make_dataset(f"latents:{tmp_path}")
+
+
+def test_latents_without_test_split_never_leak(tmp_path):
+    """No PATH/test/vae-sd: train and test are a disjoint seeded cut, warned about and recorded."""
+    _latents(tmp_path / "vae-sd", 40)
+    with pytest.warns(UserWarning, match="no test split"):
+        tr, te = make_dataset(f"latents:{tmp_path}", "train"), make_dataset(f"latents:{tmp_path}", "test")
+    assert (len(tr), len(te)) == (36, 4) and not set(tr.files) & set(te.files)
+    assert tr.split_rule == te.split_rule and "not an official split" in te.split_rule
+    assert len(make_dataset(f"latents:{tmp_path}", "train", holdout_cut=False)) == 40  # the trainer's view
+    _latents(tmp_path / "test" / "vae-sd", 5)  # an official test split wins
+    te = make_dataset(f"latents:{tmp_path}", "test")
+    assert len(te) == 5 and te.split_rule == "official"
+
+
+def test_image_folder_without_split_is_cut_disjointly(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / c).mkdir()
+        for i in range(10):
+            Image.new("RGB", (8, 8), (25 * i, 0, 0)).save(tmp_path / c / f"{i}.png")
+    with pytest.warns(UserWarning, match="no test split"):
+        tr, te = make_dataset(f"folder:{tmp_path}", "train"), make_dataset(f"folder:{tmp_path}", "test")
+    assert len(tr) + len(te) == 20 and not {f for f, _ in tr.files} & {f for f, _ in te.files}
+    assert te.split_rule != "official"
+
+
+def test_latents_layout_samples_posterior(tmp_path):
+    _latents(tmp_path / "vae-sd", 3)
+    ds = make_dataset(f"latents:{tmp_path}", holdout_cut=False)
     assert (ds.channels, ds.image_size, ds.num_classes, len(ds)) == (4, 4, 3, 3)
-    moments, y = ds.get_batch(torch.tensor([2]))
+    moments, y = ds.get_batch(torch.tensor([2]))  # moments mean 2.0
     g = torch.Generator().manual_seed(0)
     z = ds.finalize(moments.repeat(4000, 1, 1, 1), g)
     assert z.mean().item() == pytest.approx(2 * 0.18215, abs=0.01)

@@ -255,6 +255,22 @@ def test_run_eval_writes_a_keyed_row(tiny_ckpt, digits_clf, tmp_path):
     assert rows[0]["ckpt_sha"] == row["ckpt_sha"] and rows[0]["checkpoint"] == str(tiny_ckpt.resolve())
 
 
+def test_metrics_score_the_saved_images_not_raw_sampler_output(tiny_ckpt, digits_clf):
+    """An early checkpoint's raw samples lie far outside [-1, 1]; fd must score them clamped and
+    quantised (what a PNG / .npz holds), not explode on the raw values."""
+    from training.checkpoint import load_checkpoint
+
+    ck = load_checkpoint(tiny_ckpt)
+    raw = 50 * torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with mock.patch.object(S, "sample", return_value=raw):
+        row = E.evaluate_checkpoint(ck, n=16, steps=2, method="ode-euler", classifier=digits_clf)
+    saved = I.from_uint8(I.to_uint8(raw))
+    assert saved.abs().max() <= 1 and (raw.abs() > 1).float().mean() > 0.9
+    want = C.classifier_metrics(digits_clf, saved, S.resolve_labels(None, 16, 10, 0))["fd_digits"]
+    assert row["fd_digits"] == pytest.approx(want, rel=1e-9)
+    assert row["fd_digits"] < 0.1 * C.classifier_metrics(digits_clf, raw)["fd_digits"]
+
+
 def test_run_sample_writes_grid_and_npz(tiny_ckpt, tmp_path):
     out = run_sample(tiny_ckpt, tmp_path / "grid.png", n=6, npz=tmp_path / "s.npz",
                      sampler=SamplerSettings(method="sde", steps=2), progress=False)

@@ -60,8 +60,47 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
 
 def test_resume_refuses_a_different_model(tmp_path):
     train(cfg(tmp_path, steps=1), quiet=True)
-    with pytest.raises(ValueError, match="'model'"):
+    with pytest.raises(ValueError, match="model: 'SiT-T/4' -> 'DiT-T/4'"):
         Trainer(cfg(tmp_path, model="DiT-T/4", steps=2), resume=tmp_path)
+
+
+def test_resume_refuses_changed_hyper_parameters_and_records_what_ran(tmp_path):
+    """A new lr on resume would be overridden by the optimizer state while the config recorded it:
+    refuse, naming every changed field; length and logging may change."""
+    train(cfg(tmp_path, steps=2), quiet=True)
+    before = (tmp_path / "config.yaml").read_text()
+    with pytest.raises(ValueError, match=r"lr: 0.0005 -> 1000000000000.0.*ema_decay") as e:
+        Trainer(cfg(tmp_path, steps=4, lr=1e12, ema_decay=0.5), resume=tmp_path)
+    assert "\n" not in str(e.value) and (tmp_path / "config.yaml").read_text() == before
+    train(cfg(tmp_path, steps=3, log_every=3), resume=tmp_path, quiet=True)  # allowed changes
+    assert load_checkpoint(tmp_path / "checkpoints" / "0000003.pt").config["lr"] == 5e-4
+
+
+def test_cli_resume_inherits_the_run_config(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    train(cfg(tmp_path, steps=2), quiet=True)
+    res = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--steps", "3", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert load_checkpoint(tmp_path / "checkpoints" / "0000003.pt").step == 3
+    res = CliRunner().invoke(app, ["train", "--resume", str(tmp_path), "--steps", "4", "--lr", "1e12", "--quiet"])
+    assert res.exit_code == 2 and "lr: 0.0005 -> 1000000000000.0" in res.output
+
+
+def test_last_good_checkpoint_skips_non_finite_weights_and_orphans_go(tmp_path):
+    train(cfg(tmp_path, steps=4, ckpt_every=2), quiet=True)
+    bad = tmp_path / "checkpoints" / "0000004.pt"
+    state = torch.load(bad, weights_only=True)
+    state["model"]["pos_embed"] = torch.full_like(state["model"]["pos_embed"], float("inf"))
+    torch.save(state, bad)
+    (tmp_path / "checkpoints" / ".0000006.pt.abc.tmp").write_bytes(b"torn")  # a killed write
+    trainer = Trainer(cfg(tmp_path, steps=6, ckpt_every=2), resume=tmp_path / "checkpoints" / "0000002.pt",
+                      quiet=True)
+    trainer._open_logs()
+    assert trainer.last_good_checkpoint().name == "0000002.pt"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
 
 
 def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
@@ -78,7 +117,8 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     monkeypatch.setattr(trainer, "_micro_step", poisoned)
     with pytest.raises(TrainingDiverged, match="step 4") as err:
         trainer.train()
-    assert "0000002.pt" in str(err.value)
+    assert "0000002.pt" in str(err.value) and "metrics so far" in str(err.value) and "\n" not in str(err.value)
+    assert [int(r["step"]) for r in read_metrics(tmp_path)][:2] == [1, 2]  # written up to the stop
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["0000002.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "0000002.pt").step == 2

@@ -8,8 +8,13 @@ Specs accepted by :func:`make_dataset`:
 * ``folder:PATH`` — an image folder with one sub-folder per class (``PATH/train`` and
   ``PATH/test`` if present, else a fixed 90/10 split), resized to ``image_size``;
 * ``latents:PATH`` — pre-computed SD-VAE moments in the REPA/SRA layout (``PATH/vae-sd/**.npy``
-  of shape (8, h, w) = [mean, std], labels in ``PATH/vae-sd/dataset.json``); each access draws a
-  fresh posterior sample ``(mean + std * eps) * 0.18215``.
+  of shape (8, h, w) = [mean, std], labels in ``PATH/vae-sd/dataset.json``; a test split in
+  ``PATH/test/vae-sd``); each access draws a fresh posterior sample ``(mean + std * eps) * 0.18215``.
+
+A folder without a test split is never reused as its own test split: ``train`` and ``test`` are a
+disjoint, seeded 90/10 cut of it (:data:`HELDOUT_RULE`), recorded in ``dataset.split_rule`` and
+warned about, since it is not an official split. The trainer of a latents folder may take every
+file (``holdout_cut=False``: the papers train on all of ImageNet's train latents); probes never do.
 
 Datasets return *raw* items; :meth:`finalize` turns a collated batch into model inputs on the
 training device. Everything random (posterior draws) happens there, from the trainer's generator,
@@ -22,6 +27,7 @@ import gzip
 import json
 import os
 import struct
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,13 +36,26 @@ import torch
 from torch.utils.data import Dataset
 
 __all__ = ["make_dataset", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset", "ResumableBatchSampler",
-           "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names"]
+           "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names", "heldout_cut", "HELDOUT_RULE"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
 SD_VAE_SCALE = 0.18215
 SPLITS = ("train", "test")
+HELDOUT_RULE = "seeded 90/10 cut of one folder (numpy default_rng(0) permutation; not an official split)"
+OFFICIAL_SPLIT = "official"
+
+
+def heldout_cut(n: int, split: str) -> np.ndarray:
+    """The rows of ``split`` in a disjoint, seeded 90/10 cut of ``n`` items (sorted)."""
+    perm = np.random.default_rng(0).permutation(n)
+    cut = int(round(0.9 * n))
+    return np.sort(perm[:cut] if split == "train" else perm[cut:])
+
+
+def _warn_cut(where: str) -> None:
+    warnings.warn(f"{where} has no test split: using a {HELDOUT_RULE} (train and test are disjoint)", stacklevel=3)
 
 
 def dataset_names() -> list[str]:
@@ -152,11 +171,11 @@ class ImageFolderDataset(Dataset):
             raise ValueError(f"{base} has no class sub-folders: expected {base}/<class_name>/<image files>")
         files = [(f, c) for c, name in enumerate(classes) for f in sorted((base / name).rglob("*"))
                  if f.suffix.lower() in IMAGE_EXTS]
-        if base is root:  # no explicit split: fixed 90/10 split
-            perm = np.random.default_rng(0).permutation(len(files))
-            cut = int(round(0.9 * len(files)))
-            keep = perm[:cut] if split == "train" else perm[cut:]
-            files = [files[i] for i in sorted(keep)]
+        self.split_rule = OFFICIAL_SPLIT
+        if base is root:  # no explicit split: the disjoint seeded cut
+            files = [files[i] for i in heldout_cut(len(files), split)]
+            self.split_rule = HELDOUT_RULE
+            _warn_cut(f"image folder {root}")
         if not files:
             raise ValueError(f"no images found for split {split!r} under {base}")
         self.name, self.split = f"folder:{root}", split
@@ -199,11 +218,13 @@ class LatentsDataset(Dataset):
 
     latent_scale = SD_VAE_SCALE
 
-    def __init__(self, root: str | os.PathLike, split: str = "train"):
+    def __init__(self, root: str | os.PathLike, split: str = "train", holdout_cut: bool = True):
         root = Path(root)
         feat_dir = root / "vae-sd" if (root / "vae-sd").is_dir() else root
-        if split != "train" and (root / split / "vae-sd").is_dir():
-            feat_dir = root / split / "vae-sd"
+        has_test = (root / "test" / "vae-sd").is_dir()
+        if split == "test" and has_test:
+            feat_dir = root / "test" / "vae-sd"
+        cut = not has_test and (holdout_cut or split == "test")
         meta_path = feat_dir / "dataset.json"
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path} not found: expected the REPA/SRA latents layout "
@@ -224,9 +245,17 @@ class LatentsDataset(Dataset):
         if first.ndim != 3 or first.shape[0] % 2:
             raise ValueError(f"{files[0]} has shape {first.shape}; expected (2C, h, w) = [mean, std] moments")
         self.name, self.split = f"latents:{root}", split
+        labels_all = [label_of[r] for r in rel]
+        self.num_classes = max(labels_all) + 1
+        self.split_rule = OFFICIAL_SPLIT if has_test else (HELDOUT_RULE if cut else "every file (no test split)")
+        if cut:
+            keep = heldout_cut(len(files), split)
+            files, labels_all = [files[i] for i in keep], [labels_all[i] for i in keep]
+            if not files:
+                raise ValueError(f"latents folder {root} is too small for a held-out {split} cut; add PATH/test/vae-sd")
+            _warn_cut(f"latents folder {root}")
         self.files = files
-        self.labels = torch.tensor([label_of[r] for r in rel])
-        self.num_classes = int(self.labels.max()) + 1
+        self.labels = torch.tensor(labels_all)
         self.class_names = [str(i) for i in range(self.num_classes)]
         self.channels = first.shape[0] // 2
         self.image_size = first.shape[-1]
@@ -247,8 +276,10 @@ class LatentsDataset(Dataset):
         return (mean + std * eps) * SD_VAE_SCALE
 
 
-def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = 32):
-    """Build a dataset from a spec string (see module docstring)."""
+def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = 32,
+                 holdout_cut: bool = True):
+    """Build a dataset from a spec string (see module docstring). ``holdout_cut=False`` (training
+    only): a latents folder without a test split gives every file as ``train``."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if spec == "fashion-mnist":
@@ -258,7 +289,7 @@ def make_dataset(spec: str, split: str = "train", root: str | None = None, image
     if spec.startswith("folder:"):
         return ImageFolderDataset(spec.split(":", 1)[1], split, image_size=image_size)
     if spec.startswith("latents:"):
-        return LatentsDataset(spec.split(":", 1)[1], split)
+        return LatentsDataset(spec.split(":", 1)[1], split, holdout_cut=holdout_cut)
     raise ValueError(f"unknown dataset {spec!r}; use one of {dataset_names()}")
 
 

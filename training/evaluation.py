@@ -22,7 +22,7 @@ from . import samplers
 from .data import make_dataset
 from .classifier import DatasetClassifier, classifier_metrics, get_classifier, model_batches
 from .files import atomic_path
-from .images import save_npz, to_uint8
+from .images import as_saved, save_npz, to_uint8
 from .metrics import check_inception_weights, inception_metrics
 
 __all__ = ["KEY_COLUMNS", "checkpoint_keys", "evaluate_checkpoint", "append_metrics_row", "parse_labels"]
@@ -79,6 +79,7 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
     images = samplers.sample(ck, None, n=n, labels=labels, method=method, steps=steps, cfg_scale=cfg_scale,
                              guidance_interval=guidance_interval, legacy_cfg_channels=legacy_cfg_channels,
                              seed=seed, batch_size=batch_size, device=device, progress=progress)
+    images = as_saved(images, ck.meta)  # score what the images are: clamped and quantised, as written
     sample_seconds = time.time() - t0
     y = samplers.resolve_labels(labels, n, int(ck.meta.get("num_classes") or ck.model.y_embedder.num_classes), seed)
     row: dict[str, Any] = {

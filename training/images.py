@@ -11,7 +11,7 @@ import torch
 
 from .files import atomic_path
 
-__all__ = ["require_pixels", "to_uint8", "save_npz", "save_grid"]
+__all__ = ["require_pixels", "to_uint8", "from_uint8", "as_saved", "save_npz", "save_grid"]
 
 
 def require_pixels(meta: dict | None) -> None:
@@ -25,6 +25,22 @@ def to_uint8(x: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
     """Model-space pixels in [-1, 1] (N, C, H, W) -> uint8 (N, C, H, W), rounded as DiT/ADM."""
     require_pixels(meta)
     return (127.5 * x.float() + 128.0).clamp(0, 255).to(torch.uint8)
+
+
+def from_uint8(u8: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, C, H, W) -> model-space float pixels, the inverse of :func:`to_uint8` on its grid."""
+    return (u8.float() - 127.5) / 127.5
+
+
+def as_saved(x: torch.Tensor, meta: dict | None = None) -> torch.Tensor:
+    """The images as they are written (clamped to [-1, 1] and quantised to 8 bits), in model space.
+
+    Every metric scores these, not the raw sampler output: an early checkpoint's raw samples can
+    lie far outside [-1, 1], which no PNG or ``.npz`` holds. Latents pass through unchanged.
+    """
+    if meta and meta.get("latent_scale") is not None:
+        return x
+    return from_uint8(to_uint8(x, meta))
 
 
 def save_npz(path: str | os.PathLike, images: torch.Tensor | np.ndarray, labels: Any = None, rgb: bool = True) -> Path:

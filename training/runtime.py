@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "machine_description", "local_rank", "dist_info", "init_distributed", "dist_world", "sample_seed",
+__all__ = ["resolve_device", "machine_description", "local_rank", "dist_info", "init_distributed", "dist_world", "pid_alive", "sample_seed",
            "PerSampleNoise", "noise_bank", "NOISE_SCHEME"]
 
 NOISE_SCHEME = "torch.Generator(blake2b(seed:stream:index)) v2"
@@ -66,6 +66,17 @@ def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if use_nccl else "gloo")
     return dist_world()
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (for locks and partial files left by killed runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def dist_world() -> tuple[int, int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import csv
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, read_checkpoint, save_checkpoint
+from .checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .data import ResumableBatchSampler, make_dataset
 from .methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
@@ -33,8 +34,22 @@ from .runtime import dist_info, init_distributed, resolve_device
 __all__ = ["Trainer", "TrainingDiverged", "train"]
 
 
-class TrainingDiverged(RuntimeError):
-    """Raised when the loss or gradient norm stops being finite."""
+class TrainingDiverged(ValueError):
+    """The loss or gradient norm stopped being finite. A user-facing error (one line in the CLI):
+    it names the step, the last checkpoint that is still good and the metrics written so far."""
+
+
+# Fields a resumed run may change: how long and where it runs and logs, not what it computes.
+RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "ckpt_steps", "log_every", "device", "num_workers", "compile",
+                     "data_root")
+
+
+def config_changes(old: dict, new: TrainConfig) -> list[str]:
+    """``field: old -> new`` for every field a resume would silently get wrong (all but
+    :data:`RESUMABLE_CHANGES`)."""
+    cur = new.to_dict()
+    return [f"{k}: {old.get(k)!r} -> {cur[k]!r}" for k in cur
+            if k not in RESUMABLE_CHANGES and old.get(k, cur[k]) != cur[k]]
 
 
 @torch.no_grad()
@@ -64,7 +79,8 @@ class Trainer:
         self.out = Path(config.out)
 
         # data
-        self.dataset = make_dataset(config.data, "train", root=config.data_root, image_size=config.image_size)
+        self.dataset = make_dataset(config.data, "train", root=config.data_root, image_size=config.image_size,
+                                    holdout_cut=False)
         per_rank = config.batch_size // (self.world * config.grad_accum)
         if per_rank < 1 or per_rank * self.world * config.grad_accum != config.batch_size:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by world_size x grad_accum "
@@ -163,11 +179,10 @@ class Trainer:
         state = read_checkpoint(path, map_location="cpu")
         if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
             raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
-        old = state["config"]
-        for key in ("model", "method", "data", "batch_size", "grad_accum", "model_overrides"):
-            if old.get(key) != getattr(self.cfg, key):
-                raise ValueError(f"cannot resume {path.name}: config field {key!r} was {old.get(key)!r}, "
-                                 f"now {getattr(self.cfg, key)!r}")
+        changed = config_changes(state["config"], self.cfg)
+        if changed:  # the optimizer state would win over a new lr and the recorded config would lie
+            raise ValueError(f"cannot resume {path.name} with a different config ({'; '.join(changed)}): resume "
+                             "with the checkpoint's values, or start a new run in another --out")
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -238,11 +253,9 @@ class Trainer:
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if not (torch.isfinite(sums["loss"]) and torch.isfinite(grad_norm)):
-            last = latest_checkpoint(self.out)
             raise TrainingDiverged(
                 f"non-finite loss or gradient at step {self.step + 1} (loss={float(sums['loss']):.4g}, "
-                f"grad_norm={float(grad_norm):.4g}); stopped, last good checkpoint: {last or 'none'}"
-            )
+                f"grad_norm={float(grad_norm):.4g})")
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -275,10 +288,31 @@ class Trainer:
         return (self.step == c.steps or self.step in set(c.ckpt_steps)
                 or (c.ckpt_every > 0 and self.step % c.ckpt_every == 0))
 
+    def last_good_checkpoint(self) -> Path | None:
+        """The newest checkpoint whose weights are all finite and whose last logged loss was finite."""
+        losses: dict[int, float] = {}
+        if self.csv_path.exists():
+            with open(self.csv_path) as f:
+                losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
+        for path in reversed(list_checkpoints(self.out)):
+            try:
+                state = read_checkpoint(path, map_location="cpu")
+            except ValueError:
+                continue
+            step = int(state.get("steps", 0))
+            logged = [v for k, v in losses.items() if k <= step]
+            finite = all(torch.isfinite(v).all() for w in ("model", "ema") for v in state[w].values()
+                         if torch.is_tensor(v) and v.is_floating_point())
+            if finite and (not logged or math.isfinite(logged[-1])):
+                return path
+        return None
+
     def _open_logs(self):
         self.out.mkdir(parents=True, exist_ok=True)
         csv_path = self.out / "metrics.csv"
         if self.rank == 0:
+            for orphan in (self.out / "checkpoints").glob(".*.tmp"):  # left by a write that was killed
+                orphan.unlink(missing_ok=True)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
             if csv_path.exists():  # drop rows a crashed run wrote past the step we resume from
                 with open(csv_path) as f:
@@ -346,6 +380,14 @@ class Trainer:
                     window, n_window, t0 = {}, 0, time.perf_counter()
                 if self._should_save():
                     last_path = self.save() or last_path
+        except TrainingDiverged as e:
+            if n_window and self.rank == 0:  # the steps since the last log line are metrics too
+                self._log({"step": self.step, **{k: float(v / n_window) for k, v in window.items()},
+                           "steps_per_s": n_window / max(time.perf_counter() - t0, 1e-9),
+                           "lr": self.opt.param_groups[0]["lr"]})
+            good = self.last_good_checkpoint()
+            raise TrainingDiverged(f"{e}; stopped. Last good checkpoint (finite weights and loss): "
+                                   f"{good or 'none'}; metrics so far: {self.csv_path}") from None
         finally:
             bar.close()
             if self.tb is not None:
