@@ -252,9 +252,12 @@ def sample(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
-    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False,
+    vae: Annotated[Optional[Path], typer.Option(help="Local AutoencoderKL folder that decodes a latent checkpoint's "
+                                                "samples (e.g. a copy of sd-vae-ft-ema).")] = None,
+    overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
-    """Sample from a checkpoint: a PNG grid and optionally an ADM .npz.
+    """Sample from a checkpoint: a PNG grid and optionally an ADM .npz (latent models: decoded with --vae).
 
     Example: `probe sample runs/sit/checkpoints/0005000.pt --n 64 --method sde --steps 250 --cfg-scale 1.8
     --guidance-high 0.7 --npz samples.npz`.
@@ -265,7 +268,7 @@ def sample(
     res = run_sample(ckpt, out, n=n, npz=npz, weights=weights, family=family, trust=trust_checkpoint,
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
                                       batch_size),
-                     device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite)
+                     device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite, vae=vae)
     typer.echo(f"{res.n} samples ({res.method}, {res.steps} steps) -> {res.grid}" + (f", {res.npz}" if res.npz else ""))
 
 
@@ -308,6 +311,33 @@ def eval_(
                                                                                                "precision", "recall")}
         typer.echo(f"{Path(ckpt).name} step {row['step']}: "
                    + ", ".join(f"{k}={v:.4g}" for k, v in shown.items()) + f" -> {row['metrics_csv']}")
+
+
+@app.command()
+@friendly_errors
+def encode(
+    src: Annotated[Path, typer.Argument(help="Image folder: SRC/<class>/<image>, or SRC/train/... and SRC/val/... "
+                                        "(ImageNet layout).")],
+    out: Annotated[Path, typer.Option(help="Latents folder (read back with --data latents:OUT).")],
+    vae: Annotated[Path, typer.Option(help="Local AutoencoderKL folder (config.json + weights), e.g. a copy of "
+                                      "stabilityai/sd-vae-ft-ema.")],
+    resolution: Annotated[int, typer.Option(help="ADM centre crop size in pixels (256 or 512 in the papers).")] = 256,
+    flip: Annotated[bool, typer.Option("--flip", help="Also store a horizontally flipped copy of every image.")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per VAE forward.")] = 32,
+    device: OptDevice = "auto", quiet: OptQuiet = False,
+) -> None:
+    """Encode images to SD-VAE latents in the REPA/SRA layout (vae-sd/*.npy moments + dataset.json).
+
+    Resumable (finished files are skipped); shards over ranks under torchrun.
+    Example: `probe encode data/imagenet --out data/in256 --vae weights/sd-vae-ft-ema --resolution 256`.
+    """
+    from commands.encode import run_encode
+
+    res = run_encode(src, out, vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device,
+                     progress=not quiet)
+    for folder, n in res.splits.items():
+        typer.echo(f"{n:>8} latents in {folder}")
+    typer.echo(f"encoded {res.encoded} (others existed); use --data latents:{res.out}")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@ from typing import Any
 
 from training import samplers
 from training.checkpoint import load_checkpoint
-from training.images import require_pixels, save_grid, save_npz, to_uint8
+from training.images import save_grid, save_npz, to_uint8
+from training.vae import check_vae, load_vae, to_pixels
 
 __all__ = ["SampleResult", "SamplerSettings", "run_sample"]
 
@@ -48,8 +49,9 @@ class SampleResult:
 def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int = 64,
                npz: str | os.PathLike | None = None, weights: str = "ema", family: str | None = None,
                trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
-               progress: bool = True, overwrite: bool = False) -> SampleResult:
-    """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling)."""
+               progress: bool = True, overwrite: bool = False, vae: str | os.PathLike | None = None) -> SampleResult:
+    """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling).
+    Latent checkpoints are decoded with the AutoencoderKL in folder ``vae``."""
     for target in (out, npz):
         if target is not None and Path(target).exists() and not overwrite:
             raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another path")
@@ -58,9 +60,10 @@ def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int =
     kw = s.kwargs(ck.family)
     samplers.validate_options(ck.family, kw["method"], s.steps, s.cfg_scale, tuple(s.guidance_interval),
                               ck.num_timesteps)
-    require_pixels(ck.meta)
-    images = samplers.sample(ck, None, n=n, device=device, progress=progress, **kw)
-    u8 = to_uint8(images, ck.meta)
+    decoder = load_vae(vae, device) if vae is not None else None
+    check_vae(ck.meta, decoder)  # before sampling
+    images = to_pixels(samplers.sample(ck, None, n=n, device=device, progress=progress, **kw), ck.meta, decoder)
+    u8 = to_uint8(images)
     y = samplers.resolve_labels(s.labels, n, int(ck.meta.get("num_classes") or 1), s.seed)
     grid = save_grid(out, u8)
     return SampleResult(grid, save_npz(npz, u8, y) if npz is not None else None, n, kw["method"], s.steps)

@@ -230,7 +230,8 @@ class LatentsDataset(Dataset):
             raise FileNotFoundError(f"{meta_path} not found: expected the REPA/SRA latents layout "
                                     "(vae-sd/*.npy moments plus vae-sd/dataset.json labels)")
         with open(meta_path) as f:
-            labels = json.load(f).get("labels")
+            meta = json.load(f)
+        labels = meta.get("labels")
         if not labels:
             raise ValueError(f"{meta_path} has no 'labels' list")
         label_of = {str(k).replace("\\", "/"): int(v) for k, v in labels}
@@ -256,7 +257,10 @@ class LatentsDataset(Dataset):
             _warn_cut(f"latents folder {root}")
         self.files = files
         self.labels = torch.tensor(labels_all)
-        self.class_names = [str(i) for i in range(self.num_classes)]
+        names = meta.get("class_names")
+        self.class_names = list(names) if names and len(names) >= self.num_classes else [
+            str(i) for i in range(self.num_classes)]
+        self.vae_info = meta.get("vae")  # written by probe encode: path, scale, config_sha
         self.channels = first.shape[0] // 2
         self.image_size = first.shape[-1]
 

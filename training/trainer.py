@@ -145,6 +145,7 @@ class Trainer:
             "in_channels": self.model_config.in_channels,
             "input_size": self.model_config.input_size,
             "latent_scale": ds.latent_scale,
+            "vae": getattr(ds, "vae_info", None),  # which VAE made the latents (probe encode records it)
             "data": self.cfg.data,
             "method": self.cfg.method,
             "method_config": {"sra": dict(self.cfg.sra), "diverse": dict(self.cfg.diverse)},

@@ -1,0 +1,114 @@
+"""The papers' latent setting on a tiny AutoencoderKL built here (random weights, published layout):
+images -> probe encode -> latents: -> train -> sample -> decode. No downloads."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cli import app
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is in the test extra")
+pytestmark = pytest.mark.usefixtures("single_thread")
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def tiny_vae(tmp_path_factory):
+    """A 3-level AutoencoderKL (32 px -> 4 x 8 x 8 latents), saved as sd-vae-ft-ema is laid out."""
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, norm_num_groups=4,
+                                  down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                                  block_out_channels=(8, 8, 8), layers_per_block=1, sample_size=32)
+    path = tmp_path_factory.mktemp("vae") / "sd-vae-tiny"
+    vae.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("val", 2)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(root / split / c / f"{i}.png")
+    return root
+
+
+def test_encode_round_trip_and_resume(tiny_vae, images, tmp_path):
+    from training.data import make_dataset
+    from training.vae import center_crop_arr, load_vae
+
+    out = tmp_path / "lat"
+    res = runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution", "32",
+                              "--flip", "--quiet", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    tr, te = make_dataset(f"latents:{out}", "train"), make_dataset(f"latents:{out}", "test")
+    assert (len(tr), len(te)) == (24, 8) and tr.split_rule == "official"  # 12 images + flips; val -> test
+    assert (tr.channels, tr.image_size, tr.class_names) == (4, 8, ["cat", "dog"])
+    meta = json.loads((out / "vae-sd" / "dataset.json").read_text())
+    assert meta["vae"]["scale"] == 0.18215 and meta["resolution"] == 32
+    # what encode wrote is the AutoencoderKL's own posterior of the ADM-cropped image
+    from PIL import Image
+
+    vae = load_vae(tiny_vae, "cpu")
+    first = sorted((images / "train" / "cat").glob("*.png"))[0]
+    x = torch.from_numpy(center_crop_arr(Image.open(first), 32).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    dist = vae.model.encode(x).latent_dist
+    moments, _ = tr.get_batch(torch.tensor([0]))
+    torch.testing.assert_close(moments, torch.cat([dist.mean, dist.std], 1), rtol=1e-4, atol=1e-5)
+    # decode(encode(x)) is the AutoencoderKL's own reconstruction
+    z = dist.mean * 0.18215
+    torch.testing.assert_close(vae.decode(z), vae.model.decode(dist.mean).sample.clamp(-1, 1), rtol=1e-4, atol=1e-5)
+    # resume: finished files are skipped
+    res = runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution", "32",
+                              "--flip", "--quiet", "--device", "cpu"])
+    assert res.exit_code == 0 and "encoded 0" in res.output
+
+
+def test_latent_model_trains_and_samples_through_the_vae(tiny_vae, images, tmp_path):
+    from training.config import resolve_config
+    from training.trainer import train
+
+    out = tmp_path / "lat"
+    assert runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution",
+                               "32", "--quiet", "--device", "cpu"]).exit_code == 0
+    cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32},
+                                                    data=f"latents:{out}", steps=2, batch_size=4, device="cpu",
+                                                    out=str(tmp_path / "run"), ckpt_every=0, log_every=1))
+    ck = train(cfg, quiet=True)
+    from training.checkpoint import load_checkpoint
+
+    assert load_checkpoint(ck).meta["vae"]["config_sha"]
+    png = tmp_path / "s.png"
+    res = runner.invoke(app, ["sample", str(ck), "--out", str(png), "--npz", str(tmp_path / "s.npz"), "--n", "4",
+                              "--steps", "2", "--vae", str(tiny_vae), "--quiet", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (4, 32, 32, 3) and z["arr_0"].dtype == np.uint8  # decoded pixels, NHWC
+    res = runner.invoke(app, ["sample", str(ck), "--out", str(tmp_path / "x.png"), "--n", "2", "--quiet"])
+    assert res.exit_code == 2 and "pass --vae PATH" in res.output
+
+
+def test_vae_bad_inputs(tmp_path, tiny_vae):
+    from training.vae import load_vae
+
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        load_vae(tmp_path / "missing")
+    (tmp_path / "noweights").mkdir()
+    (tmp_path / "noweights" / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL"}))
+    with pytest.raises(FileNotFoundError, match="no weights"):
+        load_vae(tmp_path / "noweights")
+    (tmp_path / "unet").mkdir()
+    (tmp_path / "unet" / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel"}))
+    (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="not an AutoencoderKL"):
+        load_vae(tmp_path / "unet")
