@@ -206,7 +206,9 @@ def train(
 @app.command("layer-grid")
 @friendly_errors
 def layer_grid(
-    ckpt: OptCkpt, data: OptData = None, blocks: OptBlocks = None, t: OptTs = None, weights: OptWeights = "ema",
+    ckpt: OptCkpt, data: OptData = None,
+    blocks: Annotated[Optional[list[str]], typer.Option(help="Blocks: 1,4,8 or 0-6 (0 = the input embedding, the "
+                                                        "profile's floor; default: 0 and every block).")] = None, t: OptTs = None, weights: OptWeights = "ema",
     label: OptLabel = "null", probe: OptProbe = "torch",
     pooling: Annotated[str, typer.Option(help="mean | tokens (tokens as samples) | spatialK (e.g. spatial2).")] = "mean",
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000, seed: OptSeed = 0, batch_size: OptBatch = 256,

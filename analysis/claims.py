@@ -46,11 +46,13 @@ def _se_points(p: float, n: int) -> float:
 
 
 def check_c1(tb: StudyTables) -> Verdict:
-    """Profile = accuracy per block averaged over t (baseline, EMA). Held if the peak is at an inner
-    block and beats both the first and the last block by more than 2 standard errors."""
+    """Profile = accuracy per transformer block averaged over t (baseline, EMA). Held if the peak is at
+    an inner block and beats both the first and the last block by more than 2 standard errors. The
+    input embedding (block 0) is the floor reported next to it, not part of the profile."""
     lg = tb.layer_grid
     run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
-    g = accuracy_grid(lg, run)
+    full = accuracy_grid(lg, run)
+    g = full[full.index >= 1]
     prof = 100 * g.mean(axis=1)
     n = int(lg["n_test"].iloc[0])
     margin = 2 * _se_points(prof.max() / 100, n)
@@ -59,6 +61,10 @@ def check_c1(tb: StudyTables) -> Verdict:
     per_t = {f"{t:g}": int(g[t].idxmax()) for t in g.columns}
     details = [f"{run} accuracy by block (mean over t): " + ", ".join(f"{b}: {v:.1f}%" for b, v in prof.items()),
                f"peak block per t: {per_t}", f"margin (2 SE): {margin:.1f} pts"]
+    if 0 in full.index:
+        floor = 100 * float(full.loc[0].mean())
+        details.insert(1, f"input embedding (block 0, the floor): {floor:.1f}%; best block adds "
+                          f"{prof.max() - floor:+.1f} pts over what the input alone gives")
     inner = first < peak < last
     if inner and prof[peak] - prof[last] > margin and prof[peak] - prof[first] > margin:
         v, s = "held", f"peak at block {peak} of {last} ({prof[peak]:.1f}%), above block 1 ({prof[first]:.1f}%) and block {last} ({prof[last]:.1f}%)"
@@ -98,9 +104,10 @@ def check_c2(tb: StudyTables) -> Verdict:
 
 
 def check_c3(tb: StudyTables) -> Verdict:
-    """SRA - baseline accuracy over all (block, t) cells. Held if the mean gain exceeds 1 SE and at
-    least 2/3 of the cells improve (sign test p reported); did not hold if the mean is below -1 SE."""
-    lg = tb.layer_grid
+    """SRA - baseline accuracy over all (block, t) cells of the transformer blocks (block 0, the input
+    embedding, excluded). Held if the mean gain exceeds 1 SE and at least 2/3 of the cells improve
+    (sign test p reported); did not hold if the mean is below -1 SE."""
+    lg = tb.layer_grid[tb.layer_grid["block"] >= 1]
     if not {"sra", "baseline"} <= set(lg["run"]):
         return Verdict("C3", "inconclusive", "needs a baseline and an SRA run")
     diff = 100 * (accuracy_grid(lg, "sra") - accuracy_grid(lg, "baseline"))

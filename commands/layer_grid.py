@@ -59,7 +59,7 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
                    family: str | None = None, time_convention: str | None = None, trust: bool = False,
                    data_root: str | None = None, holdout: float = 0.2, progress: bool = True,
                    probe_device: str | None = None, overwrite: bool = False) -> LayerGridResult:
-    """Probe every (block, t) cell of one checkpoint; writes ``layer_grid.csv``, ``layer_grid.png`` and
+    """Probe every (block, t) cell of one checkpoint (default blocks: 0 = input embedding, then 1..depth); writes ``layer_grid.csv``, ``layer_grid.png`` and
     ``layer_grid.protocol.json`` (the full extraction and probe protocol). ``cache_dir=None`` disables
     the feature cache. Under ``torchrun`` every rank extracts its shard; rank 0 probes and writes."""
     # Cheap argument checks first, so typos fail before a checkpoint or dataset is loaded.
@@ -78,7 +78,9 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     dev = resolve_device(device)
 
     ck = load_checkpoint(checkpoint, weights=weights, family=family, time_convention=time_convention, trust=trust)
-    validate_blocks(blocks, ck.model.depth)
+    # default: block 0 (the input embedding: what the input alone gives, the floor of the profile) and
+    # every transformer block
+    blocks = validate_blocks(blocks, ck.model.depth) if blocks else [0, *range(1, ck.model.depth + 1)]
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
     out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe, ck.sha)

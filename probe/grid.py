@@ -114,14 +114,17 @@ def validate_ts(ts: Sequence, family: str, num_timesteps: int = 1000) -> list:
 
 
 def validate_blocks(blocks: Sequence[int] | None, depth: int) -> list[int]:
+    """Sorted unique blocks; ``None`` = every transformer block 1..depth. Block 0 is the input
+    embedding (patch + position embedding, the stream entering block 1): the floor of a profile."""
     if blocks is None:
         return list(range(1, depth + 1))
     blocks = sorted(set(int(b) for b in blocks))
     if not blocks:
         raise ValueError("no blocks requested")
-    bad = [b for b in blocks if not 1 <= b <= depth]
+    bad = [b for b in blocks if not 0 <= b <= depth]
     if bad:
-        raise ValueError(f"block {bad[0]} is out of range: this model has blocks 1..{depth} (1-based)")
+        raise ValueError(f"block {bad[0]} is out of range: this model has blocks 1..{depth} (1-based; 0 = the "
+                         "input embedding)")
     return blocks
 
 

@@ -79,7 +79,8 @@ def _as_tensor(out) -> torch.Tensor:
 
 
 class BlockCapture:
-    """Context manager: capture (pooled) outputs of 1-based blocks of a DiT/SiT.
+    """Context manager: capture (pooled) outputs of 1-based blocks of a DiT/SiT; block 0 is the
+    stream that enters block 1 (patch embedding + position embedding: what the input alone gives).
 
     >>> with BlockCapture(model, [2, 4], pooling="mean") as cap:
     ...     model(x, t, y)            # stops after block 4, no exception escapes
@@ -96,6 +97,8 @@ class BlockCapture:
         self.blocks = sorted(set(int(b) for b in blocks))
         if not self.blocks:
             raise ValueError("BlockCapture needs at least one block")
+        if self.blocks[0] < 0:
+            raise ValueError(f"block {self.blocks[0]} is out of range (0 = input embedding, 1..depth = blocks)")
         if isinstance(pooling, str):
             parse_pooling(pooling)
         self.model = model
@@ -103,7 +106,8 @@ class BlockCapture:
         self.stop = stop
         self.keep_tokens = int(keep_tokens)
         self.out_dtype = out_dtype
-        self.modules = {k: model.block_output_module(k) for k in self.blocks}  # validates the range
+        # validates the range; block 0 is read by a pre-hook on the first block (its input stream)
+        self.modules = {k: model.block_output_module(k) for k in self.blocks if k != 0}
         self.outputs: dict[int, torch.Tensor] = {}
         self.tokens: dict[int, torch.Tensor] = {}
         self.stopped = False
@@ -112,8 +116,8 @@ class BlockCapture:
     def _make_hook(self, k: int):
         deepest = k == self.blocks[-1]
 
-        def hook(module, inputs, output):
-            h = _as_tensor(output).detach()
+        def hook(module, inputs, output=None):
+            h = _as_tensor(inputs[0] if k == 0 else output).detach()
             pooled = self.pooling(h) if callable(self.pooling) else pool_tokens(h, self.pooling)
             if self.out_dtype is not None:
                 pooled = pooled.to(self.out_dtype)
@@ -130,6 +134,8 @@ class BlockCapture:
         try:
             for k, mod in self.modules.items():
                 self._handles.append(mod.register_forward_hook(self._make_hook(k)))
+            if 0 in self.blocks:
+                self._handles.append(self.model.blocks[0].register_forward_pre_hook(self._make_hook(0)))
         except BaseException:
             self.remove()
             raise

@@ -74,6 +74,26 @@ def test_early_exit_equals_full_forward_and_skips_the_rest():
     assert not torch.allclose(cap.outputs[2], cap.outputs[3])
 
 
+def test_block_zero_is_the_input_embedding_and_stops_early():
+    """Block 0 = patch embedding + position embedding, the stream entering block 1 (the floor)."""
+    m = _model()
+    x, t, y = _inputs()
+    ran = []
+    h = m.blocks[0].register_forward_hook(lambda *a: ran.append(1))
+    with torch.no_grad(), BlockCapture(m, [0], pooling="tokens") as cap:
+        m(x, t, y, drop_labels=False)
+    h.remove()
+    assert not ran  # stopped before block 1 ran
+    with torch.no_grad():
+        ref = m.x_embedder(x) + m.pos_embed
+    torch.testing.assert_close(cap.outputs[0], ref, rtol=0, atol=0)
+    assert _n_hooks(m) == 0 and sum(len(mod._forward_pre_hooks) for mod in m.modules()) == 0
+    with torch.no_grad(), BlockCapture(m, [0, 2]) as both:
+        m(x, t, y, drop_labels=False)
+    torch.testing.assert_close(both.outputs[0], ref.mean(1), rtol=0, atol=0)
+    assert set(both.outputs) == {0, 2}
+
+
 def test_long_skip_blocks_are_the_fused_stream():
     m = _model(long_skip=True)
     x, t, y = _inputs()

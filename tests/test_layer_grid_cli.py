@@ -20,10 +20,10 @@ def test_layer_grid_writes_csv_and_png(tiny_sit_ckpt, tmp_path):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     df = pd.read_csv(out / "layer_grid.csv")
-    assert len(df) == 4 * 2  # one row per (block, t) cell
+    assert len(df) == 5 * 2  # one row per (block, t) cell; block 0 = the input embedding
     assert {"checkpoint", "weights", "block", "t", "log_snr", "accuracy", "probe", "pooling", "label_policy",
             "reg", "holdout", "seed", "n_train", "n_test", "protocol_hash"} <= set(df.columns)
-    assert sorted(df.block.unique()) == [1, 2, 3, 4] and sorted(df.t.unique()) == [0.1, 0.6]
+    assert sorted(df.block.unique()) == [0, 1, 2, 3, 4] and sorted(df.t.unique()) == [0.1, 0.6]
     assert (df.weights == "ema").all() and (df.label_policy == "null-class").all() and (df.probe == "torch").all()
     assert df.accuracy.between(0, 1).all() and df.accuracy.max() > 0.3  # 10 classes: well above chance
     assert df[df.t == 0.1].log_snr.min() > df[df.t == 0.6].log_snr.max()
