@@ -292,12 +292,20 @@ def eval_(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
+    vae: Annotated[Optional[Path], typer.Option(help="Local AutoencoderKL folder: decodes a latent model's samples "
+                                                "for --npz and the Inception metrics.")] = None,
+    ref: Annotated[Optional[Path], typer.Option(help="Reference images for the Inception metrics: an ADM evaluator "
+                                                ".npz (arr_0 reference batch) or an image folder (default: the "
+                                                "dataset's train split; latent models need one).")] = None,
     weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
 ) -> None:
     """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
 
     Always (offline): fd_<data> and cond_acc_<data>, in the feature space of a small classifier the
-    project trains once per dataset (not FID). With --inception-weights: FID, IS, KID, precision/recall.
+    project trains once per dataset (not FID). With --inception-weights: FID, IS, KID, precision/recall
+    against --ref. Latent models: --vae decodes. Under torchrun the samples are drawn in shards.
+    Example: `torchrun --nproc_per_node 8 cli.py eval ckpt.pt --n 50000 --vae sd-vae-ft-ema --ref
+    VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth`.
     """
     from commands.eval import run_eval
     from training.runtime import resolve_device
@@ -308,7 +316,10 @@ def eval_(
     for ckpt in ckpts:
         row = run_eval(ckpt, metrics_csv, weights=weights, family=family, trust=trust_checkpoint, sampler=sampler, n=n,
                        device=str(resolve_device(device)), data=data, inception_weights=inception_weights, n_ref=n_ref,
-                       offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True))
+                       offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True),
+                       vae=vae, reference=ref)
+        if not row:  # a non-zero torchrun rank: rank 0 reports
+            continue
         shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
                                                                                                "precision", "recall")}
         typer.echo(f"{Path(ckpt).name} step {row['step']}: "

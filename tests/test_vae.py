@@ -112,3 +112,50 @@ def test_vae_bad_inputs(tmp_path, tiny_vae):
     (tmp_path / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="not an AutoencoderKL"):
         load_vae(tmp_path / "unet")
+
+
+def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny_vae, images, tmp_path,
+                                                                               monkeypatch):
+    """encode -> train -> eval: fd in latent space, the npz and the Inception metrics on decoded pixels
+    against an ADM-layout reference batch (the real torch-fidelity path with a random Inception file)."""
+    import functools
+
+    from test_evaluation import _random_inception_file  # tests/ is on sys.path (no package)
+    from training import evaluation as E
+    from training.config import resolve_config
+    from training.metrics import inception_metrics
+    from training.trainer import train
+
+    monkeypatch.setenv("REPDYN_CACHE", str(tmp_path / "cache"))
+    # the 768-d FID layer keeps the 2048x2048 eigendecomposition (~30 s on one core) out of CI
+    monkeypatch.setattr(E, "inception_metrics", functools.partial(inception_metrics, feature_layer_fid="768"))
+    out = tmp_path / "lat"
+    assert runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution",
+                               "32", "--quiet", "--device", "cpu"]).exit_code == 0
+    cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32},
+                                                    data=f"latents:{out}", steps=2, batch_size=4, device="cpu",
+                                                    out=str(tmp_path / "run"), ckpt_every=0, log_every=1))
+    ck = train(cfg, quiet=True)
+    ref = tmp_path / "VIRTUAL_tiny.npz"
+    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
+    weights = _random_inception_file(tmp_path / "inception.pth")
+    args = ["eval", str(ck), "--n", "8", "--steps", "2", "--method", "ode-euler", "--quiet", "--device", "cpu",
+            "--metrics-csv", str(tmp_path / "m.csv")]
+    res = runner.invoke(app, args + ["--inception-weights", str(weights)])
+    assert res.exit_code == 2 and "pass --vae" in res.output  # latents must be decoded
+    res = runner.invoke(app, args + ["--inception-weights", str(weights), "--vae", str(tiny_vae)])
+    assert res.exit_code == 2 and "pass --ref" in res.output  # and need pixels to compare with
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, mu=np.zeros(3))
+    res = runner.invoke(app, args + ["--inception-weights", str(weights), "--ref", str(bad), "--vae", str(tiny_vae)])
+    assert res.exit_code == 2 and "no ADM reference batch" in res.output and not (tmp_path / "m.csv").exists()
+    res = runner.invoke(app, args + ["--inception-weights", str(weights), "--ref", str(ref), "--vae", str(tiny_vae),
+                                     "--npz", str(tmp_path / "s.npz")])
+    assert res.exit_code == 0, res.output
+    import pandas as pd
+
+    row = pd.read_csv(tmp_path / "m.csv").iloc[0]
+    assert np.isfinite(row["fid"]) and row["n_ref"] == 8 and row["reference"] == str(ref)
+    assert np.isfinite(row[[c for c in row.index if c.startswith("fd_")][0]])
+    with np.load(tmp_path / "s.npz") as z:
+        assert z["arr_0"].shape == (8, 32, 32, 3)

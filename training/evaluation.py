@@ -19,13 +19,15 @@ import numpy as np
 import torch
 
 from . import samplers
-from .data import make_dataset
+from .data import IMAGE_EXTS, make_dataset
 from .classifier import DatasetClassifier, classifier_metrics, get_classifier, model_batches
 from .files import atomic_path
 from .images import as_saved, save_npz, to_uint8
 from .metrics import check_inception_weights, inception_metrics
+from .vae import Vae, center_crop_arr, check_vae, to_pixels
 
-__all__ = ["KEY_COLUMNS", "checkpoint_keys", "evaluate_checkpoint", "append_metrics_row", "parse_labels"]
+__all__ = ["KEY_COLUMNS", "checkpoint_keys", "evaluate_checkpoint", "append_metrics_row", "parse_labels",
+           "load_reference"]
 
 # A metrics row is identified by these; re-evaluating the same settings replaces the row.
 KEY_COLUMNS = ("ckpt_sha", "weights", "method", "steps", "cfg_scale", "guidance_low", "guidance_high",
@@ -61,11 +63,17 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
                         inception_weights: str | os.PathLike | None = None, n_ref: int | None = None,
                         offline: bool = True, npz_path: str | os.PathLike | None = None,
                         make_dataset_fn: Callable | None = None, classifier: DatasetClassifier | None = None,
-                        progress: bool = False, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+                        progress: bool = False, log: Callable[[str], None] | None = None, vae: Vae | None = None,
+                        reference: str | os.PathLike | None = None,
+                        samples: torch.Tensor | None = None) -> dict[str, Any]:
     """Sample ``n`` images and score them; returns one metrics-table row (dict).
 
-    Offline metrics (``fd_<data>``, ``cond_acc_<data>``) need the dataset; torch-fidelity metrics
-    run only when ``inception_weights`` is given (checked before sampling).
+    Offline metrics (``fd_<data>``, ``cond_acc_<data>``) need the dataset and are computed in the
+    model's space (latents for latent models); torch-fidelity metrics run only when
+    ``inception_weights`` is given (checked before sampling), on pixels: latent models are decoded
+    by ``vae``. ``reference``: an ADM evaluator ``.npz`` (its ``arr_0`` reference batch) or an
+    image folder; default for pixel models: the dataset's train split. ``samples``: already drawn
+    samples (e.g. gathered from torchrun ranks), in model space, instead of sampling here.
     """
     family = ck.meta["family"]
     method = method or ("ddpm" if family == "dit" else "sde")
@@ -75,11 +83,20 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
     if spec is None and (offline or inception_weights is not None):
         raise ValueError("this checkpoint does not record its dataset: pass --data (e.g. fashion-mnist)")
     make_dataset_fn = make_dataset_fn or make_dataset
+    latent = ck.meta.get("latent_scale") is not None
+    if latent and (npz_path is not None or inception_weights is not None):
+        check_vae(ck.meta, vae)
+    if latent and inception_weights is not None and reference is None:
+        raise ValueError("Inception metrics of a latent model need pixels to compare with: pass --ref (an ADM "
+                         "reference .npz such as VIRTUAL_imagenet256_labeled.npz, or an image folder)")
+    ref_images = load_reference(reference) if reference is not None and inception_weights is not None else None
     t0 = time.time()
-    images = samplers.sample(ck, None, n=n, labels=labels, method=method, steps=steps, cfg_scale=cfg_scale,
-                             guidance_interval=guidance_interval, legacy_cfg_channels=legacy_cfg_channels,
-                             seed=seed, batch_size=batch_size, device=device, progress=progress)
-    images = as_saved(images, ck.meta)  # score what the images are: clamped and quantised, as written
+    if samples is None:
+        samples = samplers.sample(ck, None, n=n, labels=labels, method=method, steps=steps, cfg_scale=cfg_scale,
+                                  guidance_interval=guidance_interval, legacy_cfg_channels=legacy_cfg_channels,
+                                  seed=seed, batch_size=batch_size, device=device, progress=progress)
+    images = as_saved(samples, ck.meta)  # score what the images are: clamped and quantised, as written
+    pixels = to_pixels(images, ck.meta, vae) if latent and (npz_path is not None or inception_weights is not None) else images
     sample_seconds = time.time() - t0
     y = samplers.resolve_labels(labels, n, int(ck.meta.get("num_classes") or ck.model.y_embedder.num_classes), seed)
     row: dict[str, Any] = {
@@ -89,7 +106,7 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
         "seed": int(seed), "data": spec, "sample_seconds": round(sample_seconds, 3),
     }
     if npz_path is not None:
-        save_npz(npz_path, to_uint8(images, ck.meta), y)
+        save_npz(npz_path, to_uint8(pixels), y)
         row["npz"] = str(npz_path)
     if offline and spec is not None:
         clf = classifier or get_classifier(spec, device=device, progress=progress, make_dataset_fn=make_dataset_fn,
@@ -97,14 +114,47 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
         row.update(classifier_metrics(clf, images, y))
         row["classifier_test_acc"] = clf.test_accuracy
     if inception_weights is not None:
-        ref_ds = make_dataset_fn(spec, split="train")
-        ref = to_uint8(_reference_images(ref_ds, n_ref or n, seed), ck.meta)
-        row.update(inception_metrics(to_uint8(images, ck.meta), ref, inception_weights, device=device,
+        if ref_images is None:
+            ref_images = to_uint8(_reference_images(make_dataset_fn(spec, split="train"), n_ref or n, seed), ck.meta)
+        elif n_ref is not None:
+            ref_images = ref_images[:n_ref]
+        row.update(inception_metrics(to_uint8(pixels), ref_images, inception_weights, device=device,
                                      verbose=progress))
-        row["n_ref"] = len(ref)
+        row["n_ref"] = len(ref_images)
+        row["reference"] = str(reference) if reference is not None else f"{spec} train split"
         row["evaluator"] = "torch-fidelity inception-v3-compat"
+    if latent and vae is not None:
+        row["vae"] = str(vae.path)
     row["evaluated_at"] = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     return row
+
+
+def load_reference(path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
+    """Reference images as uint8 (N, 3, H, W): an ADM evaluator ``.npz`` (``arr_0`` uint8 NHWC, the
+    reference batch; ``mu`` / ``sigma`` / ``mu_s`` / ``sigma_s`` may sit beside it) or an image folder
+    (ADM centre crop to ``resolution``, default: the first image's short side)."""
+    from PIL import Image
+
+    path = Path(path)
+    if path.suffix == ".npz":
+        if not path.is_file():
+            raise FileNotFoundError(f"reference {path} does not exist")
+        with np.load(path) as z:
+            if "arr_0" not in z.files:
+                raise ValueError(f"reference {path} has no ADM reference batch: expected arr_0 (uint8 N x H x W x 3) "
+                                 f"and optionally mu, sigma, mu_s, sigma_s; found {', '.join(z.files) or 'nothing'}")
+            arr = z["arr_0"]
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
+            raise ValueError(f"reference {path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+    if not path.is_dir():
+        raise FileNotFoundError(f"reference {path} is neither an ADM .npz nor an image folder")
+    files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+    if not files:
+        raise ValueError(f"no images under reference folder {path}")
+    first = Image.open(files[0])
+    size = resolution or min(first.size)
+    return torch.from_numpy(np.stack([center_crop_arr(Image.open(f), size) for f in files])).permute(0, 3, 1, 2)
 
 
 def _cell(v: Any) -> str:

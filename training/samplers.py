@@ -358,8 +358,12 @@ def sample(ck_or_model: Any, meta: dict | None = None, n: int = 16, labels: Any 
            method: str = "ode-euler", steps: int = 50, cfg_scale: float = 1.0,
            guidance_interval: tuple[float, float] = (0.0, 1.0), legacy_cfg_channels: bool = False,
            seed: int = 0, batch_size: int = 64, device: str | torch.device = "cpu",
-           autocast: bool = True, clip_denoised: bool = False, progress: bool = False) -> torch.Tensor:
+           autocast: bool = True, clip_denoised: bool = False, progress: bool = False,
+           indices: Sequence[int] | None = None) -> torch.Tensor:
     """Draw ``n`` samples; returns a CPU float32 tensor (n, C, H, W) in model space.
+
+    ``indices``: draw only these of the ``n`` samples (a shard under torchrun); sample i is the same
+    whatever the shard, batch size or device (its noise and label depend on (seed, i) only).
 
     ``ck_or_model``: a Checkpoint (``.model``, ``.meta``) or a bare model (meta inferred from its
     config; ``meta`` entries override). ``labels``: see :func:`resolve_labels`. ``method``:
@@ -393,16 +397,19 @@ def sample(ck_or_model: Any, meta: dict | None = None, n: int = 16, labels: Any 
     fn = guided_model_fn(model_fn_from_module(model, meta, autocast), cfg_scale, null_class,
                          tuple(guidance_interval), norm_t, 3 if legacy_cfg_channels else None)
 
+    rows = list(range(n)) if indices is None else [int(i) for i in indices]
+    if rows and (min(rows) < 0 or max(rows) >= n):
+        raise ValueError(f"sample indices must lie in 0..{n - 1}")
     out = []
-    bar = _progress(n, progress, f"sampling {method}")
-    for start in range(0, n, batch_size):
-        idx = list(range(start, min(n, start + batch_size)))
+    bar = _progress(len(rows), progress, f"sampling {method}")
+    for start in range(0, len(rows), batch_size):
+        idx = rows[start: start + batch_size]
         noise = PerSampleNoise(seed, idx, shape, device=device)
         y = y_all[idx].to(device)
         out.append(_one_batch(fn, method, steps, noise, y, path, diffusion, clip_denoised).float().cpu())
         bar.update(len(idx))
     bar.close()
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty((0, *shape))
 
 
 def _progress(total: int, enabled: bool, desc: str):
