@@ -137,7 +137,8 @@ def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny
                                                     out=str(tmp_path / "run"), ckpt_every=0, log_every=1))
     ck = train(cfg, quiet=True)
     ref = tmp_path / "VIRTUAL_tiny.npz"
-    np.savez(ref, arr_0=np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8))
+    batch = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
+    np.savez(ref, arr_0=batch)
     weights = _random_inception_file(tmp_path / "inception.pth")
     args = ["eval", str(ck), "--n", "8", "--steps", "2", "--method", "ode-euler", "--quiet", "--device", "cpu",
             "--metrics-csv", str(tmp_path / "m.csv")]
@@ -156,6 +157,23 @@ def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny
 
     row = pd.read_csv(tmp_path / "m.csv").iloc[0]
     assert np.isfinite(row["fid"]) and row["n_ref"] == 8 and row["reference"] == str(ref)
+    assert np.isfinite(row["sfid"]) and np.isfinite(row["fid_adm"]) and row["reference_stats"].startswith("computed")
     assert np.isfinite(row[[c for c in row.index if c.startswith("fd_")][0]])
     with np.load(tmp_path / "s.npz") as z:
         assert z["arr_0"].shape == (8, 32, 32, 3)
+        gen = torch.from_numpy(z["arr_0"]).permute(0, 3, 1, 2)
+    # with the statistics in the npz (ADM's layout) they are used, and sFID is the Frechet distance
+    # of the 2023-d spatial features (first 7 channels of Mixed_6d's 1x1 branch, 17 x 17)
+    from training.metrics import adm_features, adm_reference_stats, frechet_distance, feature_statistics
+
+    stats = adm_reference_stats(torch.from_numpy(batch).permute(0, 3, 1, 2), weights)
+    assert stats["mu_s"].shape == (17 * 17 * 7,) and stats["mu"].shape == (2048,)
+    np.savez(ref, arr_0=batch, **stats)
+    res = runner.invoke(app, args + ["--inception-weights", str(weights), "--ref", str(ref), "--vae", str(tiny_vae),
+                                     "--seed", "0"])
+    assert res.exit_code == 0, res.output
+    row = pd.read_csv(tmp_path / "m.csv").iloc[-1]
+    assert row["reference_stats"].startswith("npz")
+    _, spatial = adm_features(gen, weights)
+    want = frechet_distance(*feature_statistics(spatial), stats["mu_s"], stats["sigma_s"])
+    assert row["sfid"] == pytest.approx(want, rel=1e-6)

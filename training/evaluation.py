@@ -23,7 +23,7 @@ from .data import IMAGE_EXTS, make_dataset
 from .classifier import DatasetClassifier, classifier_metrics, get_classifier, model_batches
 from .files import atomic_path
 from .images import as_saved, save_npz, to_uint8
-from .metrics import check_inception_weights, inception_metrics
+from .metrics import adm_metrics, adm_reference_stats, check_inception_weights, inception_metrics
 from .vae import Vae, center_crop_arr, check_vae, to_pixels
 
 __all__ = ["KEY_COLUMNS", "checkpoint_keys", "evaluate_checkpoint", "append_metrics_row", "parse_labels",
@@ -89,7 +89,8 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
     if latent and inception_weights is not None and reference is None:
         raise ValueError("Inception metrics of a latent model need pixels to compare with: pass --ref (an ADM "
                          "reference .npz such as VIRTUAL_imagenet256_labeled.npz, or an image folder)")
-    ref_images = load_reference(reference) if reference is not None and inception_weights is not None else None
+    ref_images, ref_stats = (load_reference(reference) if reference is not None and inception_weights is not None
+                             else (None, {}))
     t0 = time.time()
     if samples is None:
         samples = samplers.sample(ck, None, n=n, labels=labels, method=method, steps=steps, cfg_scale=cfg_scale,
@@ -118,8 +119,12 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
             ref_images = to_uint8(_reference_images(make_dataset_fn(spec, split="train"), n_ref or n, seed), ck.meta)
         elif n_ref is not None:
             ref_images = ref_images[:n_ref]
-        row.update(inception_metrics(to_uint8(pixels), ref_images, inception_weights, device=device,
-                                     verbose=progress))
+        generated = to_uint8(pixels)
+        row.update(inception_metrics(generated, ref_images, inception_weights, device=device, verbose=progress))
+        # the ADM evaluator's numbers: FID against the reference statistics and sFID (spatial features)
+        stats = ref_stats or adm_reference_stats(ref_images, inception_weights, device=device)
+        row.update(adm_metrics(generated, inception_weights, stats, device=device))
+        row["reference_stats"] = "npz mu/sigma/mu_s/sigma_s" if ref_stats else "computed from the reference images"
         row["n_ref"] = len(ref_images)
         row["reference"] = str(reference) if reference is not None else f"{spec} train split"
         row["evaluator"] = "torch-fidelity inception-v3-compat"
@@ -129,10 +134,11 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
     return row
 
 
-def load_reference(path: str | os.PathLike, resolution: int | None = None) -> torch.Tensor:
-    """Reference images as uint8 (N, 3, H, W): an ADM evaluator ``.npz`` (``arr_0`` uint8 NHWC, the
-    reference batch; ``mu`` / ``sigma`` / ``mu_s`` / ``sigma_s`` may sit beside it) or an image folder
-    (ADM centre crop to ``resolution``, default: the first image's short side)."""
+def load_reference(path: str | os.PathLike, resolution: int | None = None) -> tuple[torch.Tensor, dict]:
+    """Reference images as uint8 (N, 3, H, W) and the ADM statistics found beside them: an ADM
+    evaluator ``.npz`` (``arr_0`` uint8 NHWC, the reference batch; ``mu`` / ``sigma`` / ``mu_s`` /
+    ``sigma_s`` when present) or an image folder (ADM centre crop to ``resolution``, default: the
+    first image's short side; no statistics)."""
     from PIL import Image
 
     path = Path(path)
@@ -144,9 +150,10 @@ def load_reference(path: str | os.PathLike, resolution: int | None = None) -> to
                 raise ValueError(f"reference {path} has no ADM reference batch: expected arr_0 (uint8 N x H x W x 3) "
                                  f"and optionally mu, sigma, mu_s, sigma_s; found {', '.join(z.files) or 'nothing'}")
             arr = z["arr_0"]
+            stats = {k: z[k] for k in ("mu", "sigma", "mu_s", "sigma_s") if k in z.files}
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[-1] != 3:
             raise ValueError(f"reference {path}: arr_0 must be uint8 (N, H, W, 3), got {arr.dtype} {arr.shape}")
-        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+        return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous(), stats
     if not path.is_dir():
         raise FileNotFoundError(f"reference {path} is neither an ADM .npz nor an image folder")
     files = sorted(f for f in path.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
@@ -154,7 +161,7 @@ def load_reference(path: str | os.PathLike, resolution: int | None = None) -> to
         raise ValueError(f"no images under reference folder {path}")
     first = Image.open(files[0])
     size = resolution or min(first.size)
-    return torch.from_numpy(np.stack([center_crop_arr(Image.open(f), size) for f in files])).permute(0, 3, 1, 2)
+    return torch.from_numpy(np.stack([center_crop_arr(Image.open(f), size) for f in files])).permute(0, 3, 1, 2), {}
 
 
 def _cell(v: Any) -> str:

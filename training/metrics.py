@@ -11,7 +11,8 @@ import torch
 
 __all__ = ["INCEPTION_WEIGHTS_NAME", "INCEPTION_WEIGHTS_URL", "feature_statistics", "sqrtm_psd",
            "trace_sqrt_product", "frechet_distance", "frechet_distance_features", "fd_bootstrap_se",
-           "check_inception_weights", "inception_metrics"]
+           "check_inception_weights", "inception_metrics", "adm_features", "adm_metrics", "adm_reference_stats",
+           "SFID_CHANNELS"]
 
 INCEPTION_WEIGHTS_NAME = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_NAME}"
@@ -138,3 +139,60 @@ def inception_metrics(generated: torch.Tensor, reference: torch.Tensor, weights_
              "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
              "precision": "precision", "recall": "recall"}
     return {names[k]: float(v) for k, v in res.items() if k in names}
+
+
+# ------------------------------------------------------------------------------------------------
+# ADM evaluator statistics: FID against the reference npz's mu / sigma, and sFID
+# ------------------------------------------------------------------------------------------------
+
+SFID_CHANNELS = 7  # the ADM evaluator keeps the first 7 channels of mixed_6/conv (17 x 17 x 7 = 2023 dims)
+
+
+@torch.no_grad()
+def adm_features(images: torch.Tensor, weights_path: str | os.PathLike, batch_size: int = 64,
+                 device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+    """(pool_3 features (N, 2048), spatial features (N, 2023)) of uint8 (N, 3, H, W) images.
+
+    torch-fidelity's ``inception-v3-compat`` is a port of the TF graph the ADM evaluator uses; the
+    spatial features are its ``mixed_6/conv`` tensor, i.e. the 1x1 branch (conv + batch norm + ReLU)
+    of the 7th mixed block (Mixed_6d), first 7 channels, flattened. Written here because
+    torch-fidelity exposes only pooled features.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    weights = check_inception_weights(weights_path)
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights))
+    net = net.to(device).eval()
+    spatial: list[torch.Tensor] = []
+    hook = net.Mixed_6d.branch1x1.register_forward_hook(
+        lambda m, i, o: spatial.append(o[:, :SFID_CHANNELS].permute(0, 2, 3, 1).reshape(len(o), -1).double().cpu()))
+    pool = []
+    try:
+        imgs = _UInt8Images(images).images
+        for s in range(0, len(imgs), batch_size):
+            (f,) = net(imgs[s: s + batch_size].to(device))
+            pool.append(f.double().cpu())
+    finally:
+        hook.remove()
+    return torch.cat(pool).numpy(), torch.cat(spatial).numpy()
+
+
+def adm_metrics(generated: torch.Tensor, weights_path: str | os.PathLike, reference: dict[str, np.ndarray],
+                batch_size: int = 64, device: str | torch.device = "cpu") -> dict[str, float]:
+    """FID and sFID against ADM-evaluator reference statistics (``mu``, ``sigma``, ``mu_s``,
+    ``sigma_s``), as in ``VIRTUAL_imagenet256_labeled.npz``: ``fid_adm`` and ``sfid``."""
+    pool, spatial = adm_features(generated, weights_path, batch_size, device)
+    out = {}
+    if "mu" in reference and "sigma" in reference:
+        out["fid_adm"] = frechet_distance(*feature_statistics(pool), reference["mu"], reference["sigma"])
+    if "mu_s" in reference and "sigma_s" in reference:
+        out["sfid"] = frechet_distance(*feature_statistics(spatial), reference["mu_s"], reference["sigma_s"])
+    return out
+
+
+def adm_reference_stats(images: torch.Tensor, weights_path: str | os.PathLike, batch_size: int = 64,
+                        device: str | torch.device = "cpu") -> dict[str, np.ndarray]:
+    """``mu``, ``sigma``, ``mu_s``, ``sigma_s`` of reference images (when the npz carries none)."""
+    pool, spatial = adm_features(images, weights_path, batch_size, device)
+    (mu, sigma), (mu_s, sigma_s) = feature_statistics(pool), feature_statistics(spatial)
+    return {"mu": mu, "sigma": sigma, "mu_s": mu_s, "sigma_s": sigma_s}
