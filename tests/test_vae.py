@@ -177,3 +177,10 @@ def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny
     _, spatial = adm_features(gen, weights)
     want = frechet_distance(*feature_statistics(spatial), stats["mu_s"], stats["sigma_s"])
     assert row["sfid"] == pytest.approx(want, rel=1e-6)
+    # the probes read the same latents (official test split from val/) and join the metrics by hash
+    res = runner.invoke(app, ["layer-grid", str(ck), "--n-train", "12", "--n-test", "4", "--t", "0.5", "--blocks",
+                              "1", "--probe", "ridge", "--out", str(tmp_path / "lg"), "--no-cache", "--quiet"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["correlate", str(tmp_path / "lg" / "layer_grid.csv"), str(tmp_path / "m.csv"),
+                              "--metric", "sfid", "--cell", "1,0.5", "--n-boot", "10", "--out", str(tmp_path / "c")])
+    assert "need at least 3 paired points to correlate, got 1" in res.output  # joined on the hash: 1 checkpoint
