@@ -74,18 +74,26 @@ def test_encode_round_trip_and_resume(tiny_vae, images, tmp_path):
     assert res.exit_code == 0 and "encoded 0" in res.output
 
 
-def test_latent_model_trains_and_samples_through_the_vae(tiny_vae, images, tmp_path):
+@pytest.fixture(scope="module")
+def latent_ckpt(tiny_vae, images, tmp_path_factory):
+    """images -> probe encode -> a latent SiT trained 2 steps on them (the papers' pipeline, tiny)."""
     from training.config import resolve_config
     from training.trainer import train
 
-    out = tmp_path / "lat"
+    root = tmp_path_factory.mktemp("latent_run")
+    out = root / "lat"
     assert runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution",
                                "32", "--quiet", "--device", "cpu"]).exit_code == 0
     cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32},
                                                     data=f"latents:{out}", steps=2, batch_size=4, device="cpu",
-                                                    out=str(tmp_path / "run"), ckpt_every=0, log_every=1))
-    ck = train(cfg, quiet=True)
+                                                    out=str(root / "run"), ckpt_every=0, log_every=1))
+    return train(cfg, quiet=True)
+
+
+def test_latent_model_trains_and_samples_through_the_vae(tiny_vae, latent_ckpt, tmp_path):
     from training.checkpoint import load_checkpoint
+
+    ck = latent_ckpt
 
     assert load_checkpoint(ck).meta["vae"]["config_sha"]
     png = tmp_path / "s.png"
@@ -114,7 +122,7 @@ def test_vae_bad_inputs(tmp_path, tiny_vae):
         load_vae(tmp_path / "unet")
 
 
-def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny_vae, images, tmp_path,
+def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny_vae, latent_ckpt, tmp_path,
                                                                                monkeypatch):
     """encode -> train -> eval: fd in latent space, the npz and the Inception metrics on decoded pixels
     against an ADM-layout reference batch (the real torch-fidelity path with a random Inception file)."""
@@ -122,20 +130,12 @@ def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny
 
     from test_evaluation import _random_inception_file  # tests/ is on sys.path (no package)
     from training import evaluation as E
-    from training.config import resolve_config
     from training.metrics import inception_metrics
-    from training.trainer import train
 
     monkeypatch.setenv("REPDYN_CACHE", str(tmp_path / "cache"))
     # the 768-d FID layer keeps the 2048x2048 eigendecomposition (~30 s on one core) out of CI
     monkeypatch.setattr(E, "inception_metrics", functools.partial(inception_metrics, feature_layer_fid="768"))
-    out = tmp_path / "lat"
-    assert runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution",
-                               "32", "--quiet", "--device", "cpu"]).exit_code == 0
-    cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32},
-                                                    data=f"latents:{out}", steps=2, batch_size=4, device="cpu",
-                                                    out=str(tmp_path / "run"), ckpt_every=0, log_every=1))
-    ck = train(cfg, quiet=True)
+    ck = latent_ckpt
     ref = tmp_path / "VIRTUAL_tiny.npz"
     batch = np.random.default_rng(0).integers(0, 255, (8, 32, 32, 3), dtype=np.uint8)
     np.savez(ref, arr_0=batch)
