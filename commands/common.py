@@ -162,8 +162,8 @@ def claim_output(path: Path, identity: dict[str, Any], overwrite: bool = False) 
                              "replace them or choose another --out")
         for name in have.get("files", []):
             (path / Path(name).name).unlink(missing_ok=True)
-    atomic_write_text(owner, json.dumps({"identity": want, "files": (have or {}).get("files", []) if have and
-                                         have.get("identity") == want else []}, indent=1))
+    kept = have.get("files", []) if have is not None and have.get("identity") == want else []
+    atomic_write_text(owner, json.dumps({"identity": want, "files": kept}, indent=1))
 
 
 def release_output(path: Path, files: list[str] | None = None) -> None:
