@@ -97,7 +97,8 @@ def fig_probe_vs_quality(tb: StudyTables) -> Figures:
         100 * q["accuracy"], q[metric], tab,
         xlabel=f"teacher-cell probe accuracy (%) (EMA block {c.get('teacher_block')}, t={c.get('t_teacher')})",
         ylabel=f"{metric} (lower is better)", point_labels=[f"{r}@{s}" for r, s in zip(q["run"], q["step"])],
-        hue=q["step"], title="Generation quality vs teacher-layer probe accuracy (all checkpoints)", meta=_meta(tb))}
+        hue=q["step"], title="Generation quality vs teacher-layer probe accuracy, every checkpoint (context; "
+        "C5 itself needs SRA runs per teacher block)", meta=_meta(tb))}
 
 
 def fig_quality_vs_time(tb: StudyTables) -> Figures:

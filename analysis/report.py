@@ -24,8 +24,11 @@ def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collect
              f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
              "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
              f"Verdicts are computed by `analysis/claims.py` from the tables in `{tables_dir}`; the rule for each "
-             "claim is stated below. This is a tiny-scale check: a claim that does not hold here may still hold "
-             "at ImageNet scale.", "",
+             "claim is stated below. Comparisons of arms (C3, C4, C6, C7) are made over training seeds: "
+             "**held** = the 95% interval is above zero, **did not hold** = it excludes the claimed effect, "
+             "**underpowered at this scale** = it contains both zero and the claimed effect, or there is one "
+             "seed per arm (the run-to-run spread is then unmeasured). This is a small-scale check: a claim "
+             "that is underpowered or does not hold here may still hold at ImageNet scale.", "",
              "| claim | verdict | summary |", "|---|---|---|"]
     lines += [f"| {v.claim}: {CLAIMS[v.claim]} | **{v.verdict}** | {v.summary} |" for v in verdicts]
     lines.append("")

@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,7 +32,7 @@ from training.files import atomic_path, atomic_write_text, save_figure
 from training.methods.sra import DEFAULT_T_MAX, default_blocks
 from training.models import model_config
 from training.runtime import machine_description, resolve_device
-from training.trainer import train
+from training.trainer import interleaved_step_cost, train
 
 from .common import FeatureSpec
 from .curves import run_curves
@@ -160,18 +161,27 @@ def study_steps(cfg: StudyConfig, paths: dict[str, Path], progress: bool = True)
     def final(run_dir: Path) -> Path:
         return run_dir / "checkpoints" / f"{cfg.steps:07d}.pt"
 
+    def train_config(method: str, out: Path, **extra: Any):
+        return resolve_config(None, None, dict(
+            model=cfg.model, model_overrides=dict(cfg.model_overrides), method=method, data=cfg.data, steps=cfg.steps,
+            batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed, ckpt_every=0,
+            ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(out), device=cfg.device,
+            **extra))
+
     steps: list[Step] = []
     for name, method, extra in cfg.run_specs():
         run_dir = paths["runs"] / name
-        tc = resolve_config(None, None, dict(
-            model=cfg.model, model_overrides=dict(cfg.model_overrides), method=method, data=cfg.data, steps=cfg.steps,
-            batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed, ckpt_every=0,
-            ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(run_dir), device=cfg.device,
-            **extra))
+        tc = train_config(method, run_dir, **extra)
         steps.append(Step(f"train {name}: {cfg.model} {method}, {cfg.steps} steps", "train",
                           lambda r=run_dir: final(r).exists(),
                           lambda tc=tc, r=run_dir: train(tc, resume=r if list_checkpoints(r) else None,
                                                          quiet=not progress)))
+    # C7 compares methods at equal compute: their per-step cost, measured side by side (not wall-clock
+    # of runs made one after another, which machine load decides)
+    cost_json = tables / "step_cost.json"
+    methods = {MethodSpec.parse(m).slug: MethodSpec.parse(m).name for m in cfg.methods}
+    steps.append(Step("per-step cost of each method, interleaved", "cost", cost_json.exists,
+                      lambda: _measure_cost(methods, train_config, paths["out"] / "cost-runs", cost_json)))
     for name, _, _ in cfg.run_specs():
         run_dir = paths["runs"] / name
         if cfg.grid_runs is None or name in cfg.grid_runs:
@@ -206,6 +216,14 @@ def study_steps(cfg: StudyConfig, paths: dict[str, Path], progress: bool = True)
     return steps
 
 
+def _measure_cost(methods: dict[str, str], train_config: Callable, scratch: Path, target: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a short-run EMA warning is irrelevant for a timing
+        cost = interleaved_step_cost({arm: train_config(m, scratch / arm) for arm, m in methods.items()})
+    atomic_write_text(target, json.dumps({"seconds_per_step": cost, "machine": machine_description()}, indent=1))
+    shutil.rmtree(scratch, ignore_errors=True)
+
+
 def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "cpu",
               figures: str | os.PathLike = "figures", progress: bool = True,
               log: Callable[[str], None] = print, **overrides: Any) -> Path:
@@ -227,15 +245,16 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
         step.run()
         timings[step.kind] = timings.get(step.kind, 0.0) + time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
-    _record_study(paths["study"], cfg, timings)
+    _record_study(paths["study"], cfg, timings, paths["tables"] / "step_cost.json")
     log("[figures] writing figures and REPORT.md")
     tables = load_study_tables(out)
     write_figures(tables, figures)
     return write_report(tables, figures, paths["tables"])
 
 
-def _record_study(path: Path, cfg: StudyConfig, timings: dict[str, float]) -> None:
-    """study.json: config, the cells, and compute time summed over sessions of the same config."""
+def _record_study(path: Path, cfg: StudyConfig, timings: dict[str, float], cost: Path) -> None:
+    """study.json: config, the cells, the side-by-side per-step cost, and compute time summed over
+    sessions of the same config."""
     prev = json.loads(path.read_text()) if path.exists() else {}
     same = prev.get("config") == json.loads(json.dumps(asdict(cfg), default=str))
     total = dict(prev.get("timings_s", {})) if same else {}
@@ -243,7 +262,8 @@ def _record_study(path: Path, cfg: StudyConfig, timings: dict[str, float]) -> No
         total[k] = total.get(k, 0.0) + v
     ks, kt, t_s, t_t = cfg.sra_cells()
     info = {"config": asdict(cfg), "timings_s": total, "sessions": (prev.get("sessions", 0) if same else 0) + 1,
-            "cells": {"student_block": ks, "teacher_block": kt, "t_student": t_s, "t_teacher": t_t}}
+            "cells": {"student_block": ks, "teacher_block": kt, "t_student": t_s, "t_teacher": t_t},
+            "step_cost": json.loads(cost.read_text())["seconds_per_step"] if cost.exists() else {}}
     atomic_write_text(path, json.dumps(info, indent=2, default=str))
 
 
