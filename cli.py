@@ -609,9 +609,13 @@ def correlate(
 def demo(
     out: Annotated[Path, typer.Option(help="Study folder: runs/, tables/, cache/, study.json.")] = Path("runs/demo"),
     figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
-    scale: Annotated[str, typer.Option(help="cpu (make demo: 14 min on 2 cores with installation) | smoke (about a "
-                                       "minute; the tests) | gpu (SiT-S/2 on one GPU; wall time not yet "
-                                       "measured)")] = "cpu",
+    scale: Annotated[str, typer.Option(help="cpu (make demo, one seed: verdicts say what it cannot detect) | smoke "
+                                       "(about a minute; the tests) | cpu-repro (the seeded test on CPU, "
+                                       "~2.5 h estimated, not yet run) | gpu (the same design for one GPU; not "
+                                       "yet run)")] = "cpu",
+    only: Annotated[Optional[str], typer.Option(help="Run just this training run's steps (e.g. sra-s1), to "
+                                                "spread a scale over machines; gather by running again without "
+                                                "it.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Override the scale's device (auto | cpu | cuda).")] = None,
     quiet: OptQuiet = False,
 ) -> None:
@@ -621,9 +625,10 @@ def demo(
     """
     from commands.demo import run_study
 
-    report = run_study(out, scale, figures=figures, progress=not quiet,
+    report = run_study(out, scale, figures=figures, progress=not quiet, only=only,
                        **({"device": device} if device is not None else {}))
-    typer.echo(f"report: {report}")
+    if report is not None:
+        typer.echo(f"report: {report}")
 
 
 def main() -> None:

@@ -17,6 +17,7 @@ from probe.grid import format_t
 
 from . import plots
 from .correlation import correlate
+from .power import arm_of
 from .tables import StudyTables, accuracy_grid
 
 __all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_probe_vs_quality",
@@ -41,18 +42,22 @@ def fig_layer_grid(tb: StudyTables) -> Figures:
             df, title=f"Linear-probe accuracy (%) per block and t: {run} (EMA, step {int(r['step'])})",
             meta={"protocol": f"{r['probe']} probe, label={r['label_policy']}, n_train={r['n_train']}, "
                               f"n_test={r['n_test']}"})
-    base = lg[lg["run"] == "baseline"] if "baseline" in set(lg["run"]) else lg
-    frame = base.assign(**{"accuracy (%)": 100 * base["accuracy"], "t": base["t"].map(format_t)})
+    arm = lg["run"].map(arm_of)
+    base = lg[arm == "baseline"] if (arm == "baseline").any() else lg
+    frame = base.assign(**{"accuracy (%)": 100 * base["accuracy"], "t": base["t"].map(format_t)})  # band: seeds
     out["accuracy_vs_block.png"] = plots.plot_curves(
-        frame, "block", "accuracy (%)", hue="t", title="Probe accuracy rises with depth, peaks, then falls? (baseline, EMA)", meta=_meta(tb, weights="EMA"), xlabel="block",
+        frame, "block", "accuracy (%)", hue="t", title="Probe accuracy rises with depth, peaks, then falls? "
+        "(baseline, EMA; block 0 = input embedding)", meta=_meta(tb, weights="EMA"), xlabel="block",
         ylabel="top-1 accuracy (%)")
     return out
 
 
 def fig_sra_vs_baseline(tb: StudyTables) -> Figures:
-    """C3: SRA minus baseline probe accuracy over the grid."""
-    lg = tb.layer_grid
-    if lg is None or not {"sra", "baseline"} <= set(lg["run"]):
+    """C3: SRA minus baseline probe accuracy over the grid (each arm's mean over its seeds)."""
+    if tb.layer_grid is None:
+        return {}
+    lg = tb.layer_grid.assign(seed_run=tb.layer_grid["run"], run=tb.layer_grid["run"].map(arm_of))
+    if not {"sra", "baseline"} <= set(lg["run"]):
         return {}
     diff = 100 * (accuracy_grid(lg, "sra") - accuracy_grid(lg, "baseline"))
     lim = max(1.0, float(np.nanmax(np.abs(diff.values))))
@@ -61,7 +66,7 @@ def fig_sra_vs_baseline(tb: StudyTables) -> Figures:
     return {
         "sra_minus_baseline.png": plots.heatmap(
             diff.values, list(diff.index), [format_t(t) for t in diff.columns],
-            title="SRA - baseline: probe accuracy (points) per block and t", cmap="vlag", vmin=-lim, vmax=lim,
+            title="SRA - baseline: probe accuracy (points) per block and t (mean over seeds)", cmap="vlag", vmin=-lim, vmax=lim,
             fmt="+.1f", meta=_meta(tb, weights="EMA, final checkpoints"), cbar_label="accuracy difference (pts)",
             xlabel="t (1 = pure noise)", ylabel="block"),
         "sra_vs_baseline_blocks.png": plots.plot_curves(

@@ -24,6 +24,7 @@ import pandas as pd
 
 from analysis.claims import check_claims
 from analysis.figures import FIGURE_FAMILIES
+from analysis.power import arm_of
 from analysis.report import render_report
 from analysis.tables import StudyTables
 from training.checkpoint import file_sha, list_checkpoints
@@ -59,6 +60,9 @@ class StudyConfig:
     data: str = "fashion-mnist"
     methods: tuple[str, ...] = ("baseline", "sra", "diverse")
     extra_teacher_blocks: tuple[int, ...] = ()  # extra SRA runs with other teacher blocks (C5)
+    seeds: tuple[int, ...] = (0,)  # training seeds of the main arms (baseline, sra, diverse)
+    extra_seeds: tuple[int, ...] = (0,)  # training seeds of the C5 and teacher-EMA arms
+    teacher_ema_arms: tuple[float, ...] = ()  # extra SRA arms with another EMA (= teacher) decay
     steps: int = 1200
     n_ckpts: int = 4
     batch_size: int = 64
@@ -85,9 +89,17 @@ class StudyConfig:
         return sorted({max(1, round(self.steps * (i + 1) / self.n_ckpts)) for i in range(self.n_ckpts)})
 
     def run_specs(self) -> list[tuple[str, str, dict]]:
-        """(run name, method, extra config) for every training run."""
-        specs = [(MethodSpec.parse(m).slug, MethodSpec.parse(m).name, {}) for m in self.methods]
-        specs += [(f"sra-kt{k}", "sra", {"sra": {"teacher_block": k}}) for k in self.extra_teacher_blocks]
+        """(run name, method, extra config) for every training run; with several seeds a run is
+        ``<arm>-s<seed>`` (analysis.power.arm_of reads the arm back)."""
+        def named(arm: str, seed: int, seeds: tuple[int, ...]) -> str:
+            return arm if len(seeds) == 1 and seed == 0 else f"{arm}-s{seed}"
+
+        specs = [(named(MethodSpec.parse(m).slug, s, self.seeds), MethodSpec.parse(m).name, {"seed": s})
+                 for m in self.methods for s in self.seeds]
+        specs += [(named(f"sra-kt{k}", s, self.extra_seeds), "sra", {"sra": {"teacher_block": k}, "seed": s})
+                  for k in self.extra_teacher_blocks for s in self.extra_seeds]
+        specs += [(named(f"sra-ema{d:g}", s, self.extra_seeds), "sra", {"ema_decay": d, "seed": s})
+                  for d in self.teacher_ema_arms for s in self.extra_seeds]
         return specs
 
     def sra_cells(self) -> tuple[int, int, float, float]:
@@ -109,10 +121,20 @@ SCALES: dict[str, StudyConfig] = {
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
                          curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
                          eval_steps=4, pca_images=(0, 1)),
-    # one GPU (meant for an H100; not yet run, wall time unmeasured): SiT-S/2 on 32x32 Fashion-MNIST,
-    # several SRA teacher layers for C5.
+    # the valid test on CPU (issue: <= 2.5 h on 2 cores, every run independent: `--only RUN`). Sized
+    # from the cpu scale's measured step rates (600 steps: ~95 s baseline, ~120 s SRA); the full run has
+    # not been made yet. 2000 steps: the depth profile moves until then (docs/reproduction.md); three
+    # seeds per main arm; SRA aligned to every teacher block k > k_s (C5: 3, 4 = default, 5, 6) and a
+    # slower teacher EMA (SRA App. F: the result depends on it), two seeds each.
+    "cpu-repro": StudyConfig(name="cpu-repro", model_overrides={"hidden_size": 64}, steps=2000, n_ckpts=4,
+                             batch_size=32, lr=1e-3, ema_decay=0.999, seeds=(0, 1, 2), extra_seeds=(0, 1),
+                             extra_teacher_blocks=(3, 5, 6), teacher_ema_arms=(0.9995,),
+                             grid_runs=("baseline", "sra"), n_div=32),
+    # one GPU (H100/H200 class; not yet run, wall time unmeasured): SiT-S/2 on 32x32 Fashion-MNIST,
+    # the cpu-repro design with seeds, teacher blocks for C5 and a teacher-EMA arm.
     "gpu": StudyConfig(name="gpu", model="SiT-S/2", steps=8000, n_ckpts=8, batch_size=256, lr=2e-4,
-                       ema_decay=0.9995, extra_teacher_blocks=(6, 11), grid_ts=(0.0, 0.2, 0.4, 0.6, 0.8),
+                       ema_decay=0.9995, seeds=(0, 1, 2), extra_seeds=(0, 1), extra_teacher_blocks=(4, 6, 9, 11),
+                       teacher_ema_arms=(0.9999,), grid_ts=(0.0, 0.2, 0.4, 0.6, 0.8),
                        n_train=10000, n_test=5000, curve_n_train=5000, curve_n_test=2000, n_div=128, sim_n=2048,
                        eval_n=5000, eval_steps=50, eval_sampler="ode-heun", device="cuda"),
 }
@@ -135,6 +157,7 @@ class Step:
     kind: str  # the timing bucket: train | layer_grid | curves | eval | similarity | diversity | pca
     done: Callable[[], bool]
     run: Callable[[], Any]
+    run_name: str | None = None  # the training run it belongs to (None: a study-wide step)
 
 
 def _evaluated(metrics: Path) -> set[str]:
@@ -162,11 +185,11 @@ def study_steps(cfg: StudyConfig, paths: dict[str, Path], progress: bool = True)
         return run_dir / "checkpoints" / f"{cfg.steps:07d}.pt"
 
     def train_config(method: str, out: Path, **extra: Any):
-        return resolve_config(None, None, dict(
-            model=cfg.model, model_overrides=dict(cfg.model_overrides), method=method, data=cfg.data, steps=cfg.steps,
-            batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed, ckpt_every=0,
-            ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(out), device=cfg.device,
-            **extra))
+        fields = dict(model=cfg.model, model_overrides=dict(cfg.model_overrides), method=method, data=cfg.data,
+                      steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
+                      ckpt_every=0, ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(out),
+                      device=cfg.device)
+        return resolve_config(None, None, {**fields, **extra})
 
     steps: list[Step] = []
     for name, method, extra in cfg.run_specs():
@@ -175,35 +198,35 @@ def study_steps(cfg: StudyConfig, paths: dict[str, Path], progress: bool = True)
         steps.append(Step(f"train {name}: {cfg.model} {method}, {cfg.steps} steps", "train",
                           lambda r=run_dir: final(r).exists(),
                           lambda tc=tc, r=run_dir: train(tc, resume=r if list_checkpoints(r) else None,
-                                                         quiet=not progress)))
+                                                         quiet=not progress), name))
     # C7 compares methods at equal compute: their per-step cost, measured side by side (not wall-clock
     # of runs made one after another, which machine load decides)
     cost_json = tables / "step_cost.json"
     methods = {MethodSpec.parse(m).slug: MethodSpec.parse(m).name for m in cfg.methods}
     steps.append(Step("per-step cost of each method, interleaved", "cost", cost_json.exists,
                       lambda: _measure_cost(methods, train_config, paths["out"] / "cost-runs", cost_json)))
-    for name, _, _ in cfg.run_specs():
+    for name, _, extra in cfg.run_specs():
         run_dir = paths["runs"] / name
-        if cfg.grid_runs is None or name in cfg.grid_runs:
+        if cfg.grid_runs is None or arm_of(name) in cfg.grid_runs:
             lg = tables / f"layer_grid_{name}"
             steps.append(Step(f"layer-grid {name}", "layer_grid", lambda lg=lg: (lg / "layer_grid.csv").exists(),
                               lambda r=run_dir, lg=lg: run_layer_grid(
                                   final(r), data=cfg.data, ts=list(cfg.grid_ts), n_train=cfg.n_train, n_test=cfg.n_test,
                                   device=cfg.device, out_dir=lg, cache_dir=paths["cache"], seed=cfg.seed,
-                                  progress=progress)))
+                                  progress=progress), name))
         cv = tables / f"curves_{name}"
         steps.append(Step(f"curves {name}", "curves", lambda cv=cv, r=run_dir: _curves_done(cv / "curves.csv", r),
                           lambda cv=cv, r=run_dir: run_curves(
                               r, spec(cfg.curve_n_test), student_block=ks, teacher_block=kt, t=t_s, t_teacher=t_t,
-                              n_train=cfg.curve_n_train, n_test=cfg.curve_n_test, n_div=cfg.n_div, out=cv)))
+                              n_train=cfg.curve_n_train, n_test=cfg.curve_n_test, n_div=cfg.n_div, out=cv), name))
         for step in cfg.ckpt_steps():
             ck = run_dir / "checkpoints" / f"{step:07d}.pt"
             steps.append(Step(f"eval {name} {ck.name}", "eval", lambda ck=ck: file_sha(ck) in _evaluated(metrics),
                               lambda ck=ck: run_eval(
                                   ck, metrics, n=cfg.eval_n, data=cfg.data, device=str(resolve_device(cfg.device)),
                                   sampler=SamplerSettings(method=cfg.eval_sampler, steps=cfg.eval_steps,
-                                                          seed=cfg.seed, batch_size=256))))
-        for kind, out, go in (
+                                                          seed=cfg.seed, batch_size=256)), name))
+        for kind, out, go in () if extra.get("seed", 0) != 0 else (  # figures of one seed per arm
                 ("similarity", tables / f"similarity_{name}",
                  lambda r, o: run_similarity(final(r), spec(cfg.sim_n), ts=list(cfg.sim_ts), out=o)),
                 ("diversity", tables / f"diversity_{name}",
@@ -212,7 +235,7 @@ def study_steps(cfg: StudyConfig, paths: dict[str, Path], progress: bool = True)
                  lambda r, o: run_pca(final(r), spec(max(cfg.pca_images) + 1), images=list(cfg.pca_images), out=o))):
             marker = {"similarity": "cka.csv", "diversity": "diversity.csv", "pca": "pca.npz"}[kind]
             steps.append(Step(f"{kind} {name}", kind, lambda o=out, m=marker: (o / m).exists(),
-                              lambda go=go, r=run_dir, o=out: go(r, o)))
+                              lambda go=go, r=run_dir, o=out: go(r, o), name))
     return steps
 
 
@@ -226,8 +249,13 @@ def _measure_cost(methods: dict[str, str], train_config: Callable, scratch: Path
 
 def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "cpu",
               figures: str | os.PathLike = "figures", progress: bool = True,
-              log: Callable[[str], None] = print, **overrides: Any) -> Path:
-    """Run (or resume) the whole study; returns the path of ``REPORT.md``."""
+              log: Callable[[str], None] = print, only: str | None = None, **overrides: Any) -> Path | None:
+    """Run (or resume) the whole study; returns the path of ``REPORT.md``.
+
+    ``only``: run just the steps of one training run (its training, probes and evaluations), so the
+    runs of a large scale can be spread over machines; copy their ``runs/`` and ``tables/`` into one
+    study folder and run once more without ``only`` to gather (finished steps are skipped) and write
+    the report. Returns None then."""
     if isinstance(scale, str) and scale not in SCALES:
         raise ValueError(f"unknown scale {scale!r}; use one of {', '.join(SCALES)}")
     cfg = scale if isinstance(scale, StudyConfig) else SCALES[scale]
@@ -237,7 +265,13 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
         paths[p].mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t_all = time.perf_counter()
-    for step in study_steps(cfg, paths, progress):
+    steps = study_steps(cfg, paths, progress)
+    if only is not None:
+        names = sorted({st.run_name for st in steps if st.run_name})
+        if only not in names:
+            raise ValueError(f"--only {only!r} is not a run of scale {cfg.name}; runs: {', '.join(names)}")
+        steps = [st for st in steps if st.run_name == only]
+    for step in steps:
         if step.done():
             continue
         log(f"[{step.kind}] {step.name}")
@@ -245,6 +279,9 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
         step.run()
         timings[step.kind] = timings.get(step.kind, 0.0) + time.perf_counter() - t0
     timings["total"] = time.perf_counter() - t_all
+    if only is not None:
+        log(f"[done] run {only}; gather with `probe demo --scale {cfg.name} --out {paths['out']}`")
+        return None
     _record_study(paths["study"], cfg, timings, paths["tables"] / "step_cost.json")
     log("[figures] writing figures and REPORT.md")
     tables = load_study_tables(out)

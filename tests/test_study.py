@@ -49,6 +49,18 @@ def test_study_writes_report_covering_every_claim(smoke_study):
     assert time.perf_counter() - t0 < 60
 
 
+def test_only_one_run_then_gather(smoke_study):
+    """--only RUN runs that run's steps (here all done already) and writes no report; a bad name is an error."""
+    from commands.demo import SCALES, run_study
+
+    run, figures, _ = smoke_study
+    assert run_study(run, "smoke", figures=figures, progress=False, log=lambda s: None, only="sra") is None
+    with pytest.raises(ValueError, match="not a run of scale smoke"):
+        run_study(run, "smoke", figures=figures, progress=False, log=lambda s: None, only="sra-s7")
+    names = [n for n, _, _ in SCALES["cpu-repro"].run_specs()]
+    assert {"baseline-s2", "sra-kt6-s1", "sra-ema0.9995-s0"} <= set(names) and len(names) == len(set(names))
+
+
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_notebook_runs_and_regenerates_its_figures(smoke_study, notebook, tmp_path):
     import nbformat
