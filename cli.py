@@ -68,6 +68,8 @@ OptCache = Annotated[Optional[Path], typer.Option(help="Feature cache folder (fp
 OptNoCache = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
 OptFamily = Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")]
 OptTime = Annotated[Optional[str], typer.Option(help="flow-t1-noise | flow-t0-noise (foreign SiT).")]
+OptNumHeads = Annotated[Optional[int], typer.Option(help="Attention heads, for foreign checkpoints whose width is "
+                                                   "outside the official table and whose args do not say.")]
 OptTrust = Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")]
 OptPdf = Annotated[bool, typer.Option("--pdf", help="Also write every figure as PDF.")]
 OptQuiet = Annotated[bool, typer.Option(help="No progress bars.")]
@@ -130,12 +132,12 @@ def _ints(values: Optional[list[str]], flag: str) -> Optional[list[int]]:
 
 
 def _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
-          trust, quiet):
+          trust, quiet, num_heads=None):
     from commands.common import FeatureSpec
 
     return FeatureSpec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
                        device=device, cache_dir=None if no_cache else cache, family=family,
-                       time_convention=time_convention, trust=trust, progress=not quiet)
+                       time_convention=time_convention, num_heads=num_heads, trust=trust, progress=not quiet)
 
 
 def _sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed, batch_size):
@@ -147,7 +149,14 @@ def _sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, 
                            labels=parse_labels(labels), seed=seed, batch_size=batch_size)
 
 
+def _echo_notes(notes: list[str]) -> None:
+    """What the checkpoint loader ignored or inferred (also recorded with the results)."""
+    for note in notes:
+        typer.echo(f"note: {note}", err=True)
+
+
 def _echo_files(res: Any) -> None:
+    _echo_notes(getattr(res, "notes", []))
     typer.echo(f"{'folder:':<15} {res.out}")
     for k, v in res.files.items():
         typer.echo(f"{k + ':':<15} {v}")
@@ -216,7 +225,7 @@ def layer_grid(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: layer_grid/<run>-<ckpt>-<sha8>-<weights>-"
                                                 "<label>-<probe>).")] = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Linear-probe accuracy for every (block, t) cell: writes layer_grid.csv, a heatmap PNG and the protocol.
 
@@ -232,9 +241,10 @@ def layer_grid(
                          probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
                          batch_size=batch_size, out_dir=out, cache_dir=None if no_cache else cache, family=family,
                          time_convention=time_convention, trust=trust_checkpoint, progress=not quiet,
-                         overwrite=overwrite)
+                         overwrite=overwrite, num_heads=num_heads)
     if res.csv is None:  # a non-zero torchrun rank
         return
+    _echo_notes(res.notes)
     typer.echo(summarize(res.table))
     typer.echo(f"folder:   {res.csv.parent}\ntable:    {res.csv}\nheatmap:  {res.png}\nprotocol: {res.protocol}")
 
@@ -254,7 +264,7 @@ def sample(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
-    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False,
+    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
     vae: Annotated[Optional[Path], typer.Option(help="Local AutoencoderKL folder that decodes a latent checkpoint's "
                                                 "samples (e.g. a copy of sd-vae-ft-ema).")] = None,
     overwrite: OptOverwrite = False, quiet: OptQuiet = False,
@@ -270,7 +280,9 @@ def sample(
     res = run_sample(ckpt, out, n=n, npz=npz, weights=weights, family=family, trust=trust_checkpoint,
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
                                       batch_size),
-                     device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite, vae=vae)
+                     device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite, vae=vae,
+                     num_heads=num_heads)
+    _echo_notes(res.notes)
     typer.echo(f"{res.n} samples ({res.method}, {res.steps} steps) -> {res.grid}" + (f", {res.npz}" if res.npz else ""))
 
 
@@ -297,7 +309,7 @@ def eval_(
     ref: Annotated[Optional[Path], typer.Option(help="Reference images for the Inception metrics: an ADM evaluator "
                                                 ".npz (arr_0 reference batch) or an image folder (default: the "
                                                 "dataset's train split; latent models need one).")] = None,
-    weights: OptWeights = "ema", family: OptFamily = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
+    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
 ) -> None:
     """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
 
@@ -317,7 +329,7 @@ def eval_(
         row = run_eval(ckpt, metrics_csv, weights=weights, family=family, trust=trust_checkpoint, sampler=sampler, n=n,
                        device=str(resolve_device(device)), data=data, inception_weights=inception_weights, n_ref=n_ref,
                        offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True),
-                       vae=vae, reference=ref)
+                       vae=vae, reference=ref, num_heads=num_heads)
         if not row:  # a non-zero torchrun rank: rank 0 reports
             continue
         shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
@@ -383,7 +395,7 @@ def similarity(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutSimilarity = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """CKA + cosine over the (block, t) grid: cka.csv/.npz, full-grid, block x block and t x t heatmaps.
 
@@ -394,7 +406,7 @@ def similarity(
     from commands.similarity import run_similarity
 
     spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet)
+                 trust_checkpoint, quiet, num_heads)
     _echo_files(run_similarity(ckpt, spec, weights=weights, other=other, other_weights=other_weights,
                                blocks=_parse_blocks(blocks), ts=_parse_ts(t), debiased=not biased, method=cka_method,
                                out=out, pdf=pdf, overwrite=overwrite))
@@ -409,7 +421,7 @@ def diversity(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutDiversity = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """DiverseDiT's three terms for every block pair and t: diversity.csv, dispersion.csv, figures.
 
@@ -418,7 +430,7 @@ def diversity(
     from commands.diversity import run_diversity
 
     spec = _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet)
+                 trust_checkpoint, quiet, num_heads)
     _echo_files(run_diversity(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t), out=out,
                               pdf=pdf, overwrite=overwrite))
 
@@ -438,7 +450,7 @@ def pca(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutPca = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Patch-token PCA as RGB maps (rows = blocks, columns = t), several images side by side: pca.png, pca.npz.
 
@@ -447,7 +459,7 @@ def pca(
     from commands.pca import run_pca
 
     spec = _spec(data, split, 0, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet)
+                 trust_checkpoint, quiet, num_heads)
     _echo_files(run_pca(ckpt, spec, weights=weights, images=_ints(images, "--images"), blocks=_parse_blocks(blocks),
                         ts=_parse_ts(t), basis=basis, out=out, pdf=pdf, overwrite=overwrite))
 
@@ -467,7 +479,7 @@ def umap(
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutUmap = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """UMAP of mean-pooled features for chosen cells, and AlignedUMAP across t for one block.
 
@@ -477,7 +489,7 @@ def umap(
     from commands.umap import run_umap
 
     spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet)
+                 trust_checkpoint, quiet, num_heads)
     cells = [c.strip() for v in cell or [] for c in str(v).split(";") if c.strip()]  # also "4:0.5;6:0.3"
     _echo_files(run_umap(ckpt, spec, weights=weights, cells=cells, aligned_block=aligned_block, ts=_parse_ts(t),
                          n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=pdf,
@@ -500,7 +512,7 @@ def attribute(
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto", out: OutAttribution = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Captum attribution of a trained linear probe's class logit back to the input patches.
 
@@ -509,7 +521,7 @@ def attribute(
     from commands.attribute import run_attribute
 
     spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
-                 time_convention, trust_checkpoint, quiet)
+                 time_convention, trust_checkpoint, quiet, num_heads)
     res = run_attribute(ckpt, spec, block=block, t=t, weights=weights, images=_ints(images, "--images"),
                         n_train=n_train, target=target, probe=probe, method=method, n_steps=n_steps, out=out, pdf=pdf,
                         overwrite=overwrite)
@@ -535,7 +547,7 @@ def curves(
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/curves).")] = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
 ) -> None:
     """Training dynamics: student vs teacher probe accuracy, CKA and diversity for every checkpoint of a run.
 
@@ -547,7 +559,7 @@ def curves(
     from commands.curves import run_curves
 
     spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
-                 time_convention, trust_checkpoint, quiet)
+                 time_convention, trust_checkpoint, quiet, num_heads)
     res = run_curves(run_dir, spec, student_block=student_block, teacher_block=teacher_block, t=t, t_teacher=t_teacher,
                      probe=probe, n_train=n_train, n_test=n_test, n_div=n_div, similarity_weights=similarity_weights,
                      out=out, pdf=pdf)

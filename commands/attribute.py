@@ -17,7 +17,7 @@ from probe.probes import CellProbe, fit_cell_probe
 from training.files import write_npz, write_table
 from training.flow import model_time
 
-from .common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis, prepare_out,
+from .common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis, prepare_for,
                      releases_outputs, result_identity)
 
 __all__ = ["AttributionResult", "run_attribute"]
@@ -55,7 +55,7 @@ def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: 
     ck = load_for_analysis(ckpt, weights, spec)
     tt = cell_t(ck, t)
     validate_blocks([block], ck.model.depth)
-    res = prepare_out(out, "attribution", ckpt, weights, AttributionResult, sha=ck.sha, overwrite=overwrite,
+    res = prepare_for(ck, out, "attribution", AttributionResult, overwrite=overwrite,
                       identity=result_identity(ck, spec, block=block, t=tt, images=images, n_train=n_train,
                                                target=target, probe=probe, method=method, n_steps=n_steps))
     dtr, gtr = load_features(ck, spec, blocks=[block], ts=[tt], split="train", n=n_train)

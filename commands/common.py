@@ -27,7 +27,7 @@ from training.runtime import pid_alive
 
 __all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
-           "DEFAULT_CACHE", "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs",
+           "DEFAULT_CACHE", "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
            "checkpoint_tag"]
 
 DEFAULT_CACHE = Path(".repdyn_cache/features")
@@ -52,16 +52,19 @@ class FeatureSpec:
     cache_dir: str | os.PathLike | None = DEFAULT_CACHE
     family: str | None = None
     time_convention: str | None = None
+    num_heads: int | None = None
     trust: bool = False
     progress: bool = True
 
 
 @dataclass
 class Outputs:
-    """What a command wrote: its folder and the files by label (printed by the CLI, in order)."""
+    """What a command wrote: its folder, the files by label (printed by the CLI, in order) and what
+    the checkpoint loader ignored or inferred (``notes``, printed and recorded in the folder)."""
 
     out: Path
     files: dict[str, Path] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
 
     def save(self, label: str, fig: Any, name: str, pdf: bool = False) -> Path:
         """Save a figure into the folder under ``label``."""
@@ -69,8 +72,8 @@ class Outputs:
         return self.files[label]
 
     def finish(self: "R") -> "R":
-        """Record the files written and release the folder for other processes."""
-        release_output(self.out, [p.name for p in self.files.values()])
+        """Record the files written (and the loader's notes) and release the folder for other processes."""
+        release_output(self.out, [p.name for p in self.files.values()], self.notes)
         return self
 
 
@@ -166,13 +169,16 @@ def claim_output(path: Path, identity: dict[str, Any], overwrite: bool = False) 
     atomic_write_text(owner, json.dumps({"identity": want, "files": kept}, indent=1))
 
 
-def release_output(path: Path, files: list[str] | None = None) -> None:
-    """Record ``files`` as the folder's results (if given) and drop this process's lock."""
+def release_output(path: Path, files: list[str] | None = None, notes: list[str] | None = None) -> None:
+    """Record ``files`` as the folder's results and the loader's ``notes`` (if given), and drop this
+    process's lock."""
     path = Path(path)
     owner = path / OWNER_FILE
     if files is not None and owner.exists():
         rec = json.loads(owner.read_text())
         rec["files"] = sorted(set(rec.get("files", [])) | set(files))
+        if notes is not None:
+            rec["checkpoint_load"] = list(notes)  # what was ignored or inferred when loading
         atomic_write_text(owner, json.dumps(rec, indent=1))
     lock = path / LOCK_FILE
     try:
@@ -187,7 +193,7 @@ def result_identity(ck: LoadedCheckpoint, spec: FeatureSpec | None = None, **set
     """What a result depends on: the checkpoint's content and weights, the extraction protocol (not
     the cache, device, batch size or progress bars) and the command's own settings."""
     proto = {k: v for k, v in asdict(spec).items() if k not in ("cache_dir", "device", "batch_size", "progress",
-                                                                "trust")} if spec else {}
+                                                                "trust", "num_heads")} if spec else {}
     return {"checkpoint_sha": ck.sha, "weights": ck.weights, **proto, **settings}
 
 
@@ -199,7 +205,7 @@ def check_weights(weights: str) -> str:
 
 def load_for_analysis(path: str | os.PathLike, weights: str, spec: FeatureSpec) -> LoadedCheckpoint:
     return load_checkpoint(path, weights=check_weights(weights), family=spec.family,
-                           time_convention=spec.time_convention, trust=spec.trust)
+                           time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
 
 
 def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):
@@ -284,6 +290,14 @@ def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, re
     path = Path(out) if out is not None else default_out(kind, ckpt, weights, sha)
     claim_output(path, {"command": kind, **(identity or {})}, overwrite)
     return result(path)
+
+
+def prepare_for(ck: LoadedCheckpoint, out: str | os.PathLike | None, kind: str, result: type[R] = Outputs, *,
+                identity: dict[str, Any] | None = None, overwrite: bool = False) -> R:
+    """:func:`prepare_out` for a loaded checkpoint: its default folder, and its load notes carried."""
+    res = prepare_out(out, kind, ck.path, ck.weights, result, identity=identity, overwrite=overwrite, sha=ck.sha)
+    res.notes = ck.load_notes()
+    return res
 
 
 def weights_word(weights: str) -> str:

@@ -140,6 +140,7 @@ def _one_checkpoint(path: Path, settings: CurveSettings, spec: FeatureSpec, run:
     """Probe rows (student, teacher) and the similarity row of one checkpoint."""
     s = settings
     cks = {w: load_checkpoint(path, weights=w, family=spec.family, time_convention=spec.time_convention,
+                              num_heads=spec.num_heads,
                               trust=spec.trust) for w in {"model", "ema", s.similarity_weights}}
     ref = cks["ema"]
     k = max(dtr.num_classes, int(np.max(np.asarray(dtr.labels))) + 1)
@@ -196,6 +197,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     if n_train < 10 or n_test < 4 or n_div < 2:
         raise ValueError("need --n-train >= 10, --n-test >= 4 (debiased CKA) and --n-div >= 2")
     first = load_checkpoint(ckpts[-1], weights="ema", family=spec.family, time_convention=spec.time_convention,
+                            num_heads=spec.num_heads,
                             trust=spec.trust)
     ks, kt, t0, tt, info = resolve_cells(first, student_block, teacher_block, t, t_teacher)
     settings = CurveSettings(ks, kt, t0, tt, probe, n_train, n_test, n_div, similarity_weights, spec.label,
@@ -232,7 +234,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     pcur["cell"] = [f"{r} ({'online' if w == 'model' else 'EMA'}, block {b}, t={format_t(cell_t(first, tv))})"
                     for r, w, b, tv in zip(pcur["role"], pcur["weights"], pcur["block"], pcur["t"])]
     pcur["accuracy (%)"] = 100 * pcur["accuracy"]
-    res = CurvesResult(outdir, computed=len(todo), checkpoints=len(ckpts), student=(ks, t0), teacher=(kt, tt),
+    res = CurvesResult(outdir, notes=first.load_notes(), computed=len(todo), checkpoints=len(ckpts), student=(ks, t0), teacher=(kt, tt),
                        source=info["source"])
     res.save("png", plots.plot_curves(pcur, "step", "accuracy (%)", hue="cell",
                                       title=f"Linear-probe accuracy over training: student vs teacher ({run})",

@@ -13,7 +13,7 @@ from analysis import plots
 from analysis.diversity import dispersion_table, diversity_report
 from training.files import write_table
 
-from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out,
+from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_for,
                      releases_outputs, result_identity)
 
 __all__ = ["DiversityResult", "run_diversity"]
@@ -44,7 +44,7 @@ def run_diversity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = 
     if spec.n < 2:
         raise ValueError(f"the diversity terms need at least 2 images, got --n {spec.n}")
     ck = load_for_analysis(ckpt, weights, spec)
-    res = prepare_out(out, "diversity", ckpt, weights, DiversityResult, sha=ck.sha, overwrite=overwrite,
+    res = prepare_for(ck, out, "diversity", DiversityResult, overwrite=overwrite,
                       identity=result_identity(ck, spec, blocks=blocks, ts=ts))
     _, g = load_features(ck, spec, blocks=blocks, ts=ts)
     if len(g.blocks) < 2:

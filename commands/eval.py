@@ -43,7 +43,7 @@ def sharded_samples(ck: Any, n: int, rank: int, world: int, device: str, progres
 
 def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None = None, *, weights: str = "ema",
              family: str | None = None, trust: bool = False, sampler: SamplerSettings | None = None,
-             vae: str | os.PathLike | None = None, **kwargs: Any) -> dict[str, Any]:
+             vae: str | os.PathLike | None = None, num_heads: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Evaluate one checkpoint and append its row to ``metrics_csv`` (default: ``<run>/eval_metrics.csv``
     beside the run's ``checkpoints/`` folder); returns the row (with ``metrics_csv``; {} off rank 0).
     Sampler settings come as ``sampler`` or as :func:`training.evaluation.evaluate_checkpoint`
@@ -52,7 +52,7 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
         check_inception_weights(kwargs["inception_weights"])
     device = str(kwargs.get("device", "cpu"))
     rank, world = init_distributed(device)
-    ck = load_checkpoint(ckpt_path, weights=weights, family=family, trust=trust)
+    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust)
     kwargs.update(sampler.kwargs(ck.family) if sampler else {})
     if vae is not None:
         kwargs["vae"] = load_vae(vae, device)
@@ -66,6 +66,8 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
             return {}
         kwargs["samples"] = samples
     row = evaluate_checkpoint(ck, **kwargs)
+    if ck.load_notes():
+        row["checkpoint_load"] = "; ".join(ck.load_notes())  # what the loader ignored or inferred
     metrics_csv = Path(metrics_csv) if metrics_csv is not None else ck.run_dir / "eval_metrics.csv"
     append_metrics_row(metrics_csv, row)
     row["metrics_csv"] = str(metrics_csv)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -43,6 +43,7 @@ class LayerGridResult:
     png: Path | None
     protocol: Path | None
     probe_seconds: float | None = None
+    notes: list[str] = field(default_factory=list)  # what the checkpoint loader ignored or inferred
 
 
 def default_out(checkpoint: Path, weights: str, label: str, probe: str, sha: str | None = None) -> Path:
@@ -58,7 +59,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
                    out_dir: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
                    family: str | None = None, time_convention: str | None = None, trust: bool = False,
                    data_root: str | None = None, holdout: float = 0.2, progress: bool = True,
-                   probe_device: str | None = None, overwrite: bool = False) -> LayerGridResult:
+                   probe_device: str | None = None, overwrite: bool = False,
+                   num_heads: int | None = None) -> LayerGridResult:
     """Probe every (block, t) cell of one checkpoint (default blocks: 0 = input embedding, then 1..depth); writes ``layer_grid.csv``, ``layer_grid.png`` and
     ``layer_grid.protocol.json`` (the full extraction and probe protocol). ``cache_dir=None`` disables
     the feature cache. Under ``torchrun`` every rank extracts its shard; rank 0 probes and writes."""
@@ -77,7 +79,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     rank, _ = init_distributed(device)
     dev = resolve_device(device)
 
-    ck = load_checkpoint(checkpoint, weights=weights, family=family, time_convention=time_convention, trust=trust)
+    ck = load_checkpoint(checkpoint, weights=weights, family=family, time_convention=time_convention,
+                         num_heads=num_heads, trust=trust)
     # default: block 0 (the input embedding: what the input alone gives, the floor of the profile) and
     # every transformer block
     blocks = validate_blocks(blocks, ck.model.depth) if blocks else [0, *range(1, ck.model.depth + 1)]
@@ -106,8 +109,9 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     # Figure first (the step most likely to fail), the table last: a CSV only exists for a finished run
     # (an older table in the same folder is removed first so it cannot pass for this run's).
     csv_path.unlink(missing_ok=True)
+    proto["checkpoint_load"] = {"notes": ck.load_notes(), "ignored_keys": ck.ignored_keys, "inferred": ck.inferred}
     save_figure(layer_grid_heatmap(df), png_path)
     atomic_write_text(proto_path, json.dumps(proto, indent=1, default=str))
     write_table(df, csv_path)
-    release_output(out, [csv_path.name, png_path.name, proto_path.name])
-    return LayerGridResult(df, csv_path, png_path, proto_path, proto["probe_seconds"])
+    release_output(out, [csv_path.name, png_path.name, proto_path.name], ck.load_notes())
+    return LayerGridResult(df, csv_path, png_path, proto_path, proto["probe_seconds"], ck.load_notes())

@@ -13,7 +13,7 @@ from analysis.pca import pca_rgb_grid
 from probe.grid import format_t, load_x0
 from training.files import write_npz
 
-from .common import (FeatureSpec, Outputs, analysis_ts, describe_grid, load_features, load_for_analysis, prepare_out,
+from .common import (FeatureSpec, Outputs, analysis_ts, describe_grid, load_features, load_for_analysis, prepare_for,
                      releases_outputs, result_identity, spread_blocks)
 
 __all__ = ["run_pca"]
@@ -37,7 +37,7 @@ def run_pca(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema",
     ck = load_for_analysis(ckpt, weights, spec)
     blocks = list(blocks) if blocks else spread_blocks(ck.model.depth, 7)
     ts = list(ts) if ts else analysis_ts(ck, few=True)
-    res = prepare_out(out, "pca", ckpt, weights, sha=ck.sha, overwrite=overwrite,
+    res = prepare_for(ck, out, "pca", overwrite=overwrite,
                       identity=result_identity(ck, spec, images=images, blocks=blocks, ts=ts, basis=basis))
     # Rows in the user's order (the cache key includes the order, so this is its own cache entry).
     ds, g = load_features(ck, spec, blocks=blocks, ts=ts, pooling="tokens", indices=images)

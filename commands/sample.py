@@ -44,19 +44,21 @@ class SampleResult:
     n: int
     method: str
     steps: int
+    notes: list[str]  # what the checkpoint loader ignored or inferred
 
 
 def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int = 64,
                npz: str | os.PathLike | None = None, weights: str = "ema", family: str | None = None,
                trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
-               progress: bool = True, overwrite: bool = False, vae: str | os.PathLike | None = None) -> SampleResult:
+               progress: bool = True, overwrite: bool = False, vae: str | os.PathLike | None = None,
+               num_heads: int | None = None) -> SampleResult:
     """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling).
     Latent checkpoints are decoded with the AutoencoderKL in folder ``vae``."""
     for target in (out, npz):
         if target is not None and Path(target).exists() and not overwrite:
             raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another path")
     s = sampler or SamplerSettings()
-    ck = load_checkpoint(ckpt_path, weights=weights, family=family, trust=trust)
+    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust)
     kw = s.kwargs(ck.family)
     samplers.validate_options(ck.family, kw["method"], s.steps, s.cfg_scale, tuple(s.guidance_interval),
                               ck.num_timesteps)
@@ -66,4 +68,5 @@ def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int =
     u8 = to_uint8(images)
     y = samplers.resolve_labels(s.labels, n, int(ck.meta.get("num_classes") or 1), s.seed)
     grid = save_grid(out, u8)
-    return SampleResult(grid, save_npz(npz, u8, y) if npz is not None else None, n, kw["method"], s.steps)
+    return SampleResult(grid, save_npz(npz, u8, y) if npz is not None else None, n, kw["method"], s.steps,
+                        ck.load_notes())

@@ -19,7 +19,7 @@ from training.files import write_npz, write_table
 
 from training.checkpoint import file_sha
 
-from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_out,
+from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_for,
                      releases_outputs, result_identity)
 
 __all__ = ["SimilarityResult", "run_similarity", "cross_similarity", "check_n"]
@@ -96,8 +96,7 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
     cross = other is not None or (other_weights is not None and other_weights != weights)
     ident = result_identity(ck, spec, other=file_sha(other) if other is not None else None,
                             other_weights=other_weights, blocks=blocks, ts=ts, debiased=debiased, estimator=method)
-    res = prepare_out(out, "similarity", ckpt, weights, SimilarityResult, identity=ident, overwrite=overwrite,
-                      sha=ck.sha)
+    res = prepare_for(ck, out, "similarity", SimilarityResult, identity=ident, overwrite=overwrite)
     _, ga = load_features(ck, spec, blocks=blocks, ts=ts)
     est = "debiased CKA" if debiased else "biased CKA"
     meta = describe_grid(ck, ga, estimator=est)

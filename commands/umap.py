@@ -12,7 +12,7 @@ from analysis.embedding import aligned_umap, embedding_frame, umap_cells
 from training.files import write_table
 
 from .common import (FeatureSpec, Outputs, analysis_ts, cell_t, describe_grid, load_features, load_for_analysis,
-                     parse_cells, prepare_out, releases_outputs, result_identity)
+                     parse_cells, prepare_for, releases_outputs, result_identity)
 
 __all__ = ["run_umap"]
 
@@ -35,7 +35,7 @@ def run_umap(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "ema"
     tss = [cell_t(ck, t) for t in ts] if ts else few
     blocks = sorted({b for b, _ in parsed} | ({aligned_block} if aligned_block is not None else set()))
     all_ts = sorted({t for _, t in parsed} | (set(tss) if aligned_block is not None else set()))
-    res = prepare_out(out, "umap", ckpt, weights, sha=ck.sha, overwrite=overwrite,
+    res = prepare_for(ck, out, "umap", overwrite=overwrite,
                       identity=result_identity(ck, spec, cells=parsed, aligned_block=aligned_block, ts=tss,
                                                n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed))
     ds, g = load_features(ck, spec, blocks=blocks, ts=all_ts)

@@ -89,3 +89,21 @@ def test_atomic_save_leaves_old_file_on_failure(tmp_path):
         save_checkpoint({"a": Boom()}, p)
     assert torch.equal(torch.load(p, weights_only=True)["a"], torch.ones(2))
     assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+def test_our_long_skip_checkpoint_loads_without_notes(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=3, depth=4, long_skip=True, sra_head=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = m.state_dict()
+    assert {"skip_fusions.1.norm.weight", "skip_fusions.1.norm.bias", "skip_fusions.1.linear.weight"} <= set(sd)
+    meta = {"family": "sit", "model_config": m.config.to_dict(), "path": "linear", "learn_sigma": False,
+            "time_convention": "flow-t1-noise", "num_timesteps": 1000, "method": "diverse"}
+    p = tmp_path / "0000010.pt"
+    save_checkpoint({"model": sd, "ema": sd, "opt": {}, "steps": 10, "epoch": 0, "config": {}, "meta": meta}, p)
+    ck = load_checkpoint(p)
+    assert ck.inferred == {} and ck.load_notes() == [] and ck.ignored_keys == []
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
+    torch.testing.assert_close(ck.model(x, t, y), m.eval()(x, t, y))

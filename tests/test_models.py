@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from training.models import build_model, get_2d_sincos_pos_embed, model_config, registry_names
 
@@ -129,3 +130,24 @@ def test_bad_input_messages(tiny):
         build_model("SiT-T/4", depth=5, long_skip=True)
     with pytest.raises(ValueError, match="unknown model field"):
         build_model("SiT-T/4", width=3)
+
+
+def test_long_skip_layernorm_eps_is_the_official_1e6():
+    torch.manual_seed(0)
+    m = build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=3, depth=4, long_skip=True)
+    fusion = m.skip_fusions[0]
+    assert fusion.norm.eps == 1e-6
+    d = m.config.hidden_size
+    with torch.no_grad():
+        fusion.norm.weight.normal_(1, 0.1)
+        fusion.norm.bias.normal_(0, 0.1)
+        deep, shallow = 1e-3 * torch.randn(2, 5, d), 1e-3 * torch.randn(2, 5, d)  # variance ~ eps
+        cat = torch.cat([deep, shallow], dim=-1)
+
+        def manual(eps):
+            h = F.layer_norm(cat, (2 * d,), fusion.norm.weight, fusion.norm.bias, eps)
+            return F.linear(h, fusion.linear.weight, fusion.linear.bias)
+
+        out = fusion(deep, shallow)
+        torch.testing.assert_close(out, manual(1e-6))
+        assert (out - manual(1e-5)).abs().max() > 1e-2  # the eps matters at this scale

@@ -14,8 +14,10 @@ the sinusoidal embedding. The method-specific parts are optional submodules of t
 * ``ap_head`` — the SRA projection head (name kept from the official SRA code so its
   checkpoints resume), applied to one block's output in training only;
 * ``skip_fusions`` — DiverseDiT long residual connections: after each deep block
-  ``i >= depth // 2`` (0-based) the stream is ``Linear(LayerNorm_fp32(cat[x, skip]))`` with the
-  first-half outputs popped LIFO, so block ``i`` is paired with block ``depth - 1 - i``.
+  ``i >= depth // 2`` (0-based) the stream is ``Linear(LayerNorm_fp32(cat[x, skip]))`` (LayerNorm
+  eps 1e-6) with the first-half outputs popped LIFO, so block ``i`` is paired with block
+  ``depth - 1 - i``; the fused tensor replaces the stream. Official DiverseDiT files name these
+  ``skip_linears.{j}.linear`` / ``skip_norms.{j}`` (the checkpoint loader renames them).
 
 Block indices in the public API are **1-based block outputs** ("block k" = the residual stream
 after k blocks, after any long-skip fusion), as in the SRA/REPA flags.
@@ -187,11 +189,17 @@ class ProjectionHead(nn.Module):
 
 
 class LongSkipFusion(nn.Module):
-    """DiverseDiT long residual connection: Linear(LayerNorm_fp32(cat[deep, shallow]))."""
+    """DiverseDiT long residual connection: Linear(LayerNorm_fp32(cat[deep, shallow])).
+
+    The official code (kobeshegu/DiverseDiT ``models/sit.py``) holds the same two modules as
+    ``skip_norms.{j}`` (affine LayerNorm over 2D, eps 1e-6) and ``skip_linears.{j}.linear``;
+    :func:`training.checkpoint.load_checkpoint` renames those keys onto ``skip_fusions.{j}.norm`` /
+    ``skip_fusions.{j}.linear``.
+    """
 
     def __init__(self, hidden_size: int):
         super().__init__()
-        self.norm = nn.LayerNorm(2 * hidden_size)
+        self.norm = nn.LayerNorm(2 * hidden_size, eps=1e-6)  # eps as the official FP32_Layernorm
         self.linear = nn.Linear(2 * hidden_size, hidden_size)
 
     def forward(self, deep: torch.Tensor, shallow: torch.Tensor) -> torch.Tensor:
