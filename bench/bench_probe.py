@@ -1,7 +1,8 @@
 """Benchmark (1): whole-grid torch probe vs a scikit-learn LogisticRegression loop, same features.
 
 Both run the same protocol (z-scoring, L2 sweep chosen on a 20% held-out cut, refit on the
-whole train split, test accuracy). Features are synthetic by default, shaped like a probe grid
+whole train split, test accuracy). Also times the ridge screen and the ``linear-sgd`` probe (the
+papers' BatchNorm + linear layer protocol, 80 epochs) on the same cells. Features are synthetic by default, shaped like a probe grid
 (cells = blocks x t) with a few high-variance channels, or extracted from a checkpoint
 (``--ckpt``). Prints one JSON line; numbers go to docs/benchmarks.md.
 
@@ -64,6 +65,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--skip-sklearn", action="store_true")
+    ap.add_argument("--skip-linear-sgd", action="store_true")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -80,10 +82,20 @@ def main() -> None:
     rt = fit_probes(xtr, ytr, xte, yte, "torch", device=args.device)
     out["torch_s"] = time.perf_counter() - t0
     out["torch_mean_acc"] = float(rt.accuracy.mean())
+    out["torch_converged_chosen"] = float(rt.converged.mean())
+    out["torch_converged_sweep"] = float(rt.sweep_converged.mean())
+    out["torch_max_sweep_iterations"] = int(rt.sweep_iterations.max())
     t0 = time.perf_counter()
     rr = fit_probes(xtr, ytr, xte, yte, "ridge", device=args.device)
     out["ridge_s"] = time.perf_counter() - t0
     out["ridge_mean_acc"] = float(rr.accuracy.mean())
+    if not args.skip_linear_sgd:
+        fit_probes(xtr[:2, :200], ytr[:200], xte[:2], yte, "linear-sgd", device=args.device)  # warm-up
+        t0 = time.perf_counter()
+        rl = fit_probes(xtr, ytr, xte, yte, "linear-sgd", device=args.device)
+        out["linear_sgd_s"] = time.perf_counter() - t0
+        out["linear_sgd_mean_acc"] = float(rl.accuracy.mean())
+        out["linear_sgd_steps"] = int(rl.protocol["steps"])
     if not args.skip_sklearn:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -23,8 +24,9 @@ __all__ = ["grid_table", "summarize", "protocol_hash", "DEFAULT_N_TRAIN", "DEFAU
 DEFAULT_N_TRAIN = 2000
 DEFAULT_N_TEST = 1000
 TABLE_COLUMNS = ["checkpoint", "weights", "step", "model", "method", "family", "block", "t", "log_snr", "accuracy",
-                 "val_accuracy", "train_accuracy", "reg", "reg_kind", "probe", "pooling", "label_policy", "dataset",
-                 "n_train", "n_test", "holdout", "seed", "time_convention", "checkpoint_sha", "protocol_hash"]
+                 "val_accuracy", "train_accuracy", "reg", "reg_kind", "converged", "iterations", "probe", "pooling",
+                 "label_policy", "dataset", "n_train", "n_test", "holdout", "seed", "time_convention", "checkpoint_sha",
+                 "protocol_hash"]
 
 
 # Table spelling of the label policy: a bare "null" would be read back as NaN by pandas.read_csv.
@@ -66,13 +68,23 @@ def grid_table(gtr: GridFeatures, gte: GridFeatures, probe: str = "torch", *, de
             "method": m["method"], "family": m["family"], "block": int(b), "t": t, "log_snr": gtr.log_snr[t],
             "accuracy": float(res.accuracy[i]), "val_accuracy": float(res.val_accuracy[i]),
             "train_accuracy": float(res.train_accuracy[i]), "reg": float(res.reg[i]),
-            "reg_kind": res.protocol["reg_kind"], "probe": probe, "pooling": m["pooling"],
+            "reg_kind": res.protocol["reg_kind"], "converged": bool(res.converged[i]),
+            "iterations": int(res.iterations[i]), "probe": probe, "pooling": m["pooling"],
             "label_policy": TABLE_LABEL_POLICY[m["label_policy"]], "dataset": m["dataset"], "n_train": m["n_samples"],
             "n_test": gte.meta["n_samples"], "holdout": res.protocol["holdout"], "seed": m["seed"],
             "time_convention": m["time_convention"], "checkpoint_sha": m["checkpoint_sha"], "protocol_hash": phash,
         })
     df = pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    # results, kept out of the protocol hash: per-(cell, strength) convergence of the sweep
     proto["probe_seconds"] = res.seconds
+    proto["probe_convergence"] = {"cells": [[int(b), t] for b, t in cells], "reg_grid": res.protocol["reg_grid"],
+                                  "converged": res.converged.tolist(), "iterations": res.iterations.tolist(),
+                                  "sweep_converged": res.sweep_converged.tolist(),
+                                  "sweep_iterations": res.sweep_iterations.tolist()}
+    bad = [f"(block {int(b)}, t {t:g})" for (b, t), ok in zip(cells, res.converged) if not ok]
+    if bad:
+        warnings.warn(f"probe {probe}: the chosen fit did not converge in {len(bad)} of {len(cells)} cells: "
+                      f"{', '.join(bad)} (see the converged / iterations columns; raise max_iter)", stacklevel=2)
     return df, proto
 
 

@@ -1,6 +1,7 @@
-"""Linear probes for a whole block x timestep grid: torch (batched L-BFGS), ridge, sklearn, cuML, k-NN.
+"""Linear probes for a whole block x timestep grid: torch (batched L-BFGS), ridge, sklearn, cuML, k-NN,
+and linear-sgd (the papers' BatchNorm + linear layer protocol).
 
-One protocol for every backend (REPA / DINOv2 style, see ``docs/probing.md``):
+One protocol for every backend except linear-sgd (REPA / DINOv2 style, see ``docs/probing.md``):
 
 1. the train split is cut into a fit part and a held-out part (``holdout`` fraction, seeded,
    by image so token-level samples of one image never straddle the cut);
@@ -11,12 +12,19 @@ One protocol for every backend (REPA / DINOv2 style, see ``docs/probing.md``):
 4. the probe is refitted on the whole train split with that strength (DINOv2 refits on
    train + val) and scored once on the official test split.
 
-The torch backend fits **every cell and every strength at once**: features are stacked into a
-(cells, N, D) tensor, weights into (cells, D + 1, strengths, classes), and a batched L-BFGS keeps a
-separate history, step size and stopping test per problem, so each (cell, strength) problem is
-solved as if it were alone while every iteration is one batched matmul. The loss is
-``mean cross-entropy + lam / 2 * ||W||^2`` (bias not penalised); scikit-learn's ``C`` is
-``1 / (lam * n)``.
+The torch backend fits **every cell at once**: features are stacked into a (cells, N, D) tensor,
+weights into (cells, D + 1, strengths, classes), and a batched L-BFGS keeps a separate history,
+step size and stopping test per problem, so each (cell, strength) problem is solved as if it were
+alone while every iteration is one batched matmul. The strengths are solved from the strongest to
+the weakest, each warm-started at the previous solution, and the solver works in each cell's
+``X^T X`` eigenbasis with a diagonal preconditioner (diffusion features are very ill-conditioned
+even after z-scoring). Every problem reports whether it converged (max |grad| < ``tol``); see
+:class:`ProbeResult`. The loss is ``mean cross-entropy + lam / 2 * ||W||^2`` (bias not
+penalised); scikit-learn's ``C`` is ``1 / (lam * n)``.
+
+``linear-sgd`` is the MAE linear-probe recipe that SRA and REPA report (BatchNorm1d without
+affine, one linear layer, AdamW with cosine lr, a fixed number of epochs, scored on test, no
+strength search), for all cells in one batched computation.
 """
 
 from __future__ import annotations
@@ -32,21 +40,33 @@ import torch
 __all__ = ["ProbeResult", "fit_probes", "CellProbe", "fit_cell_probe", "PROBES", "DEFAULT_LAMBDAS", "DEFAULT_RIDGE_ALPHAS", "holdout_split",
            "batched_logreg", "batched_ridge", "knn_predict"]
 
-PROBES = ("torch", "ridge", "sklearn", "cuml", "knn")
+PROBES = ("torch", "ridge", "sklearn", "cuml", "knn", "linear-sgd")
 DEFAULT_LAMBDAS = tuple(float(x) for x in 10.0 ** np.arange(-6, 1))  # 1e-6 .. 1
 DEFAULT_RIDGE_ALPHAS = tuple(float(x) for x in 10.0 ** np.arange(-4, 4.5, 0.5))  # 1e-4 .. 1e4
 
 
 @dataclass
 class ProbeResult:
-    """Per-cell results, in the order of the stacked input cells."""
+    """Per-cell results, in the order of the stacked input cells.
+
+    ``converged``: the chosen fit converged (torch: max |grad| < tol in both the chosen strength's
+    sweep fit and the refit; sklearn / cuML: both stopped before ``max_iter``; closed-form and
+    fixed-schedule probes (ridge, knn, linear-sgd): always True). ``iterations``: iterations of the
+    refit (linear-sgd: optimiser steps; closed form: 0; -1: not reported). ``sweep_converged`` /
+    ``sweep_iterations``: (cells, strengths) for every strength of ``protocol["reg_grid"]``, in that
+    order (empty second axis for probes without a sweep).
+    """
 
     accuracy: np.ndarray  # top-1 on the test split
-    val_accuracy: np.ndarray  # held-out accuracy at the chosen strength (nan for k-NN)
+    val_accuracy: np.ndarray  # held-out accuracy at the chosen strength (nan for k-NN, linear-sgd)
     train_accuracy: np.ndarray  # on the full train split after the refit
-    reg: np.ndarray  # chosen strength (lam for logistic, alpha for ridge, nan for k-NN)
+    reg: np.ndarray  # chosen strength (lam for logistic, alpha for ridge, nan for k-NN, linear-sgd)
     protocol: dict = field(default_factory=dict)
     seconds: float = 0.0
+    converged: np.ndarray | None = None  # (cells,) bool
+    iterations: np.ndarray | None = None  # (cells,) int
+    sweep_converged: np.ndarray | None = None  # (cells, strengths) bool
+    sweep_iterations: np.ndarray | None = None  # (cells, strengths) int
 
 
 # ----------------------------------------------------------------------------------------------
@@ -123,81 +143,113 @@ def _pdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a * b).sum((1, 3))
 
 
-def batched_logreg(xa: torch.Tensor, y: torch.Tensor, num_classes: int, lam: torch.Tensor,
-                   w0: torch.Tensor | None = None, max_iter: int = 200, tol: float = 1e-4, ftol: float = 1e-6,
-                   history: int = 10) -> tuple[torch.Tensor, dict]:
-    """Fit C x L independent L2 logistic regressions with a batched L-BFGS.
+def _eigbasis(xa: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvectors (C, D, D) and eigenvalues (C, D) of the feature block's second moment ``X^T X / N``."""
+    xf = xa[:, :, :-1]
+    s, v = torch.linalg.eigh(torch.bmm(xf.transpose(1, 2), xf) / xa.shape[1])
+    return v, s.clamp_min(0)
 
-    ``xa``: (C, N, D+1) standardised features with a ones column; ``lam``: (C, L) strengths.
-    Each problem keeps its own curvature pairs, Armijo backtracking step and stopping test
-    (max |grad| < ``tol``, relative loss change < ``ftol`` three times in a row, or no decrease
-    possible); finished problems stop moving. Returns W
-    (C, D+1, L, K) and {"iterations", "converged" (C, L) bool}.
-    """
+
+def _rotate(w: torch.Tensor, v: torch.Tensor | None, back: bool = False) -> torch.Tensor:
+    """Weights (C, D+1, L, K) into the eigenbasis (``V^T W``) or back (``V W``); the bias row is unchanged."""
+    if v is None:
+        return w
+    feat = torch.einsum("cde,cdlk->celk" if not back else "ced,cdlk->celk", v, w[:, :-1])
+    return torch.cat([feat, w[:, -1:]], dim=1)
+
+
+def _gmax(g: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
+    """max |gradient| per problem (C, L), in the original feature basis (the test scikit-learn uses)."""
+    return _rotate(g, v, back=True).abs().amax((1, 3))
+
+
+def _lbfgs(xa, y1h, lam, w, curv, v, max_iter, tol, ftol, history):
+    """Preconditioned batched L-BFGS on (possibly rotated) features; see :func:`batched_logreg`."""
     c, n, d1 = xa.shape
     l = lam.shape[1]
-    k = num_classes
+    k = y1h.shape[1]
     dev, dt = xa.device, xa.dtype
-    y1h = torch.nn.functional.one_hot(y.long(), k).to(dt)
     mask = torch.ones((1, d1, 1, 1), device=dev, dtype=dt)
     mask[:, -1] = 0  # bias row is not penalised
-    w = torch.zeros((c, d1, l, k), device=dev, dtype=dt) if w0 is None else w0.clone()
+    # Diagonal inverse-curvature guess: the Hessian at uniform class probabilities is
+    # (X^T X / N) (x) (I - 11^T / K) / K, diagonal in the eigenbasis, plus lam on the weights.
+    denom = curv[:, :, None] / k + lam[:, None, :] * mask[0, :, :, 0][None]
+    pre = (1.0 / denom.clamp_min(1e-8 * denom.amax(1, keepdim=True).clamp_min(1e-30)))[..., None]  # (C, D+1, L, 1)
+    w = torch.zeros((c, d1, l, k), device=dev, dtype=dt) if w is None else w.clone()
     f, g = _loss_grad(xa, y1h, w, lam, mask)
+    gm = _gmax(g, v)
+    conv = gm < tol
+    done = conv.clone()
+    iters = torch.zeros((c, l), device=dev, dtype=torch.long)
+    stalled = torch.zeros((c, l), device=dev, dtype=torch.bool)
+    small = torch.zeros((c, l), device=dev, dtype=torch.long)  # consecutive iterations of tiny loss change
     s_hist: list[torch.Tensor] = []
     y_hist: list[torch.Tensor] = []
     rho_hist: list[torch.Tensor] = []
-    done = g.abs().amax((1, 3)) < tol
-    gamma = torch.ones((c, l), device=dev, dtype=dt)
+    eps_f = 10 * torch.finfo(dt).eps
     # Cells whose problems have all finished are dropped from the batch (their rows are written
-    # to ``w_out``), so the slowest problems do not keep the finished ones computing.
-    w_out = w.clone()
+    # to the outputs), so the slowest problems do not keep the finished ones computing.
+    out = {"w": w.clone(), "conv": conv.clone(), "gm": gm.clone(), "iters": iters.clone(), "stalled": stalled.clone()}
     active = torch.arange(c, device=dev)
-    done_out = done.clone()
-    small = torch.zeros((c, l), device=dev, dtype=torch.long)  # consecutive iterations of tiny progress
-    it = 0
-    for it in range(1, max_iter + 1):
+
+    def _write(sel):
+        idx = active[sel]
+        for name, val in (("w", w), ("conv", conv), ("gm", gm), ("iters", iters), ("stalled", stalled)):
+            out[name][idx] = val[sel]
+
+    for _ in range(max_iter):
         cell_done = done.all(1)
         if bool(cell_done.any()):
-            w_out[active[cell_done]] = w[cell_done]
-            done_out[active[cell_done]] = done[cell_done]
+            _write(cell_done)
             keep = ~cell_done
-            if not bool(keep.any()):
-                active = active[keep]
-                break
             active = active[keep]
-            xa, lam, w, f, g, done, gamma, small = (xa[keep], lam[keep], w[keep], f[keep], g[keep], done[keep], gamma[keep],
-                                                     small[keep])
+            if not len(active):
+                break
+            xa, lam, w, f, g, gm, done, conv, iters, stalled, small, pre = (
+                t[keep] for t in (xa, lam, w, f, g, gm, done, conv, iters, stalled, small, pre))
+            v = v[keep] if v is not None else None
             s_hist = [h[keep] for h in s_hist]
             y_hist = [h[keep] for h in y_hist]
             rho_hist = [h[keep] for h in rho_hist]
-            c = int(keep.sum())
-        # two-loop recursion, per problem
-        q = -g
+            c = len(active)
+        iters += (~done).long()
+        # two-loop recursion, per problem, with the diagonal preconditioner as the initial inverse Hessian
+        q = g.clone()
         alphas = []
         for s_i, y_i, r_i in zip(reversed(s_hist), reversed(y_hist), reversed(rho_hist)):
             a_i = r_i * _pdot(s_i, q)
-            q = q - a_i[:, None, :, None] * y_i
+            q -= a_i[:, None, :, None] * y_i
             alphas.append(a_i)
-        if not s_hist:  # first step: scaled steepest descent
-            gamma = 1.0 / g.abs().amax((1, 3)).clamp_min(1e-12)
-        r = gamma[:, None, :, None] * q
+        if s_hist:
+            y_n, s_n = y_hist[-1], s_hist[-1]
+            gamma = _pdot(s_n, y_n) / _pdot(y_n, pre * y_n).clamp_min(1e-30)
+            gamma = torch.where(rho_hist[-1] > 0, gamma, torch.ones_like(gamma))
+        else:
+            gamma = torch.ones((c, l), device=dev, dtype=dt)
+        r = gamma[:, None, :, None] * pre * q
         for (s_i, y_i, r_i), a_i in zip(zip(s_hist, y_hist, rho_hist), reversed(alphas)):
             b_i = r_i * _pdot(y_i, r)
-            r = r + (a_i - b_i)[:, None, :, None] * s_i
+            r += (a_i - b_i)[:, None, :, None] * s_i
+        r = -r
         gd = _pdot(g, r)
-        bad = gd >= 0  # not a descent direction: fall back to steepest descent for that problem
+        bad = ~(gd < 0)  # not a descent direction: fall back to the preconditioned gradient for that problem
         if bool(bad.any()):
-            r = torch.where(bad[:, None, :, None], -g, r)
-            gd = torch.where(bad, -_pdot(g, g), gd)
+            pg = pre * g
+            r = torch.where(bad[:, None, :, None], -pg, r)
+            gd = torch.where(bad, -_pdot(g, pg), gd)
         r = r * (~done)[:, None, :, None]
-        # Armijo backtracking, each problem with its own step
+        # Backtracking line search, each problem with its own step: Armijo, or (where the loss change
+        # is at rounding level) the approximate Wolfe test of Hager & Zhang on the directional derivative,
+        # which stays exact when float32 can no longer resolve the decrease of the loss.
         step = torch.ones((c, l), device=dev, dtype=dt)
         accepted = done.clone()
         w_new, f_new, g_new = w, f, g
         for _ in range(30):
             trial = w + step[:, None, :, None] * r
             f_t, g_t = _loss_grad(xa, y1h, trial, lam, mask)
-            ok = (~accepted) & torch.isfinite(f_t) & (f_t <= f + 1e-4 * step * gd)
+            armijo = f_t <= f + 1e-4 * step * gd
+            approx_wolfe = (f_t <= f + eps_f * f.abs()) & (_pdot(g_t, r) <= -(1 - 2e-4) * gd)
+            ok = (~accepted) & torch.isfinite(f_t) & (armijo | approx_wolfe)
             if bool(ok.any()):
                 sel = ok[:, None, :, None]
                 w_new = torch.where(sel, trial, w_new)
@@ -207,26 +259,80 @@ def batched_logreg(xa: torch.Tensor, y: torch.Tensor, num_classes: int, lam: tor
             if bool(accepted.all()):
                 break
             step = torch.where(accepted, step, step * 0.5)
-        stalled = ~accepted  # no decrease found: at the floating-point floor
+        stuck = ~accepted  # no acceptable step: at the floating-point floor
         s_new, y_new = w_new - w, g_new - g
         sy = _pdot(s_new, y_new)
         valid = sy > 1e-10 * _pdot(y_new, y_new).clamp_min(1e-30)
-        rho = torch.where(valid, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy))
         s_hist.append(s_new)
         y_hist.append(y_new)
-        rho_hist.append(rho)
+        rho_hist.append(torch.where(valid, 1.0 / sy.clamp_min(1e-30), torch.zeros_like(sy)))
         if len(s_hist) > history:
             s_hist.pop(0), y_hist.pop(0), rho_hist.pop(0)
-        yy = _pdot(y_new, y_new)
-        gamma = torch.where(valid, sy / yy.clamp_min(1e-30), gamma)
         rel = (f - f_new).abs() / f.abs().clamp_min(1e-3)
         small = torch.where(rel < ftol, small + 1, torch.zeros_like(small))
         w, f, g = w_new, f_new, g_new
-        done = done | stalled | (g.abs().amax((1, 3)) < tol) | (small >= 3)
+        gm = torch.where(done, gm, _gmax(g, v))
+        conv = conv | (~done & (gm < tol))
+        stalled = stalled | (~done & stuck & ~conv)
+        done = done | conv | stuck | (small >= 3)
     if len(active):
-        w_out[active] = w
-        done_out[active] = done
-    return w_out, {"iterations": it, "converged": done_out.cpu().numpy()}
+        _write(torch.ones(len(active), dtype=torch.bool, device=dev))
+    return out
+
+
+def batched_logreg(xa: torch.Tensor, y: torch.Tensor, num_classes: int, lam: torch.Tensor,
+                   w0: torch.Tensor | None = None, max_iter: int = 1000, tol: float = 1e-4, ftol: float = 0.0,
+                   history: int = 10, precondition: bool = True, warm_path: bool = True) -> tuple[torch.Tensor, dict]:
+    """Fit C x L independent L2 logistic regressions with a batched, preconditioned L-BFGS.
+
+    ``xa``: (C, N, D+1) standardised features with a ones column; ``lam``: (C, L) strengths.
+    Each problem keeps its own curvature pairs, line-search step and stopping test. It has
+    **converged** when max |grad| < ``tol`` in the original feature basis (scikit-learn's test
+    for its lbfgs solver on the same mean-loss objective); it also stops, unconverged, when no step
+    decreases the loss (the floating-point floor), after ``ftol`` (relative loss change below it
+    three times in a row; 0 = off) or at ``max_iter``.
+
+    Conditioning: ``precondition`` solves in the eigenbasis of each cell's ``X^T X / N`` (an
+    orthogonal change of variables: the same problem and the same L2 norm) with the Hessian's
+    diagonal at uniform class probabilities, ``s_j / K + lam``, as L-BFGS's initial inverse
+    Hessian. ``warm_path`` (without ``w0``, L > 1): the strengths are solved one at a time from the
+    strongest to the weakest (by the first cell's order), each started at the solution of the one
+    before; otherwise all columns are solved together from ``w0`` (or zero).
+
+    Returns W (C, D+1, L, K) and ``{"iterations": (C, L) int, "converged": (C, L) bool,
+    "grad_max": (C, L) float, "stalled": (C, L) bool}`` (numpy).
+    """
+    c, n, d1 = xa.shape
+    l = lam.shape[1]
+    k = num_classes
+    dev, dt = xa.device, xa.dtype
+    y1h = torch.nn.functional.one_hot(y.long(), k).to(dt)
+    v = None
+    curv = torch.ones((c, d1), device=dev, dtype=dt)
+    if precondition and d1 > 1:
+        v, s = _eigbasis(xa)
+        xa = torch.cat([torch.bmm(xa[:, :, :-1], v), xa[:, :, -1:]], dim=2)
+        curv = torch.cat([s, (xa[:, :, -1:] ** 2).mean(1)], dim=1)
+    lam = lam.to(device=dev, dtype=dt)
+    args = (max_iter, tol, ftol, history)
+    if warm_path and l > 1 and w0 is None:
+        order = torch.argsort(lam[0], descending=True).tolist()
+        w = torch.zeros((c, d1, l, k), device=dev, dtype=dt)
+        stats = {name: torch.zeros((c, l), device=dev, dtype=tp) for name, tp in
+                 (("iters", torch.long), ("conv", torch.bool), ("gm", dt), ("stalled", torch.bool))}
+        prev = None
+        for j in order:
+            o = _lbfgs(xa, y1h, lam[:, j : j + 1].contiguous(), prev, curv, v, *args)
+            w[:, :, j] = o["w"][:, :, 0]
+            for name in stats:
+                stats[name][:, j] = o[name][:, 0]
+            prev = o["w"]
+        o = {"w": w, **stats}
+    else:
+        o = _lbfgs(xa, y1h, lam, _rotate(w0, v) if w0 is not None else None, curv, v, *args)
+    info = {"iterations": o["iters"].cpu().numpy(), "converged": o["conv"].cpu().numpy(),
+            "grad_max": o["gm"].double().cpu().numpy(), "stalled": o["stalled"].cpu().numpy()}
+    return _rotate(o["w"], v, back=True), info
 
 
 def _acc_loss(xa: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -258,12 +364,13 @@ def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter
     yte_t = torch.as_tensor(yte, device=dev)
     fit_t = torch.as_tensor(fit, device=dev)
     val_t = torch.as_tensor(val, device=dev)
-    out = {k_: [] for k_ in ("acc", "val", "train", "reg", "iters")}
+    keys = ("acc", "val", "train", "reg", "converged", "iterations", "sweep_converged", "sweep_iterations")
+    out = {k_: [] for k_ in keys}
     for c0 in range(0, xtr.shape[0], cell_chunk):
         a = _to_tensor(xtr[c0 : c0 + cell_chunk], dev, dtype)
         b = _to_tensor(xte[c0 : c0 + cell_chunk], dev, dtype)
         c = a.shape[0]
-        # 1) sweep on the fit part, score on the held-out part
+        # 1) sweep on the fit part (strongest to weakest, warm-started), score on the held-out part
         mu, sd = _standardise(a, a[:, fit_t])
         xf = _augment((a[:, fit_t] - mu) / sd)
         xv = _augment((a[:, val_t] - mu) / sd)
@@ -280,13 +387,16 @@ def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter
         w2, info2 = batched_logreg(xa, ytr_t, k, lam, w0=w0, max_iter=max_iter, tol=tol)
         tr_acc, _ = _acc_loss(xa, w2, ytr_t)
         te_acc, _ = _acc_loss(_augment((b - mu) / sd), w2, yte_t)
-        out["acc"].append(te_acc[:, 0].cpu())
-        out["train"].append(tr_acc[:, 0].cpu())
-        out["val"].append(vacc[torch.arange(c), pick].cpu())
-        out["reg"].append(lam[:, 0].cpu())
-        out["iters"].append(max(info1["iterations"], info2["iterations"]))
-    return ({k_: torch.cat(v).double().numpy() for k_, v in out.items() if k_ != "iters"},
-            {"max_iterations": int(max(out["iters"]))})
+        p = pick.cpu().numpy()
+        out["acc"].append(te_acc[:, 0].double().cpu().numpy())
+        out["train"].append(tr_acc[:, 0].double().cpu().numpy())
+        out["val"].append(vacc[torch.arange(c), pick].double().cpu().numpy())
+        out["reg"].append(lam[:, 0].double().cpu().numpy())
+        out["converged"].append(info1["converged"][np.arange(c), p] & info2["converged"][:, 0])
+        out["iterations"].append(info2["iterations"][:, 0])
+        out["sweep_converged"].append(info1["converged"])
+        out["sweep_iterations"].append(info1["iterations"])
+    return {k_: np.concatenate(v) for k_, v in out.items()}, {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -387,21 +497,118 @@ def _fit_knn(xtr, ytr, xte, yte, k, device, dtype, cell_chunk, knn_k, knn_t):
 
 
 # ----------------------------------------------------------------------------------------------
+# The papers' protocol: BatchNorm (no affine) + one linear layer, AdamW, cosine lr, fixed epochs
+# ----------------------------------------------------------------------------------------------
+
+
+def _cosine_lr(lr: float, step: int, total: int) -> float:
+    """Cosine decay from ``lr`` at step 0 towards 0 at step ``total`` (per optimiser step, no warm-up)."""
+    return 0.5 * lr * (1.0 + math.cos(math.pi * step / max(total, 1)))
+
+
+def _fit_linear_sgd(xtr, ytr, xte, yte, k, device, dtype, cell_chunk, seed, epochs, batch_size, lr, weight_decay,
+                    bn_eps=1e-6, bn_momentum=0.1):
+    """Every cell's BatchNorm1d(affine=False) + Linear head trained at once on stacked (C, N, D) features.
+
+    All cells share the seeded initial weights (MAE's ``trunc_normal_(std=0.01)``, bounds +-2, zero bias) and
+    the seeded batch order, and each cell's loss only reaches its own weights, so a cell's
+    result does not depend on which other cells are in the batch. AdamW is
+    :class:`torch.optim.AdamW` on the stacked (C, D, K) / (C, K) parameters (element-wise, so the
+    same as one optimiser per cell); the gradients of the mean cross-entropy are written in closed form.
+    """
+    if epochs < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"linear-sgd needs epochs >= 1, batch_size >= 1 and lr > 0, got {epochs}, {batch_size}, {lr}")
+    dev = torch.device(device)
+    n = len(ytr)
+    d = xtr.shape[2]
+    bs = min(batch_size, n)
+    per_epoch = n // bs  # full batches; the remainder of each epoch's permutation is dropped (MAE's drop_last)
+    total = epochs * per_epoch
+    gen = torch.Generator().manual_seed(int(seed))
+    w_init = torch.nn.init.trunc_normal_(torch.empty(d, k, dtype=torch.float64), std=0.01, a=-2.0, b=2.0,
+                                         generator=gen).to(dtype)
+    ytr_t, yte_t = torch.as_tensor(ytr, device=dev), torch.as_tensor(yte, device=dev)
+    y1h = torch.nn.functional.one_hot(ytr_t.long(), k).to(dtype)
+    out = {k_: [] for k_ in ("acc", "train")}
+    for c0 in range(0, xtr.shape[0], cell_chunk):
+        a = _to_tensor(xtr[c0 : c0 + cell_chunk], dev, dtype)
+        b = _to_tensor(xte[c0 : c0 + cell_chunk], dev, dtype)
+        c = a.shape[0]
+        w = w_init.to(dev)[None].repeat(c, 1, 1).requires_grad_(False)
+        bias = torch.zeros((c, k), device=dev, dtype=dtype)
+        opt = torch.optim.AdamW([w, bias], lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=weight_decay)
+        run_mean = torch.zeros((c, 1, d), device=dev, dtype=dtype)
+        run_var = torch.ones((c, 1, d), device=dev, dtype=dtype)
+        whole = bs == n  # one batch of every sample: its order does not matter, its BatchNorm statistics are fixed
+        if whole:
+            mean_all = a.mean(1, keepdim=True)
+            var_all = a.var(1, keepdim=True, unbiased=False)
+            xn_all = (a - mean_all) / torch.sqrt(var_all + bn_eps)
+        step = 0
+        pgen = torch.Generator().manual_seed(int(seed) + 1)  # batch order: the same stream for every chunk
+        for _ in range(epochs):
+            perm = None if whole else torch.randperm(n, generator=pgen).to(dev)
+            for s0 in range(0, per_epoch * bs, bs):
+                if whole:
+                    mean, var, xn, yb = mean_all, var_all, xn_all, y1h
+                else:
+                    idx = perm[s0 : s0 + bs]
+                    xb = a[:, idx]  # (C, B, D)
+                    mean = xb.mean(1, keepdim=True)
+                    var = xb.var(1, keepdim=True, unbiased=False)
+                    xn = (xb - mean) / torch.sqrt(var + bn_eps)
+                    yb = y1h[idx]
+                # running statistics, as BatchNorm1d in training mode (unbiased variance, momentum 0.1)
+                run_mean.mul_(1 - bn_momentum).add_(bn_momentum * mean)
+                run_var.mul_(1 - bn_momentum).add_(bn_momentum * var * (bs / max(bs - 1, 1)))
+                z = torch.baddbmm(bias[:, None], xn, w)  # (C, B, K)
+                z -= z.amax(2, keepdim=True)  # softmax by hand: torch.softmax over 10 classes is ~6x slower on CPU
+                z.exp_()
+                z /= z.sum(2, keepdim=True)
+                dz = (z - yb[None]) / bs  # d mean-CE / d logits
+                w.grad = torch.bmm(xn.transpose(1, 2), dz)
+                bias.grad = dz.sum(1)
+                for group in opt.param_groups:
+                    group["lr"] = _cosine_lr(lr, step, total)
+                opt.step()
+                step += 1
+        with torch.no_grad():  # BatchNorm in eval mode: running statistics
+            def _acc(x, y):
+                z = torch.baddbmm(bias[:, None], (x - run_mean) / torch.sqrt(run_var + bn_eps), w)
+                return (z.argmax(2) == y[None]).double().mean(1).cpu().numpy()
+
+            out["acc"].append(_acc(b, yte_t))
+            out["train"].append(_acc(a, ytr_t))
+    res = {k_: np.concatenate(v) for k_, v in out.items()}
+    nan = np.full(len(res["acc"]), np.nan)
+    res.update(val=nan, reg=nan.copy(), converged=np.ones(len(nan), dtype=bool),
+               iterations=np.full(len(nan), total, dtype=np.int64))
+    return res, {"steps": total, "steps_per_epoch": per_epoch, "batch_size_used": bs}
+
+
+# ----------------------------------------------------------------------------------------------
 # scikit-learn / cuML loops (reference backends)
 # ----------------------------------------------------------------------------------------------
 
 
-def _fit_loop(xtr, ytr, xte, yte, fit, val, lambdas, make_estimator, progress_desc, progress):
+def _n_iter(est) -> int:
+    """Iterations an estimator reports (-1: not reported)."""
+    n = getattr(est, "n_iter_", None)
+    return int(np.max(np.asarray(n))) if n is not None and np.size(n) else -1
+
+
+def _fit_loop(xtr, ytr, xte, yte, fit, val, lambdas, make_estimator, max_iter, progress_desc, progress):
     from tqdm.auto import tqdm
 
-    out = {k_: [] for k_ in ("acc", "val", "train", "reg")}
+    keys = ("acc", "val", "train", "reg", "converged", "iterations", "sweep_converged", "sweep_iterations")
+    out = {k_: [] for k_ in keys}
     for ci in tqdm(range(xtr.shape[0]), desc=progress_desc, disable=not progress, leave=False, dynamic_ncols=True):
         a = np.asarray(xtr[ci], dtype=np.float64)
         b = np.asarray(xte[ci], dtype=np.float64)
         mu, sd = a[fit].mean(0), a[fit].std(0)
         sd = np.where(sd > 1e-6 * max(sd.max(), 1e-12), sd, 1.0)
         xf, xv = (a[fit] - mu) / sd, (a[val] - mu) / sd
-        scores = []
+        scores, its = [], []
         for lam in lambdas:
             est = make_estimator(1.0 / (lam * fit.sum()))
             est.fit(xf, ytr[fit])
@@ -410,6 +617,7 @@ def _fit_loop(xtr, ytr, xte, yte, fit, val, lambdas, make_estimator, progress_de
             col = np.searchsorted(np.asarray(est.classes_), ytr[val])
             loss = float(-np.log(np.clip(p[np.arange(len(col)), col], 1e-12, None)).mean())
             scores.append((acc, -loss))
+            its.append(_n_iter(est))
         best = max(range(len(lambdas)), key=lambda i: scores[i])
         lam = lambdas[best]
         mu, sd = a.mean(0), a.std(0)
@@ -420,7 +628,18 @@ def _fit_loop(xtr, ytr, xte, yte, fit, val, lambdas, make_estimator, progress_de
         out["train"].append(float((np.asarray(est.predict((a - mu) / sd)) == ytr).mean()))
         out["val"].append(scores[best][0])
         out["reg"].append(lam)
-    return {k_: np.asarray(v, dtype=np.float64) for k_, v in out.items()}, {}
+        # converged: stopped before max_iter (unknown iteration counts, -1, count as converged)
+        sweep_conv = [i < max_iter for i in its]
+        out["sweep_converged"].append(sweep_conv)
+        out["sweep_iterations"].append(its)
+        out["iterations"].append(_n_iter(est))
+        out["converged"].append(sweep_conv[best] and _n_iter(est) < max_iter)
+    res = {k_: np.asarray(v, dtype=np.float64) for k_, v in out.items() if k_ in ("acc", "val", "train", "reg")}
+    res.update(converged=np.asarray(out["converged"], dtype=bool),
+               iterations=np.asarray(out["iterations"], dtype=np.int64),
+               sweep_converged=np.asarray(out["sweep_converged"], dtype=bool),
+               sweep_iterations=np.asarray(out["sweep_iterations"], dtype=np.int64))
+    return res, {}
 
 
 def _sklearn_factory(max_iter: int, tol: float):
@@ -449,12 +668,16 @@ def fit_probes(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | N
                device: str = "cpu", seed: int = 0, holdout: float = 0.2, groups: np.ndarray | None = None,
                lambdas: Sequence[float] | None = None, max_iter: int | None = None, tol: float | None = None,
                dtype: torch.dtype = torch.float32, cell_chunk: int = 64, knn_k: int = 20, knn_t: float = 0.07,
+               epochs: int = 80, batch_size: int = 4096, lr: float = 1e-3, weight_decay: float = 0.0,
                progress: bool = False) -> ProbeResult:
     """Probe every cell of stacked features with one protocol; see the module docstring.
 
     ``xtr``: (cells, N, D) train features (numpy or torch), ``ytr``: (N,) labels; ``xte``,
     ``yte``: the test split. ``groups``: image id of each train row (tokens-as-samples) so the
     held-out cut is by image. ``lambdas``: L2 sweep (logistic) or alpha sweep (ridge).
+    ``max_iter`` / ``tol``: the logistic solvers' limits (torch: 1000 / 1e-4 on max |grad|).
+    ``epochs``, ``batch_size``, ``lr``, ``weight_decay``: the ``linear-sgd`` probe (the papers'
+    protocol: BatchNorm without affine + linear layer, AdamW, cosine lr to 0, no held-out search).
     """
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; use one of {', '.join(PROBES)}")
@@ -470,10 +693,13 @@ def fit_probes(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | N
     t0 = time.perf_counter()
     if probe == "torch":
         lambdas = tuple(lambdas or DEFAULT_LAMBDAS)
-        max_iter, tol = max_iter or 200, tol if tol is not None else 1e-4
+        max_iter, tol = max_iter or 1000, tol if tol is not None else 1e-4
         res, extra = _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter, tol, cell_chunk)
-        proto = {"probe": "torch", "solver": "batched L-BFGS (history 10, Armijo)", "reg_kind": "l2_lambda",
-                 "reg_grid": list(lambdas), "max_iter": max_iter, "tol": tol, **extra}
+        proto = {"probe": "torch", "reg_kind": "l2_lambda", "reg_grid": list(lambdas), "max_iter": max_iter, "tol": tol,
+                 "solver": "batched L-BFGS (history 10), preconditioned in the X^T X eigenbasis, Armijo / "
+                           "approximate-Wolfe backtracking; sweep solved strongest to weakest, warm-started",
+                 "convergence": "max |grad| < tol (mean CE + lam/2 ||W||^2, original feature basis)",
+                 "dtype": str(dtype).removeprefix("torch.")}
     elif probe == "ridge":
         lambdas = tuple(lambdas or DEFAULT_RIDGE_ALPHAS)
         res, extra = _fit_ridge(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, cell_chunk)
@@ -483,19 +709,43 @@ def fit_probes(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | N
         res, extra = _fit_knn(xtr, ytr, xte, yte, k, device, dtype, cell_chunk, knn_k, knn_t)
         proto = {"probe": "knn", "solver": f"cosine k-NN (k={knn_k}, T={knn_t})", "reg_kind": "none",
                  "reg_grid": []}
+    elif probe == "linear-sgd":
+        res, extra = _fit_linear_sgd(xtr, ytr, xte, yte, k, device, dtype, cell_chunk, seed, epochs, batch_size, lr,
+                                     weight_decay)
+        proto = {"probe": "linear-sgd", "reg_kind": "none", "reg_grid": [],
+                 "solver": "BatchNorm1d(affine=False) + Linear, cross-entropy, fixed schedule (MAE linear probe)",
+                 "epochs": epochs, "batch_size": batch_size, "lr": lr,
+                 "schedule": "cosine decay to 0 per optimiser step, no warm-up",
+                 "optimizer": f"torch.optim.AdamW(betas=(0.9, 0.999), eps=1e-8, weight_decay={weight_decay})",
+                 "bn": "BatchNorm1d(affine=False, eps=1e-6, momentum=0.1): batch statistics in training, "
+                       "running statistics for train / test accuracy",
+                 "init": "weight trunc_normal_(std=0.01), bias 0; the same for every cell",
+                 "batches": "seeded permutation per epoch, full batches only (drop_last); one batch of all "
+                            "samples when N <= batch_size", "dtype": str(dtype).removeprefix("torch."), **extra}
     else:
         lambdas = tuple(lambdas or DEFAULT_LAMBDAS)
         max_iter, tol = max_iter or 1000, tol if tol is not None else 1e-4
         factory = _sklearn_factory if probe == "sklearn" else _cuml_factory
         res, extra = _fit_loop(np.asarray(xtr), ytr, np.asarray(xte), yte, fit, val, lambdas,
-                               factory(max_iter, tol), f"{probe} probes", progress)
+                               factory(max_iter, tol), max_iter, f"{probe} probes", progress)
         proto = {"probe": probe, "solver": "LogisticRegression (lbfgs/qn), C = 1/(lambda n)", "reg_kind": "l2_lambda",
-                 "reg_grid": list(lambdas), "max_iter": max_iter, "tol": tol}
-    proto.update(holdout=holdout if probe != "knn" else 0.0, standardise="z-score (fit-part stats)",
-                 refit="full train split", probe_seed=seed, n_train=int(len(ytr)), n_test=int(len(yte)),
-                 n_fit=int(fit.sum()), num_classes=k)
+                 "reg_grid": list(lambdas), "max_iter": max_iter, "tol": tol,
+                 "convergence": "stopped before max_iter"}
+    no_sweep = probe in ("knn", "linear-sgd")
+    proto.update(holdout=0.0 if no_sweep else holdout,
+                 standardise="BatchNorm1d (batch statistics)" if probe == "linear-sgd" else "z-score (fit-part stats)",
+                 refit="none (trained once on the full train split)" if probe == "linear-sgd" else "full train split",
+                 probe_seed=seed, n_train=int(len(ytr)), n_test=int(len(yte)),
+                 n_fit=int(len(ytr)) if no_sweep else int(fit.sum()), num_classes=k)
+    cells = len(res["acc"])
+    n_reg = len(proto["reg_grid"])
+    ones, zeros = np.ones((cells, n_reg), dtype=bool), np.zeros((cells, n_reg), dtype=np.int64)
     return ProbeResult(accuracy=res["acc"], val_accuracy=res["val"], train_accuracy=res["train"], reg=res["reg"],
-                       protocol=proto, seconds=time.perf_counter() - t0)
+                       protocol=proto, seconds=time.perf_counter() - t0,
+                       converged=np.asarray(res.get("converged", np.ones(cells, dtype=bool)), dtype=bool),
+                       iterations=np.asarray(res.get("iterations", np.zeros(cells, dtype=np.int64)), dtype=np.int64),
+                       sweep_converged=np.asarray(res.get("sweep_converged", ones), dtype=bool),
+                       sweep_iterations=np.asarray(res.get("sweep_iterations", zeros), dtype=np.int64))
 
 
 @dataclass
