@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["ProbeResult", "fit_probes", "CellProbe", "fit_cell_probe", "PROBES", "DEFAULT_LAMBDAS", "DEFAULT_RIDGE_ALPHAS", "holdout_split",
            "batched_logreg", "batched_ridge", "knn_predict"]
@@ -357,7 +358,7 @@ def _select(acc: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
     return cand.argmax(1)
 
 
-def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter, tol, cell_chunk):
+def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter, tol, cell_chunk, progress=False):
     dev = torch.device(device)
     lam_all = torch.tensor(lambdas, dtype=dtype, device=dev)
     ytr_t = torch.as_tensor(ytr, device=dev)
@@ -366,7 +367,11 @@ def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter
     val_t = torch.as_tensor(val, device=dev)
     keys = ("acc", "val", "train", "reg", "converged", "iterations", "sweep_converged", "sweep_iterations")
     out = {k_: [] for k_ in keys}
-    for c0 in range(0, xtr.shape[0], cell_chunk):
+    n_cells = xtr.shape[0]
+    # progress in (sweep, refit) stages per chunk of cells: a grid's fit can take minutes on a CPU
+    bar = tqdm(total=2 * math.ceil(n_cells / cell_chunk), disable=not progress, leave=False, dynamic_ncols=True,
+               desc=f"fit {n_cells} torch probes x {len(lambdas)} strengths")
+    for c0 in range(0, n_cells, cell_chunk):
         a = _to_tensor(xtr[c0 : c0 + cell_chunk], dev, dtype)
         b = _to_tensor(xte[c0 : c0 + cell_chunk], dev, dtype)
         c = a.shape[0]
@@ -379,6 +384,7 @@ def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter
         vacc, vloss = _acc_loss(xv, w, ytr_t[val_t])
         pick = _select(vacc, vloss)  # (C,)
         del xf, xv
+        bar.update(1)
         # 2) refit on the whole train split with the chosen strength (warm start)
         mu, sd = _standardise(a, a)
         xa = _augment((a - mu) / sd)
@@ -396,6 +402,8 @@ def _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter
         out["iterations"].append(info2["iterations"][:, 0])
         out["sweep_converged"].append(info1["converged"])
         out["sweep_iterations"].append(info1["iterations"])
+        bar.update(1)
+    bar.close()
     return {k_: np.concatenate(v) for k_, v in out.items()}, {}
 
 
@@ -598,8 +606,6 @@ def _n_iter(est) -> int:
 
 
 def _fit_loop(xtr, ytr, xte, yte, fit, val, lambdas, make_estimator, max_iter, progress_desc, progress):
-    from tqdm.auto import tqdm
-
     keys = ("acc", "val", "train", "reg", "converged", "iterations", "sweep_converged", "sweep_iterations")
     out = {k_: [] for k_ in keys}
     for ci in tqdm(range(xtr.shape[0]), desc=progress_desc, disable=not progress, leave=False, dynamic_ncols=True):
@@ -694,7 +700,8 @@ def fit_probes(xtr, ytr, xte, yte, probe: str = "torch", *, num_classes: int | N
     if probe == "torch":
         lambdas = tuple(lambdas or DEFAULT_LAMBDAS)
         max_iter, tol = max_iter or 1000, tol if tol is not None else 1e-4
-        res, extra = _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter, tol, cell_chunk)
+        res, extra = _fit_torch(xtr, ytr, xte, yte, k, fit, val, lambdas, device, dtype, max_iter, tol, cell_chunk,
+                                progress)
         proto = {"probe": "torch", "reg_kind": "l2_lambda", "reg_grid": list(lambdas), "max_iter": max_iter, "tol": tol,
                  "solver": "batched L-BFGS (history 10), preconditioned in the X^T X eigenbasis, Armijo / "
                            "approximate-Wolfe backtracking; sweep solved strongest to weakest, warm-started",
