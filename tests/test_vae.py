@@ -184,3 +184,11 @@ def test_probe_eval_of_a_latent_model_decodes_and_scores_against_an_adm_npz(tiny
     res = runner.invoke(app, ["correlate", str(tmp_path / "lg" / "layer_grid.csv"), str(tmp_path / "m.csv"),
                               "--metric", "sfid", "--cell", "1,0.5", "--n-boot", "10", "--out", str(tmp_path / "c")])
     assert "need at least 3 paired points to correlate, got 1" in res.output  # joined on the hash: 1 checkpoint
+
+
+def test_latents_of_another_shape_are_a_one_line_error(latent_ckpt, tmp_path):
+    """A latent checkpoint given pixel data (or latents of another size): one line, nothing written."""
+    res = runner.invoke(app, ["layer-grid", str(latent_ckpt), "--data", "fashion-mnist", "--n-train", "10",
+                              "--n-test", "5", "--out", str(tmp_path / "lg"), "--no-cache", "--quiet"])
+    assert res.exit_code == 2 and "expects inputs of shape (4, 8, 8)" in res.output, res.output
+    assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "lg" / "layer_grid.csv").exists()
