@@ -67,6 +67,15 @@ def machine() -> dict:
     return info
 
 
+def parse_overrides(text: str) -> dict:
+    """``"depth=4,hidden_size=64"`` -> {"depth": 4, "hidden_size": 64} (model overrides of a bench)."""
+    out = {}
+    for item in filter(None, text.split(",")):
+        k, v = item.split("=")
+        out[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="SiT-T/4")
@@ -85,10 +94,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in filter(None, args.overrides.split(",")):
-        k, v = item.split("=")
-        overrides[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+    overrides = parse_overrides(args.overrides)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     names = list(methods) + (["sra(full teacher)"] if args.full_teacher else [])

@@ -64,6 +64,9 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_methods import _sync, parse_overrides  # noqa: E402
+from bench_methods import machine as _methods_machine  # noqa: E402
 from probe.grid import extract_grid, grid_noise, load_x0  # noqa: E402
 from training.checkpoint import LoadedCheckpoint  # noqa: E402
 from training.config import TrainConfig  # noqa: E402
@@ -281,19 +284,13 @@ class _FixedTeacherTime:
         return getattr(self._objective, name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def machine() -> dict:
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()}
+    """bench_methods' machine record, with all three load averages and the GPU count."""
+    info = _methods_machine()
+    info.pop("load_avg_1m", None)
     with contextlib.suppress(OSError):
         info["load_avg"] = [round(v, 2) for v in os.getloadavg()]
     if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
         info["gpu_count"] = torch.cuda.device_count()
     return info
 
@@ -679,10 +676,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in filter(None, args.overrides.split(",")):
-        k, v = item.split("=")
-        overrides[k.strip()] = int(v) if v.strip().lstrip("-").isdigit() else v.strip()
+    overrides = parse_overrides(args.overrides)
     try:
         officials = [load_official(p) for p in args.official]
     except OfficialCodeError as e:

@@ -17,8 +17,6 @@ from analysis.similarity import cka_grid, cosine_matrix
 from probe.grid import GridFeatures, format_t
 from training.files import write_npz, write_table
 
-from training.checkpoint import file_sha
-
 from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_for,
                      releases_outputs, result_identity)
 
@@ -94,7 +92,9 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
     check_n(spec.n, debiased)
     ck = load_for_analysis(ckpt, weights, spec)
     cross = other is not None or (other_weights is not None and other_weights != weights)
-    ident = result_identity(ck, spec, other=file_sha(other) if other is not None else None,
+    ow = other_weights or weights
+    ck_b = load_for_analysis(other if other is not None else ckpt, ow, spec) if cross else None
+    ident = result_identity(ck, spec, other=ck_b.sha if other is not None else None,
                             other_weights=other_weights, blocks=blocks, ts=ts, debiased=debiased, estimator=method)
     res = prepare_for(ck, out, "similarity", SimilarityResult, identity=ident, overwrite=overwrite)
     _, ga = load_features(ck, spec, blocks=blocks, ts=ts)
@@ -116,8 +116,6 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
         df = _cka_tidy(grid, ga.log_snr, ga.log_snr, cos)
         arrays = dict(cka=grid.matrix, **_keys_arrays(grid.keys_a))
     else:
-        ow = other_weights or weights
-        ck_b = load_for_analysis(other if other is not None else ckpt, ow, spec)
         if ck_b.family != ck.family and ts is None:
             raise ValueError("the two checkpoints are of different families (DiT vs SiT): pass --t explicitly")
         _, gb = load_features(ck_b, spec, blocks=blocks, ts=ts)
