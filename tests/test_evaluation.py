@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 import os
 from pathlib import Path
 from unittest import mock
@@ -110,7 +111,27 @@ def test_append_metrics_row_replaces_same_key(tmp_path):
     by_steps = {r["steps"]: r for r in rows}
     assert by_steps["50"]["fd_digits"] == "1.5" and by_steps["50"]["fid"] == "9.0"
     assert by_steps["100"]["fd_digits"] == "2.0" and by_steps["100"]["fid"] == ""
-    assert [f for f in os.listdir(tmp_path)] == ["m.csv"]
+    assert sorted(os.listdir(tmp_path)) == [".m.csv.lock", "m.csv"]  # no temp file left
+
+
+def _append_rows(path: str, worker: int, n: int) -> None:
+    for i in range(n):
+        E.append_metrics_row(path, {"ckpt_sha": f"w{worker}-{i}", "weights": "ema", "fd_digits": float(i)})
+
+
+def test_append_metrics_row_concurrent_writers_lose_no_row(tmp_path):
+    """Two processes appending to one table (two `probe demo --only` workers) keep every row."""
+    path = str(tmp_path / "m.csv")
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_append_rows, args=(path, w, 25)) for w in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    with open(path, newline="") as f:
+        shas = {r["ckpt_sha"] for r in csv.DictReader(f)}
+    assert shas == {f"w{w}-{i}" for w in range(2) for i in range(25)}
 
 
 # ------------------------------------------------------------------------------------------------

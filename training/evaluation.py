@@ -21,7 +21,7 @@ import torch
 from . import samplers
 from .data import IMAGE_EXTS, make_dataset
 from .classifier import DatasetClassifier, classifier_metrics, get_classifier, model_batches
-from .files import atomic_path
+from .files import atomic_path, exclusive_lock
 from .images import as_saved, save_npz, to_uint8
 from .metrics import adm_metrics, adm_reference_stats, check_inception_weights, inception_metrics
 from .vae import Vae, center_crop_arr, check_vae, to_pixels
@@ -177,21 +177,22 @@ def append_metrics_row(csv_path: str | os.PathLike, row: dict[str, Any],
     """Add ``row`` to a CSV table, replacing any row with the same key; written atomically."""
     path = Path(csv_path)
     key = [k for k in key if k in row]
-    rows: list[dict[str, str]] = []
-    columns: list[str] = []
-    if path.exists():
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            columns = list(reader.fieldnames or [])
-            rows = list(reader)
     new = {k: _cell(v) for k, v in row.items()}
-    rows = [r for r in rows if any(r.get(k, "") != new[k] for k in key)] if key else rows
-    rows.append(new)
-    columns += [c for c in new if c not in columns]
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=columns, restval="")
-        w.writeheader()
-        w.writerows(rows)
+    with exclusive_lock(path):  # concurrent writers (e.g. `probe demo --only` workers) add rows, none lost
+        rows: list[dict[str, str]] = []
+        columns: list[str] = []
+        if path.exists():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                columns = list(reader.fieldnames or [])
+                rows = list(reader)
+        rows = [r for r in rows if any(r.get(k, "") != new[k] for k in key)] if key else rows
+        rows.append(new)
+        columns += [c for c in new if c not in columns]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, restval="")
+            w.writeheader()
+            w.writerows(rows)
     return path
 
 

@@ -11,6 +11,7 @@ tables and reports stay readable to colleagues on a shared machine when the umas
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import io
 import os
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_table", "write_npz", "save_figure",
-           "save_torch", "current_umask"]
+           "save_torch", "current_umask", "exclusive_lock"]
 
 
 def current_umask() -> int:
@@ -27,6 +28,24 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``.<name>.lock`` beside ``path`` for a read-modify-write.
+
+    Atomic renames keep a file whole, but two processes that both read a table, add a row and write
+    it back would still lose one row; the lock serialises them (processes of one machine or of an
+    NFS mount with lock support). The lock file is left in place: removing it would race."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = path.parent / f".{path.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 @contextlib.contextmanager
