@@ -360,6 +360,8 @@ def encode(
 
     res = run_encode(src, out, vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device,
                      progress=not quiet)
+    if res.rank != 0:
+        return
     for folder, n in res.splits.items():
         typer.echo(f"{n:>8} latents in {folder}")
     typer.echo(f"encoded {res.encoded} (others existed); use --data latents:{res.out}")

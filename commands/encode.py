@@ -35,7 +35,8 @@ GROUP = 1000  # files per sub-folder, as REPA's preprocessing writes them
 class EncodeResult:
     out: Path
     splits: dict[str, int]  # latents folder -> number of files
-    encoded: int  # files written by this call (the others existed: resumed)
+    encoded: int  # files written by this call over all ranks (the others existed: resumed)
+    rank: int = 0  # this process's rank under torchrun (the CLI prints on rank 0 only)
 
 
 def _split_dirs(src: Path, out: Path) -> list[tuple[Path, Path]]:
@@ -103,4 +104,8 @@ def run_encode(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.Pat
                     "vae": model.info, "resolution": resolution, "flip": flip, "source": str(src)}
             atomic_write_text(dst / "dataset.json", json.dumps(meta))
         sizes[str(dst)] = len(items)
-    return EncodeResult(out, sizes, encoded)
+    if world > 1:
+        counts: list[int | None] = [None] * world
+        dist.all_gather_object(counts, encoded)  # an object gather works on gloo and NCCL alike
+        encoded = sum(c or 0 for c in counts)
+    return EncodeResult(out, sizes, encoded, rank)

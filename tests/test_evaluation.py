@@ -19,6 +19,7 @@ from torch import nn
 
 from commands.eval import run_eval
 from commands.sample import SamplerSettings, run_sample
+from launch import torchrun_cli
 from training import classifier as C
 from training import evaluation as E
 from training import images as I
@@ -355,29 +356,12 @@ def test_classifier_metrics_work_with_trainable_parameters(digits_clf):
 def test_sharded_generation_gives_the_same_images_as_one_rank(tiny_ckpt, tmp_path):
     """probe eval under torchrun (2 gloo ranks): each rank draws a shard, rank 0 gathers; the samples
     are those of a single process (they depend on (seed, i) only)."""
-    import socket
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     common = [str(tiny_ckpt), "--n", "10", "--steps", "2", "--method", "sde", "--batch-size", "3", "--quiet",
               "--device", "cpu", "--no-offline-metrics"]
     one = run_eval(tiny_ckpt, tmp_path / "m1.csv", n=10, steps=2, method="sde", batch_size=4, offline=False,
                    npz_path=tmp_path / "one.npz", device="cpu")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
-    # the CLI's arguments go through a JSON file: torchrun's parser would take `--n` for its own --nnodes
-    argv = tmp_path / "argv.json"
-    argv.write_text(json.dumps(["eval", *common, "--npz", str(tmp_path / "two.npz"), "--metrics-csv",
-                                str(tmp_path / "m2.csv")]))
-    script = tmp_path / "probe_eval.py"
-    script.write_text("import json, sys\nfrom cli import app\napp(json.load(open(sys.argv[1])))\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(script), str(argv)]
-    res = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-600:]
+    torchrun_cli(["eval", *common, "--npz", str(tmp_path / "two.npz"), "--metrics-csv", str(tmp_path / "m2.csv")],
+                 tmp_path)
     with np.load(tmp_path / "one.npz") as a, np.load(tmp_path / "two.npz") as b:
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])

@@ -2,7 +2,6 @@
 
 import csv
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch import torchrun_cli
 from training.checkpoint import load_checkpoint
 from training.config import resolve_config
 from training.trainer import Trainer, TrainingDiverged, train
@@ -130,20 +130,10 @@ def test_bf16_autocast_runs_on_cpu(tmp_path):
     assert last is not None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(args, out):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(ROOT / "cli.py"), "train", "--model", "SiT-T/4", "--data", DATA,
-           "--set", "model_overrides.depth=2", "--set", "model_overrides.hidden_size=64", "--batch-size", "16",
-           "--device", "cpu", "--out", str(out), "--quiet", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    res = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)
-    assert res.returncode == 0, res.stderr[-3000:]
+    torchrun_cli(["train", "--model", "SiT-T/4", "--data", DATA, "--set", "model_overrides.depth=2", "--set",
+                  "model_overrides.hidden_size=64", "--batch-size", "16", "--device", "cpu", "--out", str(out),
+                  "--quiet", *args], out.parent)
 
 
 def test_ddp_two_processes_gloo_and_exact_resume(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cli import app
+from launch import torchrun_cli
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is in the test extra")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -72,6 +73,27 @@ def test_encode_round_trip_and_resume(tiny_vae, images, tmp_path):
     res = runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution", "32",
                               "--flip", "--quiet", "--device", "cpu"])
     assert res.exit_code == 0 and "encoded 0" in res.output
+
+
+@pytest.mark.slow
+def test_encode_under_two_ranks_writes_what_one_process_writes(tiny_vae, images, tmp_path):
+    """probe encode under torchrun (2 gloo ranks): rank r encodes every 2nd image, rank 0 writes
+    dataset.json after the barrier; the folder equals a single process's, file by file."""
+    args = [str(images), "--vae", str(tiny_vae), "--resolution", "32", "--flip", "--quiet", "--device", "cpu",
+            "--batch-size", "3"]
+    assert runner.invoke(app, ["encode", *args, "--out", str(tmp_path / "one")]).exit_code == 0
+    res = torchrun_cli(["encode", *args, "--out", str(tmp_path / "two")], tmp_path)
+    assert res.stdout.count("encoded 32 ") == 1  # rank 0 reports the total; each rank wrote its half
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*.npy"))
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*.npy"))
+    assert one == two and len(one) == 32  # (12 train + 4 val) images and their flips
+    for rel in one:
+        np.testing.assert_allclose(np.load(tmp_path / "one" / rel), np.load(tmp_path / "two" / rel), rtol=1e-5,
+                                   atol=1e-6)
+    metas = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("dataset.json"))
+    assert [str(m) for m in metas] == ["test/vae-sd/dataset.json", "vae-sd/dataset.json"]
+    for rel in metas:
+        assert json.loads((tmp_path / "one" / rel).read_text()) == json.loads((tmp_path / "two" / rel).read_text())
 
 
 @pytest.fixture(scope="module")
