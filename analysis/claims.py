@@ -1,9 +1,11 @@
 """The papers' representation claims (C1-C7), judged from a study's tables.
 
 Each ``check_cN`` takes a study's :class:`~analysis.tables.StudyTables` and returns a
-:class:`Verdict`: ``held``, ``did not hold`` or ``inconclusive`` plus the numbers behind it. The
-rules are stated in each docstring and in the report; the margins use the binomial standard error
-of a probe accuracy on the test split, so a difference smaller than the noise is not called a win.
+:class:`Verdict`: ``held``, ``did not hold``, ``underpowered at this scale`` or ``inconclusive``
+plus the numbers behind it. The rules are stated in each docstring and in the report. Claims about
+arms (and C1 when the baseline has several seeds) are judged over training seeds
+(:mod:`analysis.power`); a single model's claims use the binomial standard error of a probe
+accuracy on the test split, so a difference smaller than the noise is not called a win.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from scipy import stats
 from .power import UNDERPOWERED, Comparison, arm_of, compare, judge
 from .tables import StudyTables, accuracy_grid
 
-__all__ = ["Verdict", "check_claims", "CLAIMS", "RULES", "rule_text", "EFFECTS"]
+__all__ = ["Verdict", "check_claims", "CLAIMS", "RULES", "rule_text", "EFFECTS", "c5_points", "C5_FIGURE"]
 
 CLAIMS = {
     "C1": "Probe accuracy rises with depth, peaks mid-depth, then falls (SRA Fig. 2 right)",
@@ -46,62 +48,110 @@ def _se_points(p: float, n: int) -> float:
     return 100 * math.sqrt(max(p * (1 - p), 1e-4) / max(n, 1))
 
 
+def _baseline_runs(lg: pd.DataFrame) -> list[str]:
+    """The baseline's layer-grid runs (one per training seed), or the first run when none is a baseline."""
+    runs = sorted(set(lg["run"]))
+    base = [r for r in runs if arm_of(r) == "baseline"]
+    return base or runs[:1]
+
+
+def _profile(lg: pd.DataFrame, run: str) -> pd.Series:
+    """Accuracy (points) per transformer block, mean over the grid's t (block 0, the floor, excluded)."""
+    g = accuracy_grid(lg, run)
+    return 100 * g[g.index >= 1].mean(axis=1)
+
+
 def check_c1(tb: StudyTables) -> Verdict:
-    """Profile = accuracy per transformer block averaged over t (baseline, EMA). Held if the peak is at
-    an inner block and beats both the first and the last block by more than 2 standard errors. The
-    input embedding (block 0) is the floor reported next to it, not part of the profile."""
+    """Profile = accuracy per transformer block averaged over t (baseline, EMA); the peak is the
+    block with the best mean profile. With >= 2 baseline training seeds the rule is over seeds:
+    held if the peak is an inner block and its per-seed lead over block 1 and over the last block
+    both have 95% intervals above 0; did not hold if the peak is an end block and the other end is
+    below it (interval above 0: a monotone profile); otherwise underpowered (with the detectable
+    lead). With one seed the noise is the probe's test-set binomial error (2 SE margins) and the
+    verdict is about that model only. The input embedding (block 0) is the floor reported beside it."""
     lg = tb.layer_grid
-    run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
-    full = accuracy_grid(lg, run)
-    g = full[full.index >= 1]
-    prof = 100 * g.mean(axis=1)
-    n = int(lg["n_test"].iloc[0])
-    margin = 2 * _se_points(prof.max() / 100, n)
+    runs = _baseline_runs(lg)
+    profs = pd.DataFrame({r: _profile(lg, r) for r in runs})
+    prof = profs.mean(axis=1)
     peak = int(prof.idxmax())
     first, last = int(prof.index[0]), int(prof.index[-1])
-    per_t = {f"{t:g}": int(g[t].idxmax()) for t in g.columns}
-    details = [f"{run} accuracy by block (mean over t): " + ", ".join(f"{b}: {v:.1f}%" for b, v in prof.items()),
-               f"peak block per t: {per_t}", f"margin (2 SE): {margin:.1f} pts"]
-    if 0 in full.index:
-        floor = 100 * float(full.loc[0].mean())
-        details.insert(1, f"input embedding (block 0, the floor): {floor:.1f}%; best block adds "
-                          f"{prof.max() - floor:+.1f} pts over what the input alone gives")
-    inner = first < peak < last
-    if inner and prof[peak] - prof[last] > margin and prof[peak] - prof[first] > margin:
-        v, s = "held", f"peak at block {peak} of {last} ({prof[peak]:.1f}%), above block 1 ({prof[first]:.1f}%) and block {last} ({prof[last]:.1f}%)"
-    elif peak == last or (prof[peak] - prof[last] <= margin and prof[last] - prof[first] > margin):
-        v, s = "did not hold", f"accuracy keeps rising to the last block ({prof[last]:.1f}% at block {last}, peak {prof[peak]:.1f}% at block {peak}): no mid-depth peak at this scale"
-    else:
-        v, s = "inconclusive", f"peak at block {peak} ({prof[peak]:.1f}%) but within noise of the ends ({prof[first]:.1f}%, {prof[last]:.1f}%)"
-    return Verdict("C1", v, s, details, [f"layer_grid_{run}.png", "accuracy_vs_block.png"])
+    per_t = {f"{t:g}": int(g[g.index >= 1][t].idxmax()) for g in [accuracy_grid(lg, runs[0])] for t in g.columns}
+    what = f"{len(runs)} seeds" if len(runs) > 1 else runs[0]
+    details = [f"baseline accuracy by block (mean over t, {what}): "
+               + ", ".join(f"{b}: {v:.1f}%" for b, v in prof.items()),
+               f"peak block per t ({runs[0]}): {per_t}"]
+    floor = [100 * float(accuracy_grid(lg, r).loc[0].mean()) for r in runs if 0 in accuracy_grid(lg, r).index]
+    if floor:
+        details.insert(1, f"input embedding (block 0, the floor): {np.mean(floor):.1f}%; best block adds "
+                          f"{prof.max() - np.mean(floor):+.1f} pts over what the input alone gives")
+    figs = [f"layer_grid_{runs[0]}.png", "accuracy_vs_block.png"]
+    shape = (f"peak at block {peak} of {last} ({prof[peak]:.1f}%), block 1 {prof[first]:.1f}%, "
+             f"block {last} {prof[last]:.1f}%")
+    if len(runs) > 1:
+        lead_first = compare(profs.loc[peak] - profs.loc[first])
+        lead_last = compare(profs.loc[peak] - profs.loc[last])
+        details += [f"peak - block 1 per seed: {lead_first.text(' pts')}",
+                    f"peak - block {last} per seed: {lead_last.text(' pts')}"]
+        if first < peak < last and lead_first.ci_low > 0 and lead_last.ci_low > 0:
+            return Verdict("C1", "held", shape + ": both leads above 0 over seeds", details, figs)
+        if peak in (first, last):
+            other = last if peak == first else first
+            drop = compare(profs.loc[peak] - profs.loc[other])
+            if drop.ci_low > 0:
+                trend = "keeps rising to the last block" if peak == last else "falls from block 1"
+                return Verdict("C1", "did not hold", f"accuracy {trend} ({shape}; lead "
+                               f"{drop.diff:+.1f} pts, 95% CI [{drop.ci_low:+.1f}, {drop.ci_high:+.1f}] over "
+                               "seeds): no mid-depth peak at this scale", details, figs)
+        mde = max(lead_first.mde, lead_last.mde)
+        return Verdict("C1", UNDERPOWERED, f"{shape}: the seed spread (detectable lead ~{mde:.1f} pts) does not "
+                       "separate the peak from the ends", details, figs)
+    n = int(lg["n_test"].iloc[0])
+    margin = 2 * _se_points(prof.max() / 100, n)
+    details.append(f"margin (2 SE, one model's test-set noise): {margin:.1f} pts")
+    if first < peak < last and prof[peak] - prof[last] > margin and prof[peak] - prof[first] > margin:
+        return Verdict("C1", "held", shape, details, figs)
+    if peak == last or (prof[peak] - prof[last] <= margin and prof[last] - prof[first] > margin):
+        return Verdict("C1", "did not hold", f"accuracy keeps rising to the last block ({shape}): no mid-depth "
+                       "peak at this scale", details, figs)
+    return Verdict("C1", "inconclusive", f"{shape}: the peak is within noise of the ends", details, figs)
 
 
-def check_c2(tb: StudyTables) -> Verdict:
-    """Per block, Spearman rho between log-SNR and accuracy across t. Held if the median rho > 0.5
-    and the least-noisy t beats the noisiest t by more than 2 SE in at least 3/4 of the blocks."""
-    lg = tb.layer_grid
-    run = "baseline" if "baseline" in set(lg["run"]) else sorted(set(lg["run"]))[0]
-    df = lg[lg["run"] == run]
+def _c2_one(df: pd.DataFrame) -> tuple[float, float]:
+    """(median over blocks of Spearman rho(log-SNR, accuracy), share of blocks whose least-noisy t
+    beats the noisiest by > 2 SE) for one run's grid."""
     n = int(df["n_test"].iloc[0])
     rhos, wins = [], []
-    for b, d in df.groupby("block"):
+    for _, d in df.groupby("block"):
         d = d.sort_values("log_snr")
         rhos.append(stats.spearmanr(d["log_snr"], d["accuracy"]).statistic if len(d) > 2 else np.nan)
         lo, hi = d["accuracy"].iloc[-1], d["accuracy"].iloc[0]  # least noisy, noisiest
         wins.append(100 * (lo - hi) > 2 * _se_points(lo, n))
-    if not np.isfinite(rhos).any():
-        return Verdict("C2", "inconclusive", f"needs at least 3 timesteps per block, got {df['t'].nunique()}",
-                       [], [f"layer_grid_{run}.png"])
-    med, frac = float(np.nanmedian(rhos)), float(np.mean(wins))
-    details = ["Spearman rho(log-SNR, accuracy) per block: " + ", ".join(f"{r:.2f}" for r in rhos),
-               f"blocks where the least-noisy t beats the noisiest by > 2 SE: {frac:.0%}"]
-    if med > 0.5 and frac >= 0.75:
-        v, s = "held", f"accuracy increases as noise decreases (median rho {med:.2f}; {frac:.0%} of blocks)"
-    elif med < 0:
-        v, s = "did not hold", f"accuracy does not increase with lower noise (median rho {med:.2f})"
-    else:
-        v, s = "inconclusive", f"weak trend (median rho {med:.2f}; {frac:.0%} of blocks clearly better at low noise)"
-    return Verdict("C2", v, s, details, [f"layer_grid_{run}.png"])
+    return (float(np.nanmedian(rhos)) if np.isfinite(rhos).any() else math.nan), float(np.mean(wins))
+
+
+def check_c2(tb: StudyTables) -> Verdict:
+    """Per block, Spearman rho between log-SNR and accuracy across t. Held if the median rho > 0.5
+    and the least-noisy t beats the noisiest t by more than 2 SE in at least 3/4 of the blocks, in
+    every baseline training seed; did not hold if the median rho is negative in every seed."""
+    lg = tb.layer_grid
+    runs = _baseline_runs(lg)
+    figs = [f"layer_grid_{runs[0]}.png"]
+    if lg[lg["run"] == runs[0]]["t"].nunique() < 3:
+        return Verdict("C2", "inconclusive", f"needs at least 3 timesteps per block, got "
+                       f"{lg[lg['run'] == runs[0]]['t'].nunique()}", [], figs)
+    per_run = {r: _c2_one(lg[lg["run"] == r]) for r in runs}
+    details = [f"{r}: median Spearman rho(log-SNR, accuracy) over blocks {m:.2f}; least-noisy t beats the noisiest "
+               f"by > 2 SE in {f:.0%} of blocks" for r, (m, f) in per_run.items()]
+    meds = [m for m, _ in per_run.values()]
+    seeds = f" in all {len(runs)} seeds" if len(runs) > 1 else ""
+    if all(m > 0.5 and f >= 0.75 for m, f in per_run.values()):
+        return Verdict("C2", "held", f"accuracy increases as noise decreases{seeds} (median rho "
+                       f"{min(meds):.2f} to {max(meds):.2f})", details, figs)
+    if all(m < 0 for m in meds):
+        return Verdict("C2", "did not hold", f"accuracy does not increase with lower noise{seeds} (median rho "
+                       f"{max(meds):.2f} at most)", details, figs)
+    return Verdict("C2", "inconclusive", f"weak or mixed trend (median rho {min(meds):.2f} to {max(meds):.2f})",
+                   details, figs)
 
 
 # The smallest effect that counts as each arm claim, in the rule's units. The papers give their
@@ -179,17 +229,28 @@ def check_c4(tb: StudyTables) -> Verdict:
                    ["teacher_vs_student.png"])
 
 
-def check_c5(tb: StudyTables) -> Verdict:
-    """As SRA App. I (Fig. 7c): SRA runs aligned to different teacher blocks k (``sra-kt<k>`` runs and
-    the default ``sra``), x = probe accuracy of the final baseline EMA at block k (mean over the
-    grid's t), y = each run's final fd (mean over seeds). Held if Spearman(x, y) < 0 with a bootstrap
-    CI over seeds below 0; did not hold if the CI excludes the claimed strength (rho <= -0.6);
-    underpowered with fewer than 4 teacher blocks or one seed per block. The bootstrap resamples the
-    teacher blocks (the points) and the seeds within each."""
+def _accuracy_at_t(grid: pd.DataFrame, t: float | None) -> tuple[pd.Series, str]:
+    """Accuracy (points) per block at time ``t``, linear in t between the grid's two nearest times
+    (mean over seeds); the mean over the grid's t when ``t`` is unknown or outside the grid."""
+    g = 100 * grid.pivot_table(index="block", columns="t", values="accuracy").sort_index()
+    ts = np.asarray(g.columns, dtype=float)
+    if t is None or not (ts.min() <= t <= ts.max()):
+        return g.mean(axis=1), "mean over the grid's t"
+    return g.apply(lambda row: float(np.interp(t, ts, row.to_numpy())), axis=1), f"at the teacher's t = {t:g}"
+
+
+C5_FIGURE = "probe_vs_quality_by_teacher_block.png"
+
+
+def c5_points(tb: StudyTables) -> pd.DataFrame | None:
+    """SRA App. I's points: one row per SRA run (``sra-kt<k>`` and the default ``sra``) with its
+    teacher block ``k``, the final baseline's accuracy at block k (``baseline_accuracy``, points)
+    and the run's final generation metric (``value``; ``attrs['metric']`` names it). None without
+    a baseline layer grid or evaluated SRA runs."""
     q, lg = tb.quality, tb.layer_grid
-    kt_default = tb.cells.get("teacher_block")
     if q.empty or lg is None or "baseline" not in set(lg["run"].map(arm_of)):
-        return Verdict("C5", UNDERPOWERED, "needs the baseline's layer grid and evaluated SRA runs")
+        return None
+    kt_default = tb.cells.get("teacher_block")
     final = q.sort_values("step").groupby("run").tail(1)
     metric = final["metric"].iloc[0]
 
@@ -197,11 +258,33 @@ def check_c5(tb: StudyTables) -> Verdict:
         a = arm_of(run)
         return int(a[len("sra-kt"):]) if a.startswith("sra-kt") else (kt_default if a == "sra" else None)
 
+    acc, at = _accuracy_at_t(lg[lg["run"].map(arm_of) == "baseline"], tb.cells.get("t_teacher"))
     final = final.assign(k=final["run"].map(block_of)).dropna(subset=["k"])
-    base = lg[lg["run"].map(arm_of) == "baseline"]
-    acc = 100 * base.groupby("block")["accuracy"].mean()
-    ks = sorted(int(k) for k in final["k"].unique() if int(k) in acc.index)
-    details = [f"teacher blocks with an SRA run: {ks}; baseline accuracy at them: "
+    final = final[final["k"].astype(int).isin(acc.index)].assign(k=lambda d: d["k"].astype(int))
+    if final.empty:
+        return None
+    pts = pd.DataFrame({"run": final["run"].to_numpy(), "k": final["k"].to_numpy(),
+                        "baseline_accuracy": acc.loc[final["k"]].to_numpy(), "value": final[metric].to_numpy()})
+    pts.attrs.update(metric=metric, at=at)
+    return pts
+
+
+def check_c5(tb: StudyTables) -> Verdict:
+    """As SRA App. I (Fig. 7c): SRA runs aligned to different teacher blocks k (``sra-kt<k>`` runs and
+    the default ``sra``), x = probe accuracy of the final baseline EMA at block k at the teacher's mean
+    t (interpolated between grid times; mean over baseline seeds), y = each run's final fd (mean over
+    seeds). Held if Spearman(x, y) < 0 with a bootstrap
+    CI over seeds below 0; did not hold if the CI excludes the claimed strength (rho <= -0.6);
+    underpowered with fewer than 4 teacher blocks or one seed per block. The bootstrap resamples the
+    teacher blocks (the points) and the seeds within each."""
+    pts = c5_points(tb)
+    if pts is None:
+        return Verdict("C5", UNDERPOWERED, "needs the baseline's layer grid and evaluated SRA runs")
+    metric, at = pts.attrs["metric"], pts.attrs["at"]
+    final = pts.rename(columns={"value": metric})
+    ks = sorted(int(k) for k in final["k"].unique())
+    acc = final.groupby("k")["baseline_accuracy"].first()
+    details = [f"teacher blocks with an SRA run: {ks}; baseline accuracy ({at}) at them: "
                + ", ".join(f"{k}: {acc[k]:.1f}%" for k in ks),
                "final " + metric + " per block (mean over seeds): "
                + ", ".join(f"{k}: {final.loc[final['k'] == k, metric].mean():.2f}" for k in ks)]
@@ -209,7 +292,7 @@ def check_c5(tb: StudyTables) -> Verdict:
     if len(ks) < 4 or seeds.min() < 2:
         return Verdict("C5", UNDERPOWERED, f"{len(ks)} teacher block(s) with SRA runs, {int(seeds.min())} seed(s) "
                        "each: the paper's design needs SRA runs at several teacher blocks (>= 4 here) with >= 2 "
-                       "seeds to put an interval on the correlation", details, ["probe_vs_quality.png"])
+                       "seeds to put an interval on the correlation", details, [C5_FIGURE])
     y = final.groupby("k")[metric].mean()
     point = float(stats.spearmanr([acc[k] for k in y.index], y.values).statistic)
     rng = np.random.default_rng(0)
@@ -226,7 +309,7 @@ def check_c5(tb: StudyTables) -> Verdict:
     v = "held" if hi < 0 else ("did not hold" if -lo < EFFECTS["C5"] else UNDERPOWERED)
     details.append(f"Spearman rho = {point:.2f}, 95% bootstrap CI (teacher blocks and seeds) [{lo:.2f}, {hi:.2f}]")
     return Verdict("C5", v, f"rho(probe accuracy at k, {metric}) = {point:.2f} [{lo:.2f}, {hi:.2f}]; claimed <= "
-                   f"{-EFFECTS['C5']:g}", details, ["probe_vs_quality.png"])
+                   f"{-EFFECTS['C5']:g}", details, [C5_FIGURE])
 
 
 def check_c6(tb: StudyTables) -> Verdict:

@@ -16,6 +16,7 @@ import pandas as pd
 from probe.grid import format_t
 
 from . import plots
+from .claims import C5_FIGURE, c5_points
 from .correlation import correlate
 from .power import arm_of
 from .tables import StudyTables, accuracy_grid
@@ -24,6 +25,21 @@ __all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_
            "fig_quality_vs_time", "fig_diversity", "block_cka", "FIGURE_FAMILIES"]
 
 Figures = dict[str, plt.Figure]
+SEED_BAND = "band: +-1 SD over training seeds"
+
+
+def _by_arm(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``frame`` with an ``arm`` column (the seeds of an arm are drawn as one line with a band) and
+    the caption of that band ("" with one seed per arm)."""
+    arm = frame["run"].map(arm_of)
+    seeded = (frame.assign(arm=arm).groupby("arm")["run"].nunique() > 1).any()
+    return frame.assign(arm=arm), (SEED_BAND if seeded else "")
+
+
+def _step_cost(tb: StudyTables, arm: str) -> float | None:
+    """The interleaved per-step cost of an arm's method (``sra-kt3`` and ``sra-ema..`` cost as ``sra``)."""
+    cost = tb.study.get("step_cost", {})
+    return cost.get(arm, cost.get(arm.split("-")[0]))
 
 
 def _meta(tb: StudyTables, **extra) -> dict:
@@ -44,11 +60,12 @@ def fig_layer_grid(tb: StudyTables) -> Figures:
                               f"n_test={r['n_test']}"})
     arm = lg["run"].map(arm_of)
     base = lg[arm == "baseline"] if (arm == "baseline").any() else lg
-    frame = base.assign(**{"accuracy (%)": 100 * base["accuracy"], "t": base["t"].map(format_t)})  # band: seeds
+    frame = base.assign(**{"accuracy (%)": 100 * base["accuracy"], "t": base["t"].map(format_t)})
+    band = SEED_BAND if base["run"].nunique() > 1 else ""
     out["accuracy_vs_block.png"] = plots.plot_curves(
         frame, "block", "accuracy (%)", hue="t", title="Probe accuracy rises with depth, peaks, then falls? "
-        "(baseline, EMA; block 0 = input embedding)", meta=_meta(tb, weights="EMA"), xlabel="block",
-        ylabel="top-1 accuracy (%)")
+        "(baseline, EMA; block 0 = input embedding)", meta=_meta(tb, weights="EMA", seeds=band), xlabel="block",
+        ylabel="top-1 accuracy (%)", errorbar="sd")
     return out
 
 
@@ -81,12 +98,12 @@ def fig_teacher_student(tb: StudyTables) -> Figures:
     if tb.curves is None:
         return {}
     c = tb.cells
-    frame = tb.curves.assign(**{"accuracy (%)": 100 * tb.curves["accuracy"]})
+    frame, band = _by_arm(tb.curves.assign(**{"accuracy (%)": 100 * tb.curves["accuracy"]}))
     return {"teacher_vs_student.png": plots.plot_curves(
-        frame, "step", "accuracy (%)", hue="run", style="role", title="Teacher vs student probe accuracy over training",
+        frame, "step", "accuracy (%)", hue="arm", style="role", title="Teacher vs student probe accuracy over training",
         meta=_meta(tb, protocol=f"student = online block {c.get('student_block')} at t={c.get('t_student')}; "
-                                f"teacher = EMA block {c.get('teacher_block')} at t={c.get('t_teacher')}"),
-        xlabel="training step", ylabel="top-1 accuracy (%)")}
+                                f"teacher = EMA block {c.get('teacher_block')} at t={c.get('t_teacher')}", seeds=band),
+        xlabel="training step", ylabel="top-1 accuracy (%)", errorbar="sd")}
 
 
 def fig_probe_vs_quality(tb: StudyTables) -> Figures:
@@ -103,18 +120,43 @@ def fig_probe_vs_quality(tb: StudyTables) -> Figures:
         xlabel=f"teacher-cell probe accuracy (%) (EMA block {c.get('teacher_block')}, t={c.get('t_teacher')})",
         ylabel=f"{metric} (lower is better)", point_labels=[f"{r}@{s}" for r, s in zip(q["run"], q["step"])],
         hue=q["step"], title="Generation quality vs teacher-layer probe accuracy, every checkpoint (context; "
-        "C5 itself needs SRA runs per teacher block)", meta=_meta(tb))}
+        "C5 itself needs SRA runs per teacher block)", meta=_meta(tb)), **_fig_c5(tb)}
+
+
+def _fig_c5(tb: StudyTables) -> Figures:
+    """C5 as SRA App. I: each SRA run's final quality vs the final baseline's probe accuracy at the
+    block it aligned to (every seed a point, labelled k)."""
+    pts = c5_points(tb)
+    if pts is None or pts["k"].nunique() < 2:
+        return {}
+    metric = pts.attrs["metric"]
+    tab = correlate(pts["baseline_accuracy"], pts["value"], x_name="baseline probe acc at k", y_name=metric,
+                    n_boot=1000)
+    return {C5_FIGURE: plots.plot_correlation(
+        pts["baseline_accuracy"], pts["value"], tab, point_labels=[f"k={k}" for k in pts["k"]],
+        xlabel=f"final baseline probe accuracy (%) at teacher block k ({pts.attrs['at']})",
+        ylabel=f"final {metric} of the SRA run aligned to k (lower is better)",
+        title="SRA App. I: quality of SRA runs vs the baseline's accuracy at their teacher block (every seed)",
+        meta=_meta(tb))}
 
 
 def fig_quality_vs_time(tb: StudyTables) -> Figures:
-    """C7: fd over training wall-clock time, per run."""
+    """C7: fd against compute (steps x each method's interleaved per-step cost), per arm with its
+    seed band; against training wall-clock time when no per-step cost was measured."""
     q = tb.quality
     if q.empty:
         return {}
     metric = q["metric"].iloc[0]
+    frame, band = _by_arm(q)
+    cost = frame["arm"].map(lambda a: _step_cost(tb, a))
+    if cost.notna().all():
+        frame = frame.assign(compute=frame["step"] * cost.astype(float))
+        x, xlabel = "compute", "compute (s): steps x per-step cost measured side by side"
+    else:
+        x, xlabel = "train_seconds", "training time (s, same machine)"
     return {"quality_vs_time.png": plots.plot_curves(
-        q, "train_seconds", metric, hue="run", title=f"{metric} over training wall-clock time", meta=_meta(tb),
-        xlabel="training time (s, same machine)", ylabel=f"{metric} (lower is better)")}
+        frame, x, metric, hue="arm", title=f"{metric} at equal compute", meta=_meta(tb, seeds=band),
+        xlabel=xlabel, ylabel=f"{metric} (lower is better)", errorbar="sd")}
 
 
 def block_cka(cka: pd.DataFrame) -> pd.DataFrame:
@@ -128,11 +170,12 @@ def fig_diversity(tb: StudyTables) -> Figures:
     """C6: mean off-diagonal CKA over training and block x block CKA per run (same t, shared scale)."""
     out: Figures = {}
     if tb.curves_similarity is not None:
+        frame, band = _by_arm(tb.curves_similarity)
         out["cka_offdiag_over_training.png"] = plots.plot_curves(
-            tb.curves_similarity, "step", "cka_mean_offdiag", hue="run",
+            frame, "step", "cka_mean_offdiag", hue="arm",
             title="Mean off-diagonal CKA between blocks over training (EMA)",
-            meta=_meta(tb, protocol="debiased linear CKA, pooled test features"), xlabel="training step",
-            ylabel="mean off-diagonal CKA")
+            meta=_meta(tb, protocol="debiased linear CKA, pooled test features", seeds=band), xlabel="training step",
+            ylabel="mean off-diagonal CKA", errorbar="sd")
     mats = {run: block_cka(df) for run, df in tb.similarity.items()}
     if mats:
         ts = sorted(next(iter(mats.values()))["t"].unique())

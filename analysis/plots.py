@@ -418,13 +418,16 @@ def plot_curves(
     xlabel: str | None = None,
     ylabel: str | None = None,
     logx: bool = False,
+    errorbar: str | tuple | None = ("ci", 95),
 ) -> plt.Figure:
-    """Line plot of a tidy table (e.g. probe accuracy or CKA vs step, per weights / block)."""
+    """Line plot of a tidy table (e.g. probe accuracy or CKA vs step, per weights / block). Rows that
+    share x and hue/style (e.g. training seeds of one arm) are drawn as their mean with an
+    ``errorbar`` band (seaborn's: ``"sd"`` for the seed spread)."""
     for c in [x, y] + [c for c in (hue, style) if c]:
         if c not in frame.columns:
             raise ValueError(f"column {c!r} not in the table")
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    sns.lineplot(data=frame, x=x, y=y, hue=hue, style=style, marker="o", ax=ax,
+    sns.lineplot(data=frame, x=x, y=y, hue=hue, style=style, marker="o", ax=ax, errorbar=errorbar,
                  palette="viridis" if hue and pd.api.types.is_numeric_dtype(frame[hue]) else None)
     if logx:
         ax.set_xscale("log")

@@ -106,10 +106,35 @@ def test_c1_rule_needs_a_real_mid_depth_peak():
     assert claims.check_c1(flat).verdict == "inconclusive"
 
 
+@pytest.mark.parametrize("shape,sd,want", [
+    ({1: 0.5, 2: 0.7, 3: 0.8, 4: 0.7, 5: 0.6}, 0.005, "held"),  # a mid-depth peak well above seed noise
+    ({1: 0.5, 2: 0.6, 3: 0.7, 4: 0.75, 5: 0.8}, 0.005, "did not hold"),  # rises to the last block
+    ({1: 0.8, 2: 0.75, 3: 0.7, 4: 0.6, 5: 0.5}, 0.005, "did not hold"),  # falls from block 1
+    ({1: 0.70, 2: 0.71, 3: 0.72, 4: 0.71, 5: 0.70}, 0.03, "underpowered at this scale"),  # peak << seed noise
+])
+def test_c1_rule_over_training_seeds(shape, sd, want):
+    """With several baseline seeds, C1's noise is the seed spread of each block's accuracy."""
+    rng = np.random.default_rng(3)
+    grids = [_grid({b: a + rng.normal(0, sd) for b, a in shape.items()}, run=f"baseline-s{s}") for s in range(4)]
+    v = claims.check_c1(_tb(layer_grid=pd.concat(grids, ignore_index=True)))
+    assert v.verdict == want, (v.summary, v.details)
+
+
+def test_c5_reads_the_baseline_at_the_teachers_t():
+    grid = _grid({1: 0.5, 2: 0.6}, ts=(0.1, 0.5), slope=0.2)  # 0.5 / 0.3 at block 1, t 0.1 / 0.5
+    acc, how = claims._accuracy_at_t(grid, 0.3)
+    assert acc[1] == pytest.approx(40.0) and acc[2] == pytest.approx(50.0) and "0.3" in how
+    acc, how = claims._accuracy_at_t(grid, None)
+    assert acc[1] == pytest.approx(40.0) and "mean" in how
+
+
 def test_c2_rule():
     noisy_worse = _tb(layer_grid=_grid({1: 0.8, 2: 0.8}, slope=0.1))
     assert claims.check_c2(noisy_worse).verdict == "held"
     assert claims.check_c2(_tb(layer_grid=_grid({1: 0.5, 2: 0.5}, slope=-0.1))).verdict == "did not hold"
+    mixed = pd.concat([_grid({1: 0.8, 2: 0.8}, slope=0.1, run="baseline-s0"),
+                       _grid({1: 0.5, 2: 0.5}, slope=-0.1, run="baseline-s1")], ignore_index=True)
+    assert claims.check_c2(_tb(layer_grid=mixed)).verdict == "inconclusive"  # must hold in every seed
 
 
 # ------------------------------------------------------------------------------------------------

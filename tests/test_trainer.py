@@ -2,6 +2,7 @@
 
 import csv
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -122,6 +123,25 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert ckpts == ["0000002.pt"]
     assert load_checkpoint(tmp_path / "checkpoints" / "0000002.pt").step == 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_equals_eager_training(tmp_path):
+    """--compile (inductor) trains the same model: same losses and weights up to float rounding, SRA
+    term included (its projection head runs inside the compiled forward)."""
+    over = {"depth": 2, "hidden_size": 32}
+    eager = train(cfg(tmp_path / "e", steps=3, method="sra", model_overrides=over), quiet=True)
+    compiled = train(cfg(tmp_path / "c", steps=3, method="sra", model_overrides=over, compile=True), quiet=True)
+    le, lc = read_metrics(tmp_path / "e"), read_metrics(tmp_path / "c")
+    for a, b in zip(le, lc):
+        assert float(a["loss"]) == pytest.approx(float(b["loss"]), rel=1e-4, abs=1e-6)
+    a = torch.load(eager, weights_only=True)["model"]
+    b = torch.load(compiled, weights_only=True)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
 
 
 def test_bf16_autocast_runs_on_cpu(tmp_path):
