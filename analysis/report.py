@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Sequence
 
+from .arms import arm_table, ema_sensitivity
 from .claims import CLAIMS, Verdict, rule_text
 from .tables import StudyTables
 
@@ -38,4 +39,34 @@ def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collect
         lines += ["", f"Rule: {rule_text(v.claim)}", ""]
         lines += [f"![{v.claim}]({f})" for f in v.figures if f in figures]
         lines.append("")
+    lines += _arms_section(tb)
     return "\n".join(lines) + "\n"
+
+
+def _fmt(mean: float, sd: float) -> str:
+    return "" if mean != mean else (f"{mean:.2f}" + ("" if sd != sd else f" +- {sd:.2f}"))
+
+
+def _arms_section(tb: StudyTables) -> list[str]:
+    """Every arm's final numbers (mean +- SD over seeds) and the teacher-EMA sensitivity."""
+    if tb.quality.empty and tb.curves is None:
+        return []
+    arms = arm_table(tb)
+    metric = arms.attrs["metric"]
+    lines = ["## Every arm at its final checkpoint", "",
+             "Mean +- SD over training seeds (SD blank with one seed). Teacher / student: the curves' cells "
+             f"(student = online block {tb.cells.get('student_block')} at t={tb.cells.get('t_student')}, teacher = "
+             f"EMA block {tb.cells.get('teacher_block')} at t={tb.cells.get('t_teacher')}).", "",
+             f"| arm | seeds | final {metric} | teacher acc (%) | student acc (%) |", "|---|---|---|---|---|"]
+    for _, r in arms.iterrows():
+        lines.append(f"| {r['arm']} | {r['seeds']} | {_fmt(r.get('metric_value_mean', float('nan')), r.get('metric_value_std', float('nan')))} | "
+                     f"{_fmt(r.get('teacher_acc_mean', float('nan')), r.get('teacher_acc_std', float('nan')))} | "
+                     f"{_fmt(r.get('student_acc_mean', float('nan')), r.get('student_acc_std', float('nan')))} |")
+    lines.append("")
+    ema = ema_sensitivity(tb)
+    if ema:
+        lines += ["## SRA's teacher EMA (SRA App. F: the result depends on it)", "",
+                  "Each SRA arm with another EMA (= teacher) decay, against the baseline (Welch 95% interval over "
+                  "seeds); the verdicts above use the study's default decay.", ""]
+        lines += [f"- {e}" for e in ema] + [""]
+    return lines

@@ -125,10 +125,10 @@ SCALES: dict[str, StudyConfig] = {
     # from the cpu scale's measured step rates (600 steps: ~95 s baseline, ~120 s SRA); the full run has
     # not been made yet. 2000 steps: the depth profile moves until then (docs/reproduction.md); three
     # seeds per main arm; SRA aligned to every teacher block k > k_s (C5: 3, 4 = default, 5, 6) and a
-    # slower teacher EMA (SRA App. F: the result depends on it), two seeds each.
+    # faster (0.99) and a slower (0.9995) teacher EMA (SRA App. F: the result depends on it), two seeds each.
     "cpu-repro": StudyConfig(name="cpu-repro", model_overrides={"hidden_size": 64}, steps=2000, n_ckpts=4,
                              batch_size=32, lr=1e-3, ema_decay=0.999, seeds=(0, 1, 2), extra_seeds=(0, 1),
-                             extra_teacher_blocks=(3, 5, 6), teacher_ema_arms=(0.9995,),
+                             extra_teacher_blocks=(3, 5, 6), teacher_ema_arms=(0.99, 0.9995),
                              grid_runs=("baseline", "sra"), n_div=32),
     # one GPU (H100/H200 class; not yet run, wall time unmeasured): SiT-S/2 on 32x32 Fashion-MNIST,
     # the cpu-repro design with seeds, teacher blocks for C5 and a teacher-EMA arm.

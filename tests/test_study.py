@@ -219,3 +219,29 @@ def test_power_compare_and_judge():
     assert c.ci_low > 0 and judge(c, 0.5) == "held" and 0 < c.mde < 1
     assert judge(compare([0.1, -0.1, 0.05, -0.02], [0.0, 0.01, 0.0, -0.01]), 1.0) == "did not hold"
     assert judge(compare([2.0, -1.5, 1.0], [0.0, 0.1, 0.0]), 1.0) == "underpowered at this scale"
+
+
+def test_arm_table_and_teacher_ema_sensitivity():
+    """Every arm's final numbers over seeds, and the App. F lines: one per SRA teacher decay."""
+    from analysis.arms import arm_table, ema_sensitivity
+    from analysis.report import render_report
+
+    q, curves = [], []
+    for arm, fd, gap in (("baseline", 10.0, 0.0), ("sra", 9.0, 2.0), ("sra-ema0.99", 9.5, 0.5)):
+        for s in (0, 1, 2):
+            run = _seeded(arm, s)
+            for step in (100, 200):
+                q.append({"run": run, "step": step, "fd_x": fd + 0.1 * s + (200 - step) / 100, "accuracy": 0.5,
+                          "metric": "fd_x", "train_seconds": step})
+                curves += [{"run": run, "step": step, "role": "student", "accuracy": 0.5},
+                           {"run": run, "step": step, "role": "teacher", "accuracy": 0.5 + gap / 100}]
+    tb = StudyTables(study={"config": {"ema_decay": 0.999}, "cells": {}}, curves=pd.DataFrame(curves))
+    tb.quality = pd.DataFrame(q)
+    arms = arm_table(tb).set_index("arm")
+    assert arms.loc["sra", "seeds"] == 3 and arms.loc["sra", "metric_value_mean"] == pytest.approx(9.1)
+    assert arms.loc["sra", "teacher_acc_mean"] - arms.loc["sra", "student_acc_mean"] == pytest.approx(2.0)
+    lines = ema_sensitivity(tb)
+    assert len(lines) == 2 and lines[0].startswith("decay 0.99 ") and lines[1].startswith("decay 0.999 ")
+    assert "-9.9%" in lines[1]  # (9.1 - 10.1) / 10.1
+    text = render_report(tb, [], set(), "test machine", "tables")
+    assert "## Every arm at its final checkpoint" in text and "teacher EMA" in text
