@@ -2,6 +2,8 @@
 PY      ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
+# probe demo: training runs at once, one thread each (the number of cores)
+JOBS    ?= 2
 FMNIST  := /usr/share/datasets/fashion-mnist
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
@@ -33,7 +35,7 @@ data:
 	fi
 
 demo: install data
-	$(BIN)/probe demo --out runs/demo --figures figures
+	$(BIN)/probe demo --out runs/demo --figures figures --jobs $(JOBS)
 
 test: install-test data
 	$(BIN)/python -m pytest -q

@@ -625,12 +625,14 @@ def demo(
     figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
     scale: Annotated[str, typer.Option(help="cpu (make demo, one seed: verdicts say what it cannot detect) | smoke "
                                        "(about a minute; the tests) | cpu-repro (the seeded test on CPU, "
-                                       "~2.5 h estimated, not yet run) | gpu (the same design for one GPU; not "
+                                       "~1.5 h on 2 cores with --jobs 2) | gpu (the same design for one GPU; not "
                                        "yet run)")] = "cpu",
     only: Annotated[Optional[str], typer.Option(help="Run just this training run's steps (e.g. sra-s1), to "
                                                 "spread a scale over machines; gather by running again without "
                                                 "it.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Override the scale's device (auto | cpu | cuda).")] = None,
+    jobs: Annotated[int, typer.Option(help="Training runs at once, each a one-thread process (CPU: use the "
+                                           "number of cores; GPU: 1).")] = 1,
     quiet: OptQuiet = False,
 ) -> None:
     """The main job: train baseline / SRA / DiverseDiT, probe, analyse, evaluate, and judge claims C1-C7.
@@ -639,7 +641,7 @@ def demo(
     """
     from commands.demo import run_study
 
-    report = run_study(out, scale, figures=figures, progress=not quiet, only=only,
+    report = run_study(out, scale, figures=figures, progress=not quiet, only=only, jobs=jobs,
                        **({"device": device} if device is not None else {}))
     if report is not None:
         typer.echo(f"report: {report}")

@@ -23,7 +23,8 @@ def smoke_study(tmp_path_factory):
     from commands.demo import run_study
 
     root = tmp_path_factory.mktemp("study")
-    report = run_study(root / "run", "smoke", figures=root / "figures", progress=False, log=lambda s: None)
+    # jobs=2: the runs train in two one-thread processes, as `make demo` does
+    report = run_study(root / "run", "smoke", figures=root / "figures", progress=False, log=lambda s: None, jobs=2)
     return root / "run", root / "figures", report
 
 
