@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-__all__ = ["StudyTables", "quality_table", "accuracy_grid"]
+__all__ = ["StudyTables", "quality_table", "accuracy_grid", "depth_profiles"]
 
 
 @dataclass
@@ -71,3 +71,13 @@ def quality_table(tb: StudyTables) -> pd.DataFrame:
 def accuracy_grid(layer_grid: pd.DataFrame, run: str) -> pd.DataFrame:
     """One run's probe accuracy as a (block x t) frame."""
     return layer_grid[layer_grid["run"] == run].pivot_table(index="block", columns="t", values="accuracy").sort_index()
+
+
+def depth_profiles(layer_grids: pd.DataFrame, by: str = "step") -> pd.DataFrame:
+    """The depth profile (accuracy per block, points, mean over the grid's t) of layer grids from
+    several seeds and, e.g., training steps: one row per (``by``, block) with the mean and SD over
+    the seeds (``run`` column: one run per seed) and the number of seeds. Block 0 is the input
+    embedding, the floor. Used to find where a profile has structure beyond its seed spread."""
+    prof = 100 * layer_grids.groupby([by, "run", "block"])["accuracy"].mean()
+    agg = prof.groupby([by, "block"]).agg(["mean", "std", "count"]).rename(columns={"count": "seeds"})
+    return agg.reset_index()

@@ -246,3 +246,13 @@ def test_arm_table_and_teacher_ema_sensitivity():
     assert "-9.9%" in lines[1]  # (9.1 - 10.1) / 10.1
     text = render_report(tb, [], set(), "test machine", "tables")
     assert "## Every arm at its final checkpoint" in text and "teacher EMA" in text
+
+
+def test_depth_profiles_over_seeds_and_steps():
+    from analysis.tables import depth_profiles
+
+    grids = pd.concat([_grid({0: 0.2, 1: 0.5 + 0.01 * s, 2: 0.6}, run=f"baseline-s{s}").assign(step=step)
+                       for s in (0, 1, 2) for step in (500, 1000)], ignore_index=True)
+    prof = depth_profiles(grids).set_index(["step", "block"])
+    assert prof.loc[(500, 1), "mean"] == pytest.approx(51.0) and prof.loc[(500, 1), "std"] == pytest.approx(1.0)
+    assert prof.loc[(1000, 0), "seeds"] == 3 and prof.loc[(1000, 2), "std"] == pytest.approx(0.0)
