@@ -625,7 +625,7 @@ def demo(
     figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
     scale: Annotated[str, typer.Option(help="cpu (make demo, one seed: verdicts say what it cannot detect) | smoke "
                                        "(about a minute; the tests) | cpu-repro (the seeded test on CPU, "
-                                       "~1.5 h on 2 cores with --jobs 2) | gpu (the same design for one GPU; not "
+                                       "~2 h on 2 shared cores) | gpu (the same design for one GPU; not "
                                        "yet run)")] = "cpu",
     only: Annotated[Optional[str], typer.Option(help="Run just this training run's steps (e.g. sra-s1), to "
                                                 "spread a scale over machines; gather by running again without "

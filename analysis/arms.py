@@ -63,27 +63,34 @@ def arm_decay(arm: str, default: float) -> float | None:
 
 
 def ema_sensitivity(tb: StudyTables) -> list[str]:
-    """Lines of the App. F check: for each SRA teacher decay, the relative metric change against the
-    baseline and the final teacher - student gap, each with its 95% interval over seeds. Empty when
-    the study has no teacher-EMA arm."""
+    """Lines of the App. F check: for each SRA teacher decay, the relative metric change against a
+    baseline with the same EMA decay (``baseline`` for the study's default, ``baseline-ema<d>``
+    otherwise: the decay is also the sampled EMA's) and the final teacher - student gap, each with
+    its 95% interval over seeds. Empty when the study has no teacher-EMA arm."""
     per = _per_run(tb)
     default = tb.config.get("ema_decay")
     decays = {a: arm_decay(a, default) for a in sorted(set(per["arm"]))}
     decays = {a: d for a, d in decays.items() if d is not None}
     if len(decays) < 2 or "metric_value" not in per.columns:
         return []
-    base = per.loc[per["arm"] == "baseline", "metric_value"].dropna()
     metric = tb.quality["metric"].iloc[0]
     lines = []
     for arm, d in sorted(decays.items(), key=lambda kv: kv[1]):
         r = per[per["arm"] == arm]
         lag = 1 / (1 - d) if d < 1 else np.inf
         text = f"decay {d:g} (`{arm}`, mean lag ~{lag:.0f} steps, {len(r)} seeds): "
+        # the decay is also that of the EMA weights that are sampled: compare with a baseline whose
+        # EMA has the same decay, else the metric compares evaluation EMAs, not teachers
+        base_arm = "baseline" if arm == "sra" else f"baseline-ema{d:g}"
+        base = per.loc[per["arm"] == base_arm, "metric_value"].dropna()
         if len(base):
             vs = compare(r["metric_value"].dropna(), base)
             rel = 100 * vs.diff / base.mean()
-            text += (f"{metric} {r['metric_value'].mean():.2f} vs baseline {base.mean():.2f} "
+            text += (f"{metric} {r['metric_value'].mean():.2f} vs `{base_arm}` {base.mean():.2f} "
                      f"({rel:+.1f}%; {vs.text()})")
+        else:
+            text += (f"{metric} {r['metric_value'].mean():.2f}, no baseline at EMA {d:g} (`{base_arm}`): the "
+                     "decay is also the sampled EMA's, so this metric is not a test of the teacher")
         if {"teacher_acc", "student_acc"} <= set(r.columns):
             gap = compare((r["teacher_acc"] - r["student_acc"]).dropna())
             text += f"; teacher - student accuracy {gap.text(' pts')}"

@@ -103,6 +103,9 @@ class StudyConfig:
                   for k in self.extra_teacher_blocks for s in self.extra_seeds]
         specs += [(named(f"sra-ema{d:g}", s, self.extra_seeds), "sra", {"ema_decay": d, "seed": s})
                   for d in self.teacher_ema_arms for s in self.extra_seeds]
+        # the decay is also that of the sampled EMA, so each teacher-EMA arm has its own baseline
+        specs += [(named(f"baseline-ema{d:g}", s, self.extra_seeds), "baseline", {"ema_decay": d, "seed": s})
+                  for d in self.teacher_ema_arms for s in self.extra_seeds]
         return specs
 
     def sra_cells(self) -> tuple[int, int, float, float]:
@@ -135,7 +138,7 @@ SCALES: dict[str, StudyConfig] = {
                              grid_runs=("baseline", "sra"), n_div=32),
     # one GPU (H100/H200 class), the cpu-repro design with a larger model: NOT YET RUN, sized by an
     # estimate, not a measurement. SiT-S/4 (12 x 384, 64 tokens) at batch 256 is ~2 TFLOP per training
-    # step, ~5-8 ms in bf16 (launch-bound at this size), so 19 runs x 1500 steps ~ 3-4 min; evaluation
+    # step, ~5-8 ms in bf16 (launch-bound at this size), so 23 runs x 1500 steps ~ 3-5 min; evaluation
     # (2000 samples x 24 Euler steps x 4 checkpoints per run) and the probes add ~2-3 min on the GPU.
     # EMA 0.998: a lag of ~500 steps, a third of the run as in the cpu scale; teacher arms 0.99 / 0.9995.
     "gpu": StudyConfig(name="gpu", model="SiT-S/4", steps=1500, n_ckpts=4, batch_size=256, lr=3e-4,

@@ -228,7 +228,8 @@ def test_arm_table_and_teacher_ema_sensitivity():
     from analysis.report import render_report
 
     q, curves = [], []
-    for arm, fd, gap in (("baseline", 10.0, 0.0), ("sra", 9.0, 2.0), ("sra-ema0.99", 9.5, 0.5)):
+    for arm, fd, gap in (("baseline", 10.0, 0.0), ("sra", 9.0, 2.0), ("sra-ema0.99", 9.5, 0.5),
+                         ("baseline-ema0.9995", 20.0, 0.0), ("sra-ema0.9995", 19.0, 0.5)):
         for s in (0, 1, 2):
             run = _seeded(arm, s)
             for step in (100, 200):
@@ -242,8 +243,10 @@ def test_arm_table_and_teacher_ema_sensitivity():
     assert arms.loc["sra", "seeds"] == 3 and arms.loc["sra", "metric_value_mean"] == pytest.approx(9.1)
     assert arms.loc["sra", "teacher_acc_mean"] - arms.loc["sra", "student_acc_mean"] == pytest.approx(2.0)
     lines = ema_sensitivity(tb)
-    assert len(lines) == 2 and lines[0].startswith("decay 0.99 ") and lines[1].startswith("decay 0.999 ")
+    assert len(lines) == 3 and lines[0].startswith("decay 0.99 ") and lines[1].startswith("decay 0.999 ")
     assert "-9.9%" in lines[1]  # (9.1 - 10.1) / 10.1
+    assert "vs `baseline-ema0.9995` 20.10" in lines[2]  # each decay against the baseline at that decay
+    assert "no baseline at EMA 0.99" in lines[0]  # the decay is also the sampled EMA's: not comparable
     text = render_report(tb, [], set(), "test machine", "tables")
     assert "## Every arm at its final checkpoint" in text and "teacher EMA" in text
 
