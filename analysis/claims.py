@@ -331,7 +331,8 @@ def check_c6(tb: StudyTables) -> Verdict:
     lower = float(cka["diverse"].mean()) < float(cka["baseline"].mean())
     if v == "held" and not lower:
         v = "did not hold"
-    details = [f"final {metric}: " + ", ".join(f"{r} {x:.2f}" for r, x in final[["run", metric]].values),
+    details = [f"final {metric}: " + ", ".join(f"{r} {x:.2f}" for arm in ("baseline", "diverse")
+                                              for r, x in sorted(fd[arm].items())),
                f"mean off-diagonal CKA (EMA, final): diverse {cka['diverse'].mean():.3f}, baseline "
                f"{cka['baseline'].mean():.3f} ({'lower' if lower else 'not lower'})"]
     return Verdict("C6", v, _verdict_text(v, f"relative {metric} reduction", c, "", EFFECTS["C6"]), details,

@@ -26,6 +26,7 @@ __all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_
 
 Figures = dict[str, plt.Figure]
 SEED_BAND = "band: +-1 SD over training seeds"
+MAIN_ARMS = ("baseline", "sra", "diverse")
 
 
 def _by_arm(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:
@@ -99,6 +100,8 @@ def fig_teacher_student(tb: StudyTables) -> Figures:
         return {}
     c = tb.cells
     frame, band = _by_arm(tb.curves.assign(**{"accuracy (%)": 100 * tb.curves["accuracy"]}))
+    main = frame["arm"].isin(MAIN_ARMS)
+    frame = frame[main] if main.any() else frame  # the C5 / EMA arms would hide the three main ones
     return {"teacher_vs_student.png": plots.plot_curves(
         frame, "step", "accuracy (%)", hue="arm", style="role", title="Teacher vs student probe accuracy over training",
         meta=_meta(tb, protocol=f"student = online block {c.get('student_block')} at t={c.get('t_student')}; "

@@ -66,7 +66,7 @@ def _arms_section(tb: StudyTables) -> list[str]:
     ema = ema_sensitivity(tb)
     if ema:
         lines += ["## SRA's teacher EMA (SRA App. F: the result depends on it)", "",
-                  "Each SRA arm with another EMA (= teacher) decay, against the baseline (Welch 95% interval over "
-                  "seeds); the verdicts above use the study's default decay.", ""]
+                  "Each SRA teacher (= EMA) decay against the baseline at the same decay (the decay is also that of the "
+                  "sampled EMA), Welch 95% interval over seeds; the verdicts above use the study's default decay.", ""]
         lines += [f"- {e}" for e in ema] + [""]
     return lines
