@@ -12,6 +12,7 @@ of scheme can never silently reuse stale features.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import os
 from collections.abc import Sequence
@@ -65,7 +66,15 @@ def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
         if use_nccl:
             torch.cuda.set_device(local_rank())
         dist.init_process_group("nccl" if use_nccl else "gloo")
+        # a rank that finishes first (e.g. after handing its shard to rank 0) must not exit with the
+        # group alive: gloo's threads then abort the process ("terminate called ..."), failing torchrun
+        atexit.register(_destroy_group)
     return dist_world()
+
+
+def _destroy_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def pid_alive(pid: int) -> bool:
