@@ -55,10 +55,10 @@ def _baseline_runs(lg: pd.DataFrame) -> list[str]:
     return base or runs[:1]
 
 
-def _profile(lg: pd.DataFrame, run: str) -> pd.Series:
-    """Accuracy (points) per transformer block, mean over the grid's t (block 0, the floor, excluded)."""
-    g = accuracy_grid(lg, run)
-    return 100 * g[g.index >= 1].mean(axis=1)
+def _profile(grid: pd.DataFrame) -> pd.Series:
+    """Accuracy (points) per transformer block of a (block x t) grid, mean over t (block 0, the
+    floor, excluded)."""
+    return 100 * grid[grid.index >= 1].mean(axis=1)
 
 
 def check_c1(tb: StudyTables) -> Verdict:
@@ -71,16 +71,18 @@ def check_c1(tb: StudyTables) -> Verdict:
     verdict is about that model only. The input embedding (block 0) is the floor reported beside it."""
     lg = tb.layer_grid
     runs = _baseline_runs(lg)
-    profs = pd.DataFrame({r: _profile(lg, r) for r in runs})
+    grids = {r: accuracy_grid(lg, r) for r in runs}
+    profs = pd.DataFrame({r: _profile(g) for r, g in grids.items()})
     prof = profs.mean(axis=1)
     peak = int(prof.idxmax())
     first, last = int(prof.index[0]), int(prof.index[-1])
-    per_t = {f"{t:g}": int(g[g.index >= 1][t].idxmax()) for g in [accuracy_grid(lg, runs[0])] for t in g.columns}
+    blocks = grids[runs[0]][grids[runs[0]].index >= 1]
+    per_t = {f"{t:g}": int(blocks[t].idxmax()) for t in blocks.columns}
     what = f"{len(runs)} seeds" if len(runs) > 1 else runs[0]
     details = [f"baseline accuracy by block (mean over t, {what}): "
                + ", ".join(f"{b}: {v:.1f}%" for b, v in prof.items()),
                f"peak block per t ({runs[0]}): {per_t}"]
-    floor = [100 * float(accuracy_grid(lg, r).loc[0].mean()) for r in runs if 0 in accuracy_grid(lg, r).index]
+    floor = [100 * float(g.loc[0].mean()) for g in grids.values() if 0 in g.index]
     if floor:
         details.insert(1, f"input embedding (block 0, the floor): {np.mean(floor):.1f}%; best block adds "
                           f"{prof.max() - np.mean(floor):+.1f} pts over what the input alone gives")
