@@ -38,7 +38,7 @@ demo: install data
 	$(BIN)/probe demo --out runs/demo --figures figures --jobs $(JOBS)
 
 test: install-test data
-	$(BIN)/python -m pytest -q
+	$(BIN)/pytest -q
 
 clean-demo:
 	rm -rf runs/demo

@@ -133,7 +133,7 @@ def _ints(values: Optional[list[str]], flag: str) -> Optional[list[int]]:
 
 def _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
           trust, quiet, num_heads=None):
-    from commands.common import FeatureSpec
+    from repdyn.commands.common import FeatureSpec
 
     return FeatureSpec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
                        device=device, cache_dir=None if no_cache else cache, family=family,
@@ -141,8 +141,8 @@ def _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_ca
 
 
 def _sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed, batch_size):
-    from commands.sample import SamplerSettings
-    from training.evaluation import parse_labels
+    from repdyn.commands.sample import SamplerSettings
+    from repdyn.evaluation.evaluate import parse_labels
 
     return SamplerSettings(method=method, steps=steps, cfg_scale=cfg_scale,
                            guidance_interval=(guidance_low, guidance_high), legacy_cfg_channels=legacy_cfg,
@@ -195,9 +195,9 @@ def train(
 
     Examples: `probe train --preset sit-tiny --out runs/sit`,
     `probe train --preset dit-tiny --method sra --steps 3000`,
-    `torchrun --nproc_per_node 8 cli.py train --preset sit-b2-imagenet --method sra`.
+    `torchrun --nproc_per_node 8 -m repdyn train --preset sit-b2-imagenet --method sra`.
     """
-    from commands.train import run_train
+    from repdyn.commands.train import run_train
 
     flags = dict(model=model, data=data, method=method, steps=steps, out=out, batch_size=batch_size, lr=lr,
                  ema_decay=ema_decay, precision=precision, ckpt_every=ckpt_every, seed=seed, device=device,
@@ -232,10 +232,10 @@ def layer_grid(
     Default t: SiT 0..0.9 step 0.1, DiT 0..900 step 100.
     Examples: `probe layer-grid runs/sit/checkpoints/0001500.pt`,
     `probe layer-grid ckpt.pt --blocks 1-6 --t 0,0.2,0.5 --weights model --label class --probe ridge`,
-    `torchrun --nproc_per_node 4 cli.py layer-grid SiT-XL-2-256.pt --family sit --data latents:data/in256`.
+    `torchrun --nproc_per_node 4 -m repdyn layer-grid SiT-XL-2-256.pt --family sit --data latents:data/in256`.
     """
-    from commands.layer_grid import run_layer_grid
-    from probe.layer_grid import summarize
+    from repdyn.commands.layer_grid import run_layer_grid
+    from repdyn.probe.layer_grid import summarize
 
     res = run_layer_grid(ckpt, data=data, blocks=_parse_blocks(blocks), ts=_parse_ts(t), weights=weights, label=label,
                          probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
@@ -274,8 +274,8 @@ def sample(
     Example: `probe sample runs/sit/checkpoints/0005000.pt --n 64 --method sde --steps 250 --cfg-scale 1.8
     --guidance-high 0.7 --npz samples.npz`.
     """
-    from commands.sample import run_sample
-    from training.runtime import resolve_device
+    from repdyn.commands.sample import run_sample
+    from repdyn.core.runtime import resolve_device
 
     res = run_sample(ckpt, out, n=n, npz=npz, weights=weights, family=family, trust=trust_checkpoint,
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
@@ -316,11 +316,11 @@ def eval_(
     Always (offline): fd_<data> and cond_acc_<data>, in the feature space of a small classifier the
     project trains once per dataset (not FID). With --inception-weights: FID, IS, KID, precision/recall
     against --ref. Latent models: --vae decodes. Under torchrun the samples are drawn in shards.
-    Example: `torchrun --nproc_per_node 8 cli.py eval ckpt.pt --n 50000 --vae sd-vae-ft-ema --ref
+    Example: `torchrun --nproc_per_node 8 -m repdyn eval ckpt.pt --n 50000 --vae sd-vae-ft-ema --ref
     VIRTUAL_imagenet256_labeled.npz --inception-weights weights-inception-2015-12-05-6726825d.pth`.
     """
-    from commands.eval import run_eval
-    from training.runtime import resolve_device
+    from repdyn.commands.eval import run_eval
+    from repdyn.core.runtime import resolve_device
 
     if npz is not None and len(ckpts) > 1:
         raise ValueError("--npz takes one checkpoint; run probe eval once per checkpoint to export samples")
@@ -356,7 +356,7 @@ def encode(
     Resumable (finished files are skipped); shards over ranks under torchrun.
     Example: `probe encode data/imagenet --out data/in256 --vae weights/sd-vae-ft-ema --resolution 256`.
     """
-    from commands.encode import run_encode
+    from repdyn.commands.encode import run_encode
 
     res = run_encode(src, out, vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device,
                      progress=not quiet)
@@ -405,7 +405,7 @@ def similarity(
     `probe similarity ckpt.pt --weights ema --other-weights model` (teacher EMA vs student online),
     `probe similarity runs/sra/checkpoints/0004000.pt --other runs/base/checkpoints/0004000.pt`.
     """
-    from commands.similarity import run_similarity
+    from repdyn.commands.similarity import run_similarity
 
     spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet, num_heads)
@@ -429,7 +429,7 @@ def diversity(
 
     Example: `probe diversity ckpt.pt --t 0.1,0.5,0.9 --n 128`.
     """
-    from commands.diversity import run_diversity
+    from repdyn.commands.diversity import run_diversity
 
     spec = _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet, num_heads)
@@ -458,7 +458,7 @@ def pca(
 
     Example: `probe pca ckpt.pt --images 0,7,42 --t 0.1,0.3,0.5,0.7`.
     """
-    from commands.pca import run_pca
+    from repdyn.commands.pca import run_pca
 
     spec = _spec(data, split, 0, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet, num_heads)
@@ -488,7 +488,7 @@ def umap(
     Examples: `probe umap ckpt.pt --cell 2,0.1 --cell 2,0.5 --cell 6,0.5`,
     `probe umap ckpt.pt --aligned-block 4 --t 0.1,0.3,0.5,0.7`.
     """
-    from commands.umap import run_umap
+    from repdyn.commands.umap import run_umap
 
     spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
                  trust_checkpoint, quiet, num_heads)
@@ -520,7 +520,7 @@ def attribute(
 
     Example: `probe attribute ckpt.pt --block 4 --t 0.3 --images 0,1,2,3`.
     """
-    from commands.attribute import run_attribute
+    from repdyn.commands.attribute import run_attribute
 
     spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
                  time_convention, trust_checkpoint, quiet, num_heads)
@@ -558,7 +558,7 @@ def curves(
 
     Examples: `probe curves runs/sit-sra`, `probe curves runs/sit-base --student-block 2 --teacher-block 4`.
     """
-    from commands.curves import run_curves
+    from repdyn.commands.curves import run_curves
 
     spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
                  time_convention, trust_checkpoint, quiet, num_heads)
@@ -602,7 +602,7 @@ def correlate(
     Example: `probe correlate runs/sra/curves/curves.csv runs/sra/eval_metrics.csv --metric fd_fashion-mnist
     --role student`.
     """
-    from commands.correlate import run_correlate
+    from repdyn.commands.correlate import run_correlate
 
     if len(probe_csv) < 2:
         raise ValueError("give the probe table(s) and then the metrics CSV: probe correlate PROBE_CSV METRICS_CSV")
@@ -639,7 +639,7 @@ def demo(
 
     Resumable: finished steps are skipped. Writes every figure and REPORT.md into --figures.
     """
-    from commands.demo import run_study
+    from repdyn.commands.demo import run_study
 
     report = run_study(out, scale, figures=figures, progress=not quiet, only=only, jobs=jobs,
                        **({"device": device} if device is not None else {}))

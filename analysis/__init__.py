@@ -1,15 +1,13 @@
-"""repdyn analysis suite: pure measures, figures and claim rules over the (block, t) feature grid.
+"""Pure measures and plots over the (block, t) feature grid, for any user (the study's rules are
+:mod:`repdyn.study`).
 
-* measures: :mod:`~analysis.similarity` (CKA, cosine), :mod:`~analysis.diversity`, :mod:`~analysis.pca`,
-  :mod:`~analysis.embedding` (UMAP), :mod:`~analysis.correlation`, :mod:`~analysis.attribution`;
-* figures: :mod:`~analysis.plots` (one function per figure kind, returning a matplotlib Figure) and
-  :mod:`~analysis.figures` (the study's figure recipes);
-* the study: :mod:`~analysis.tables` (tables loaded once), :mod:`~analysis.claims` (the C1-C7 rules),
-  :mod:`~analysis.report` (REPORT.md text).
+* measures: :mod:`~repdyn.analysis.similarity` (CKA, cosine), :mod:`~repdyn.analysis.diversity`, :mod:`~repdyn.analysis.pca`,
+  :mod:`~repdyn.analysis.embedding` (UMAP), :mod:`~repdyn.analysis.correlation`, :mod:`~repdyn.analysis.attribution`;
+* figures: :mod:`~repdyn.analysis.plots` (one function per figure kind, returning a matplotlib Figure).
 
 Nothing here reads a checkpoint or writes a file: that is ``commands/``. Submodules are imported
-lazily so that ``import analysis`` does not pull matplotlib, umap or captum; ``analysis.cka`` is the
-stable entry point ``analysis.similarity.cka(X, Y, debiased=False)``.
+lazily so that ``import repdyn.analysis`` does not pull matplotlib, umap or captum; ``repdyn.analysis.cka`` is the
+stable entry point ``repdyn.analysis.similarity.cka(X, Y, debiased=False)``.
 """
 
 from __future__ import annotations
@@ -17,8 +15,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = {"similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots", "figures", "tables",
-            "claims", "report"}
+_MODULES = {"similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots"}
 __all__ = sorted(_MODULES) + ["cka"]
 
 
@@ -27,4 +24,4 @@ def __getattr__(name: str) -> Any:
         return importlib.import_module(f".{name}", __name__)
     if name == "cka":
         return importlib.import_module(".similarity", __name__).cka
-    raise AttributeError(f"module 'analysis' has no attribute {name!r}")
+    raise AttributeError(f"module 'repdyn.analysis' has no attribute {name!r}")

@@ -149,7 +149,7 @@ def backbone_feature_fn(
     y: torch.Tensor | None = None,
     pooling: Literal["mean"] = "mean",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Build ``feature_fn`` for a frozen ``training.models`` backbone (``model.block_features``).
+    """Build ``feature_fn`` for a frozen ``repdyn.model.backbone`` backbone (``model.block_features``).
 
     noise: fixed eps (N, C, H, W) so the attribution is for one noise draw; ``noise_fn(x, eps, t)``
     maps clean inputs to the model input at level t (e.g. SiT ``(1 - t) x + t eps``; DiT

@@ -16,14 +16,14 @@ and device-agnostic, so a training loss can call them directly on autocast featu
   variance over channels, / 0.25, clamp to [0, 1], negate. In [-1, 0]; more negative = channels
   used more unevenly.
 
-The maths lives in one place, ``training.methods.diverse`` (the training loss); the functions here
+The maths lives in one place, ``repdyn.training.methods.diverse`` (the training loss); the functions here
 accept numpy or torch, (N, T, D) or pooled (N, D), and add the grid report. The loss with its pair
-set is ``training.methods.diverse.diversity_loss`` / ``official_pairs``.
+set is ``repdyn.training.methods.diverse.diversity_loss`` / ``official_pairs``.
 
 The eps values (1e-8 in the normalisations and denominators) match the official code.
 
 ``diversity_report`` evaluates the terms for every block pair at every t of a feature grid
-(``probe.grid`` layout ``{(block, t): (N, T, D)}``) and returns a tidy DataFrame.
+(``repdyn.probe.grid`` layout ``{(block, t): (N, T, D)}``) and returns a tidy DataFrame.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from training.methods import diverse as _terms
+from repdyn.training.methods import diverse as _terms
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 EPS = 1e-8
@@ -80,14 +80,14 @@ def orthogonality(a: ArrayLike, b: ArrayLike, eps: float = EPS) -> torch.Tensor:
 
 def token_cosine(a: ArrayLike, b: ArrayLike, eps: float = EPS) -> torch.Tensor:
     """|mean over tokens of cos(a_token, b_token)| -- DiverseDiT's mutual-information proxy
-    (``training.methods.diverse.mi_proxy`` on any array). Returns a 0-d tensor in [0, 1]."""
+    (``repdyn.training.methods.diverse.mi_proxy`` on any array). Returns a 0-d tensor in [0, 1]."""
     a, b = _as_ntd(a, "a"), _as_ntd(b, "b")
     _check_pair(a, b)
     return _terms.mi_proxy(a, b, eps)
 
 
 def channel_usage(x: ArrayLike, eps: float = EPS) -> torch.Tensor:
-    """(D,) per-channel usage of one block (see ``training.methods.diverse.channel_usage``)."""
+    """(D,) per-channel usage of one block (see ``repdyn.training.methods.diverse.channel_usage``)."""
     return _terms.channel_usage(_as_ntd(x), eps)
 
 

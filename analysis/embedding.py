@@ -90,7 +90,7 @@ def aligned_umap(
     """AlignedUMAP of one block across timesteps: {t: (n, 2)} with consistent orientation.
 
     features: ``{(block, t): (n, d)}``; every t must hold the same n inputs in the same order
-    (``probe.grid`` guarantees this), so consecutive slices are related by the identity map.
+    (``repdyn.probe.grid`` guarantees this), so consecutive slices are related by the identity map.
     """
     import umap
 

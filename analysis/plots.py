@@ -3,7 +3,7 @@
 Every function takes the result objects or tidy tables of the other ``analysis`` modules, a
 ``title`` and an optional ``meta`` mapping (model, weights, protocol, ...) rendered as a subtitle, so
 each figure states what it shows, and returns the matplotlib ``Figure``. Nothing here writes a file:
-``commands/`` saves figures with :func:`training.files.save_figure` (atomic, PNG and optional PDF).
+``commands/`` saves figures with :func:`repdyn.core.files.save_figure` (atomic, PNG and optional PDF).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from probe.grid import format_t  # noqa: E402
+from repdyn.core.timesteps import format_t
 
-from .correlation import linear_fit  # noqa: E402
-from .diversity import pair_matrix  # noqa: E402
+from repdyn.analysis.correlation import linear_fit
+from repdyn.analysis.diversity import pair_matrix
 
 __all__ = [
     "describe",

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.runtime import resolve_device
+from repdyn.core.runtime import resolve_device
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Reps = Union[Sequence[ArrayLike], Mapping[Hashable, ArrayLike]]
@@ -66,7 +66,7 @@ __all__ = [
 # input handling
 # --------------------------------------------------------------------------------------------
 def _device(device: str | torch.device | None) -> torch.device:
-    """``None`` -> CPU (pure functions stay on the CPU unless asked), else :func:`training.runtime.resolve_device`."""
+    """``None`` -> CPU (pure functions stay on the CPU unless asked), else :func:`repdyn.core.runtime.resolve_device`."""
     return torch.device("cpu") if device is None else resolve_device(device)
 
 
@@ -245,7 +245,7 @@ def cka(
     "linear" or "rbf" (bandwidth = ``threshold`` x median distance). Returns a Python float in
     [0, 1] for the biased estimator (the debiased one can dip slightly below 0).
 
-    Stable public entry point: ``analysis.similarity.cka(X, Y, debiased=False)``.
+    Stable public entry point: ``repdyn.analysis.similarity.cka(X, Y, debiased=False)``.
     """
     xt = as_features(x, device, name="X")
     yt = as_features(y, device, name="Y")
@@ -737,7 +737,7 @@ def cka_grid(
     ts: Sequence[Any] | None = None,
     **kwargs: Any,
 ) -> CKAGrid:
-    """Full (blocks*t)^2 CKA over a ``{(block, t): (n, d)}`` grid (``probe.grid`` features).
+    """Full (blocks*t)^2 CKA over a ``{(block, t): (n, d)}`` grid (``repdyn.probe.grid`` features).
 
     Keys are ordered block-major: (b1, t1), (b1, t2), ..., so each block is a contiguous run of
     T rows. With ``features_b`` (another model / checkpoint / weights on the same inputs and

@@ -1,6 +1,6 @@
 """Benchmark: full (blocks*t)^2 debiased CKA in one pass vs a pair-by-pair loop (not a test).
 
-Synthetic pooled features stand in for a ``probe.grid`` cache: every (block, t) cell is a random
+Synthetic pooled features stand in for a ``repdyn.probe.grid`` cache: every (block, t) cell is a random
 linear read-out of a shared latent plus cell-specific noise, so CKA values spread over (0, 1).
 
     .venv/bin/python bench/bench_cka.py                       # 12 blocks x 8 t, n = 10k, d = 768
@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis import similarity as S  # noqa: E402
+from repdyn.analysis import similarity as S
 
 
 def make_features(n: int, blocks: int, ts: int, dim: int, latent: int = 64, seed: int = 0) -> list[np.ndarray]:

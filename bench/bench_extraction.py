@@ -25,14 +25,13 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
-from probe.cache import FeatureCache  # noqa: E402
-from probe.grid import extract_grid, grid_noise, sample_indices  # noqa: E402
-from training.checkpoint import LoadedCheckpoint  # noqa: E402
-from training.data import make_dataset  # noqa: E402
-from training.models import build_model  # noqa: E402
-from training.objectives import make_objective  # noqa: E402
+from repdyn.probe.cache import FeatureCache
+from repdyn.probe.grid import extract_grid, grid_noise, sample_indices
+from repdyn.model.checkpoint import LoadedCheckpoint
+from repdyn.datasets.sources import make_dataset
+from repdyn.model.backbone import build_model
+from repdyn.model.objectives import make_objective
 
 
 def make_ck(name: str) -> LoadedCheckpoint:

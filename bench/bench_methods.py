@@ -1,6 +1,6 @@
 """Benchmark: training-step time of baseline, SRA, DiverseDiT and both, on one machine and config.
 
-Not a test. Every method gets its own :class:`training.trainer.Trainer` (same model, data, batch,
+Not a test. Every method gets its own :class:`repdyn.training.trainer.Trainer` (same model, data, batch,
 precision, seed); the methods are timed **interleaved** (a few steps of each, round after round)
 so a change in machine load hits all of them alike, and the per-method figure is the **median**
 of the full optimiser steps (forward, method terms, backward, clip, AdamW, EMA) after warm-up.
@@ -31,10 +31,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from training.config import TrainConfig  # noqa: E402
-from training.methods.sra import SRATerm  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from repdyn.training.config import TrainConfig
+from repdyn.training.methods.sra import SRATerm
+from repdyn.training.trainer import Trainer
 
 
 class FullTeacherSRA(SRATerm):

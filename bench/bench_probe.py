@@ -22,9 +22,8 @@ import warnings
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from probe.probes import fit_probes  # noqa: E402
+from repdyn.probe.probes import fit_probes
 
 
 def synthetic(cells: int, n_train: int, n_test: int, dim: int, classes: int, seed: int = 0):
@@ -43,9 +42,9 @@ def synthetic(cells: int, n_train: int, n_test: int, dim: int, classes: int, see
 
 
 def from_checkpoint(ckpt: str, n_train: int, n_test: int):
-    from probe.grid import extract_grid
-    from training.checkpoint import load_checkpoint
-    from training.data import make_dataset
+    from repdyn.probe.grid import extract_grid
+    from repdyn.model.checkpoint import load_checkpoint
+    from repdyn.datasets.sources import make_dataset
 
     ck = load_checkpoint(ckpt)
     data = ck.meta.get("data") or "fashion-mnist"

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
-import probe.probes as current  # noqa: E402
+import repdyn.probe.probes as current
 
 
 def load_revision(rev: str):
@@ -56,9 +55,9 @@ def features(args):
         z = np.load(args.npz)
         return z["xtr"], z["ytr"], z["xte"], z["yte"]
     if args.ckpt:
-        from probe.grid import extract_grid
-        from training.checkpoint import load_checkpoint
-        from training.data import make_dataset
+        from repdyn.probe.grid import extract_grid
+        from repdyn.model.checkpoint import load_checkpoint
+        from repdyn.datasets.sources import make_dataset
 
         ck = load_checkpoint(args.ckpt, weights=args.weights)
         data = ck.data or "fashion-mnist"

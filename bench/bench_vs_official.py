@@ -63,18 +63,17 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_methods import _sync, parse_overrides  # noqa: E402
 from bench_methods import machine as _methods_machine  # noqa: E402
-from probe.grid import extract_grid, grid_noise, load_x0  # noqa: E402
-from training.checkpoint import LoadedCheckpoint  # noqa: E402
-from training.config import TrainConfig  # noqa: E402
-from training.data import SD_VAE_SCALE, make_dataset  # noqa: E402
-from training.methods.base import StepContext  # noqa: E402
-from training.methods.sra import SRATerm, default_blocks  # noqa: E402
-from training.models import model_config  # noqa: E402
-from training.trainer import Trainer  # noqa: E402
+from repdyn.probe.grid import extract_grid, grid_noise, load_x0
+from repdyn.model.checkpoint import LoadedCheckpoint
+from repdyn.training.config import TrainConfig
+from repdyn.datasets.sources import SD_VAE_SCALE, make_dataset
+from repdyn.training.methods.base import StepContext
+from repdyn.training.methods.sra import SRATerm, default_blocks
+from repdyn.model.backbone import model_config
+from repdyn.training.trainer import Trainer
 
 TIMM_HINT = ("the official SiT imports timm (Attention, Mlp, PatchEmbed): install it into the venv for the "
              "benchmark only with `.venv/bin/pip install timm` (it is not a project dependency)")
@@ -557,8 +556,8 @@ def compare_extraction(model_name: str, official: Official | None, *, n: int = 2
         ds = make_dataset(f"latents:{data_dir}", "train", holdout_cut=False)
         cfg = model_config(model_name, in_channels=ds.channels, input_size=ds.image_size,
                            num_classes=ds.num_classes, **(overrides or {}))
-        from training.models import DiffusionTransformer
-        from training.objectives import make_objective
+        from repdyn.model.backbone import DiffusionTransformer
+        from repdyn.model.objectives import make_objective
 
         torch.manual_seed(seed)
         model = DiffusionTransformer(cfg)

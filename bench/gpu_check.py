@@ -37,7 +37,6 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 import bench_vs_official as bvo  # noqa: E402
 
@@ -165,8 +164,8 @@ def part_ddp(sz: dict, dev: torch.device, data_dir: Path, single_img_per_s: floa
 
 def ddp_worker(args) -> None:
     """One torchrun rank: Trainer (DDP when world > 1) on the shared latents folder."""
-    from training.config import TrainConfig
-    from training.trainer import Trainer
+    from repdyn.training.config import TrainConfig
+    from repdyn.training.trainer import Trainer
 
     sz = SIZES["dry" if args.dry else "gpu"]
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -201,11 +200,11 @@ def ddp_worker(args) -> None:
 
 
 def part_extraction(sz: dict, dev: torch.device, data_dir: Path, peaks: dict):
-    from probe.grid import extract_grid
-    from training.checkpoint import LoadedCheckpoint
-    from training.data import make_dataset
-    from training.models import DiffusionTransformer, model_config
-    from training.objectives import make_objective
+    from repdyn.probe.grid import extract_grid
+    from repdyn.model.checkpoint import LoadedCheckpoint
+    from repdyn.datasets.sources import make_dataset
+    from repdyn.model.backbone import DiffusionTransformer, model_config
+    from repdyn.model.objectives import make_objective
 
     ds = make_dataset(f"latents:{data_dir}", "train", holdout_cut=False)
     cfg = model_config(sz["ext_model"], in_channels=ds.channels, input_size=ds.image_size,
@@ -241,7 +240,7 @@ def part_extraction(sz: dict, dev: torch.device, data_dir: Path, peaks: dict):
 
 
 def part_probe(sz: dict, dev: torch.device, g, peaks: dict, deadline: float) -> dict:
-    from probe.probes import fit_probes
+    from repdyn.probe.probes import fit_probes
 
     out = {k: None for k in PROBE_KEYS}
     x = g.stack()  # (cells, N, D), t-major

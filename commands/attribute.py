@@ -10,15 +10,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from analysis import plots
-from analysis.attribution import LinearProbe, backbone_feature_fn, probe_attribution
-from probe.grid import format_t, grid_noise, load_x0, validate_blocks
-from probe.probes import CellProbe, fit_cell_probe
-from training.files import write_npz, write_table
-from training.flow import model_time
+from repdyn.analysis import plots
+from repdyn.analysis.attribution import LinearProbe, backbone_feature_fn, probe_attribution
+from repdyn.core.timesteps import format_t
+from repdyn.probe.grid import grid_noise, load_x0, validate_blocks
+from repdyn.probe.probes import CellProbe, fit_cell_probe
+from repdyn.core.files import write_npz, write_table
+from repdyn.model.flow import model_time
 
-from .common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis, prepare_for,
-                     releases_outputs, result_identity)
+from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis,
+    prepare_for, releases_outputs, result_identity)
 
 __all__ = ["AttributionResult", "run_attribute"]
 

@@ -18,12 +18,13 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from probe.cache import FeatureCache
-from probe.grid import GridFeatures, default_ts, extract_grid, format_t, validate_ts
-from training.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
-from training.data import make_dataset
-from training.files import atomic_write_text, save_figure
-from training.runtime import pid_alive
+from repdyn.probe.cache import FeatureCache
+from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_ts
+from repdyn.core.timesteps import format_t
+from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
+from repdyn.datasets.sources import make_dataset
+from repdyn.core.files import atomic_write_text, save_figure
+from repdyn.core.runtime import pid_alive
 
 __all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",

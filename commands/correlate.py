@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import plots
-from analysis.correlation import SmallSampleWarning, correlate, join_probe_metrics
-from probe.grid import format_t
-from training.files import write_table
+from repdyn.analysis import plots
+from repdyn.analysis.correlation import SmallSampleWarning, correlate, join_probe_metrics
+from repdyn.core.timesteps import format_t
+from repdyn.core.files import write_table
 
-from training.checkpoint import file_sha
+from repdyn.model.checkpoint import file_sha
 
-from .common import Outputs, claim_output, parse_cells, releases_outputs, weights_word
+from repdyn.commands.common import Outputs, claim_output, parse_cells, releases_outputs, weights_word
 
 __all__ = ["CorrelationResult", "run_correlate", "prepare_join", "JOIN_KEYS"]
 
@@ -35,7 +35,7 @@ class CorrelationResult(Outputs):
 
 
 # Join keys, in order of preference. Probe tables (layer_grid.csv, curves.csv) write
-# ``checkpoint_sha``; ``probe eval`` (training.evaluation.checkpoint_keys) writes ``ckpt_sha``. Both
+# ``checkpoint_sha``; ``probe eval`` (repdyn.evaluation.evaluate.checkpoint_keys) writes ``ckpt_sha``. Both
 # are the same file_sha() of the checkpoint file, so the content hash is the default key: it survives
 # moving or renaming run folders. ``checkpoint`` (a path) is compared after resolving it.
 JOIN_KEYS = ("sha", "checkpoint", "step", "run")

@@ -1,6 +1,6 @@
 """``probe curves RUN_DIR``: representation metrics over training, one checkpoint at a time.
 
-For every checkpoint of a run folder (``training.checkpoint.list_checkpoints``):
+For every checkpoint of a run folder (``repdyn.model.checkpoint.list_checkpoints``):
 
 * **student** probe accuracy: online weights (``ck["model"]``), block ``k_s``, time ``t``;
 * **teacher** probe accuracy: EMA weights, block ``k_t``, the less noisy ``t_teacher``
@@ -11,14 +11,14 @@ For every checkpoint of a run folder (``training.checkpoint.list_checkpoints``):
   (token features of ``n_div`` images).
 
 Defaults follow the run's SRA settings (``ck.config["sra"]``: student/teacher block, ``t_max``);
-runs without SRA use :func:`training.methods.sra.default_blocks`. ``t`` = 0.5 (SiT; DiT: step
+runs without SRA use :func:`repdyn.training.methods.sra.default_blocks`. ``t`` = 0.5 (SiT; DiT: step
 T/2) and ``t_teacher = t - t_max / 2``, the mean teacher shift of SRA's uniform ``[0, t_max]`` draw.
 
 Results are cached per checkpoint: ``curves.csv`` (probe rows) and ``curves_similarity.csv`` carry
 ``checkpoint_sha`` and a ``settings_hash`` of every option that changes the numbers, and a rerun
 computes only checkpoints whose (sha, settings) are missing. Tables are rewritten atomically after
 every checkpoint, so an interrupted run keeps what it finished; features also go through the
-shared :class:`probe.cache.FeatureCache`.
+shared :class:`repdyn.probe.cache.FeatureCache`.
 """
 
 from __future__ import annotations
@@ -33,20 +33,21 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from analysis import plots
-from analysis.diversity import diversity_report
-from analysis.similarity import cka, cka_matrix
-from probe.grid import format_t, validate_blocks
-from probe.layer_grid import grid_table
-from probe.probes import PROBES
-from training.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
-from training.data import make_dataset
-from training.files import write_table
-from training.methods import SRAOptions
-from training.methods.sra import DEFAULT_T_MAX, default_blocks
-from training.runtime import resolve_device
+from repdyn.analysis import plots
+from repdyn.analysis.diversity import diversity_report
+from repdyn.analysis.similarity import cka, cka_matrix
+from repdyn.core.timesteps import format_t
+from repdyn.probe.grid import validate_blocks
+from repdyn.probe.layer_grid import grid_table
+from repdyn.probe.probes import PROBES
+from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.datasets.sources import make_dataset
+from repdyn.core.files import write_table
+from repdyn.training.methods import SRAOptions
+from repdyn.training.methods.sra import DEFAULT_T_MAX, default_blocks
+from repdyn.core.runtime import resolve_device
 
-from .common import FeatureSpec, Outputs, cell_t, claim_output, load_features, releases_outputs
+from repdyn.commands.common import FeatureSpec, Outputs, cell_t, claim_output, load_features, releases_outputs
 
 __all__ = ["CurveSettings", "CurvesResult", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
 

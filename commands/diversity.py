@@ -9,12 +9,12 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from analysis import plots
-from analysis.diversity import dispersion_table, diversity_report
-from training.files import write_table
+from repdyn.analysis import plots
+from repdyn.analysis.diversity import dispersion_table, diversity_report
+from repdyn.core.files import write_table
 
-from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_for,
-                     releases_outputs, result_identity)
+from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
+    prepare_for, releases_outputs, result_identity)
 
 __all__ = ["DiversityResult", "run_diversity"]
 

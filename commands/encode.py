@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from training.data import IMAGE_EXTS
-from training.files import atomic_write_bytes, atomic_write_text
-from training.runtime import init_distributed
-from training.vae import center_crop_arr, load_vae
+from repdyn.datasets.sources import IMAGE_EXTS
+from repdyn.core.files import atomic_write_bytes, atomic_write_text
+from repdyn.core.runtime import init_distributed
+from repdyn.evaluation.vae import center_crop_arr, load_vae
 
 __all__ = ["EncodeResult", "run_encode"]
 

@@ -14,15 +14,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from probe.grid import shard_bounds
-from training import samplers
-from training.checkpoint import load_checkpoint
-from training.evaluation import append_metrics_row, evaluate_checkpoint
-from training.metrics import check_inception_weights
-from training.runtime import init_distributed
-from training.vae import load_vae
+from repdyn.core.runtime import shard_bounds
+from repdyn.model import samplers
+from repdyn.model.checkpoint import load_checkpoint
+from repdyn.evaluation.evaluate import append_metrics_row, evaluate_checkpoint
+from repdyn.evaluation.metrics import check_inception_weights
+from repdyn.core.runtime import init_distributed
+from repdyn.evaluation.vae import load_vae
 
-from .sample import SamplerSettings
+from repdyn.commands.sample import SamplerSettings
 
 __all__ = ["run_eval", "sharded_samples"]
 
@@ -46,7 +46,7 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
              vae: str | os.PathLike | None = None, num_heads: int | None = None, **kwargs: Any) -> dict[str, Any]:
     """Evaluate one checkpoint and append its row to ``metrics_csv`` (default: ``<run>/eval_metrics.csv``
     beside the run's ``checkpoints/`` folder); returns the row (with ``metrics_csv``; {} off rank 0).
-    Sampler settings come as ``sampler`` or as :func:`training.evaluation.evaluate_checkpoint`
+    Sampler settings come as ``sampler`` or as :func:`repdyn.evaluation.evaluate.evaluate_checkpoint`
     keywords; ``vae`` decodes a latent model's samples for the npz and Inception metrics."""
     if kwargs.get("inception_weights") is not None:
         check_inception_weights(kwargs["inception_weights"])

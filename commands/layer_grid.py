@@ -18,18 +18,18 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from analysis.plots import layer_grid_heatmap
-from probe.cache import FeatureCache
-from probe.grid import LABEL_POLICIES, default_ts, extract_grid, validate_blocks, validate_ts
-from probe.hooks import parse_pooling
-from probe.layer_grid import DEFAULT_N_TEST, DEFAULT_N_TRAIN, TABLE_COLUMNS, grid_table
-from probe.probes import PROBES
-from training.checkpoint import load_checkpoint
-from training.data import make_dataset
-from training.files import atomic_write_text, save_figure, write_table
-from training.runtime import init_distributed, resolve_device
+from repdyn.analysis.plots import layer_grid_heatmap
+from repdyn.probe.cache import FeatureCache
+from repdyn.probe.grid import LABEL_POLICIES, default_ts, extract_grid, validate_blocks, validate_ts
+from repdyn.probe.hooks import parse_pooling
+from repdyn.probe.layer_grid import DEFAULT_N_TEST, DEFAULT_N_TRAIN, TABLE_COLUMNS, grid_table
+from repdyn.probe.probes import PROBES
+from repdyn.model.checkpoint import load_checkpoint
+from repdyn.datasets.sources import make_dataset
+from repdyn.core.files import atomic_write_text, save_figure, write_table
+from repdyn.core.runtime import init_distributed, resolve_device
 
-from .common import check_weights, checkpoint_tag, claim_output, release_output, releases_outputs
+from repdyn.commands.common import check_weights, checkpoint_tag, claim_output, release_output, releases_outputs
 
 __all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
 

@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 
-from analysis import plots
-from analysis.pca import pca_rgb_grid
-from probe.grid import format_t, load_x0
-from training.files import write_npz
+from repdyn.analysis import plots
+from repdyn.analysis.pca import pca_rgb_grid
+from repdyn.core.timesteps import format_t
+from repdyn.probe.grid import load_x0
+from repdyn.core.files import write_npz
 
-from .common import (FeatureSpec, Outputs, analysis_ts, describe_grid, load_features, load_for_analysis, prepare_for,
-                     releases_outputs, result_identity, spread_blocks)
+from repdyn.commands.common import (FeatureSpec, Outputs, analysis_ts, describe_grid, load_features,
+    load_for_analysis, prepare_for, releases_outputs, result_identity, spread_blocks)
 
 __all__ = ["run_pca"]
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training import samplers
-from training.checkpoint import load_checkpoint
-from training.images import save_grid, save_npz, to_uint8
-from training.vae import check_vae, load_vae, to_pixels
+from repdyn.model import samplers
+from repdyn.model.checkpoint import load_checkpoint
+from repdyn.evaluation.images import save_grid, save_npz, to_uint8
+from repdyn.evaluation.vae import check_vae, load_vae, to_pixels
 
 __all__ = ["SampleResult", "SamplerSettings", "run_sample"]
 

@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from analysis import plots
-from analysis.similarity import cka_grid, cosine_matrix
-from probe.grid import GridFeatures, format_t
-from training.files import write_npz, write_table
+from repdyn.analysis import plots
+from repdyn.analysis.similarity import cka_grid, cosine_matrix
+from repdyn.probe.grid import GridFeatures
+from repdyn.core.timesteps import format_t
+from repdyn.core.files import write_npz, write_table
 
-from .common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis, prepare_for,
-                     releases_outputs, result_identity)
+from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
+    prepare_for, releases_outputs, result_identity)
 
 __all__ = ["SimilarityResult", "run_similarity", "cross_similarity", "check_n"]
 

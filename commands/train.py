@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.checkpoint import latest_checkpoint, read_checkpoint
-from training.config import TrainConfig, parse_set_overrides, resolve_config
-from training.trainer import train
+from repdyn.model.checkpoint import latest_checkpoint, read_checkpoint
+from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
+from repdyn.training.trainer import train
 
 __all__ = ["TrainResult", "run_train"]
 
@@ -37,7 +37,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
               quiet: bool = False) -> TrainResult:
     """``resume`` without ``preset`` / ``config``: the run's own config, changed only by the flags given
     (the trainer refuses changes other than length, logging and place; see
-    :data:`training.trainer.RESUMABLE_CHANGES`)."""
+    :data:`repdyn.training.trainer.RESUMABLE_CHANGES`)."""
     overrides = dict(flags or {})
     overrides.update(parse_set_overrides(set_ or []))
     if resume is not None and preset is None and config is None:

@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from analysis import plots
-from analysis.embedding import aligned_umap, embedding_frame, umap_cells
-from training.files import write_table
+from repdyn.analysis import plots
+from repdyn.analysis.embedding import aligned_umap, embedding_frame, umap_cells
+from repdyn.core.files import write_table
 
-from .common import (FeatureSpec, Outputs, analysis_ts, cell_t, describe_grid, load_features, load_for_analysis,
-                     parse_cells, prepare_for, releases_outputs, result_identity)
+from repdyn.commands.common import (FeatureSpec, Outputs, analysis_ts, cell_t, describe_grid, load_features,
+    load_for_analysis, parse_cells, prepare_for, releases_outputs, result_identity)
 
 __all__ = ["run_umap"]
 

@@ -1,10 +1,10 @@
 """Probing DiT/SiT representations over a block x timestep grid.
 
-* :mod:`probe.hooks`: capture block outputs (pooled in the hook, early stop, hooks always removed);
-* :mod:`probe.grid`: :func:`extract_grid`, one forward per (batch, t), shared seeded noise;
-* :mod:`probe.cache`: fp16 on-disk cells + JSON manifest, atomic and resumable;
-* :mod:`probe.probes`: batched torch L-BFGS logistic regression, ridge screen, sklearn / cuML, k-NN;
-* :mod:`probe.layer_grid`: the layer-grid table (one probe per cell, tidy rows) and its summary.
+* :mod:`repdyn.probe.hooks`: capture block outputs (pooled in the hook, early stop, hooks always removed);
+* :mod:`repdyn.probe.grid`: :func:`extract_grid`, one forward per (batch, t), shared seeded noise;
+* :mod:`repdyn.probe.cache`: fp16 on-disk cells + JSON manifest, atomic and resumable;
+* :mod:`repdyn.probe.probes`: batched torch L-BFGS logistic regression, ridge screen, sklearn / cuML, k-NN;
+* :mod:`repdyn.probe.layer_grid`: the layer-grid table (one probe per cell, tidy rows) and its summary.
 
 Imports are lazy so ``import probe`` stays cheap for the CLI.
 """
@@ -27,4 +27,4 @@ _WHERE = {
 def __getattr__(name: str):
     if name in _WHERE:
         return getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
-    raise AttributeError(f"module 'probe' has no attribute {name!r}")
+    raise AttributeError(f"module 'repdyn.probe' has no attribute {name!r}")

@@ -35,13 +35,13 @@ from pathlib import Path
 
 import numpy as np
 
-from training.files import atomic_write_text
-from training.runtime import pid_alive
+from repdyn.core.files import atomic_write_text
+from repdyn.core.runtime import pid_alive
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
 
 CACHE_FORMAT = "repdyn-feature-cache"
-# v2: one per-sample noise scheme for extraction and sampling (training.runtime.NOISE_SCHEME, also in
+# v2: one per-sample noise scheme for extraction and sampling (repdyn.core.noise.NOISE_SCHEME, also in
 # every cell key); v1 caches hold features drawn with the older blake2b(seed:split:index) noise.
 CACHE_VERSION = 2
 
@@ -237,7 +237,7 @@ class FeatureCache:
 class LazyFeatures(Mapping):
     """Mapping (block, t) -> float32 array, read from the cache only when indexed.
 
-    Keeps :class:`~probe.grid.GridFeatures` light: a grid of hundreds of cells costs no RAM
+    Keeps :class:`~repdyn.probe.grid.GridFeatures` light: a grid of hundreds of cells costs no RAM
     until a consumer asks for a cell.
     """
 

@@ -3,7 +3,7 @@
 For every t of the grid and every batch of images: corrupt x0 with the *same* noise
 ``eps_i`` (common random numbers), run one forward that captures every requested block
 (pooled inside the hook) and stops after the deepest one. The noise for image ``i`` of split
-``s`` is drawn from a generator seeded by ``(seed, s, "eps", i)`` (:mod:`training.runtime`), so it is identical across t,
+``s`` is drawn from a generator seeded by ``(seed, s, "eps", i)`` (:mod:`repdyn.core.runtime`), so it is identical across t,
 across checkpoints, across batch sizes and across ranks: differences between cells come from
 the model, not from the draw.
 
@@ -31,11 +31,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from training.flow import model_time
-from training.runtime import NOISE_SCHEME, dist_world, noise_bank, resolve_device, sample_seed
+from repdyn.model.flow import model_time
+from repdyn.core.noise import NOISE_SCHEME, noise_bank, sample_seed
+from repdyn.core.runtime import dist_world, resolve_device
 
-from .cache import FeatureCache, LazyFeatures
-from .hooks import BlockCapture, parse_pooling, pooled_dim
+from repdyn.probe.cache import FeatureCache, LazyFeatures
+from repdyn.probe.hooks import BlockCapture, parse_pooling, pooled_dim
 
 __all__ = ["GridFeatures", "extract_grid", "default_ts", "validate_ts", "sample_indices", "grid_noise", "load_x0",
            "validate_blocks", "shard_bounds", "format_t", "LABEL_POLICIES"]
@@ -70,12 +71,6 @@ class GridFeatures:
 # ---------------------------------------------------------------------------------------------
 # Grids, validation, sample sets, noise
 # ---------------------------------------------------------------------------------------------
-
-
-def format_t(t) -> str:
-    """A timestep as people write it: ``0.3`` (SiT), ``250`` (DiT)."""
-    tf = float(t)
-    return str(int(tf)) if tf == int(tf) and abs(tf) >= 1 else f"{tf:g}"
 
 
 def default_ts(family: str, num_timesteps: int = 1000) -> list:
@@ -176,13 +171,6 @@ def _t_key(t) -> str:
     return str(int(t)) if isinstance(t, (int, np.integer)) else f"{float(t):.6g}"
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous shard [lo, hi) of n positions for ``rank`` (sizes differ by at most one)."""
-    base, extra = divmod(n, world)
-    lo = rank * base + min(rank, extra)
-    return lo, lo + base + (1 if rank < extra else 0)
-
-
 def _gather_rows(local: np.ndarray, n: int, world: int, device: torch.device) -> np.ndarray | None:
     """All-gather contiguous shards (padded to equal size) -> the full (n, ...) array on rank 0."""
     rank = dist.get_rank()
@@ -225,7 +213,7 @@ def extract_grid(ck, dataset, blocks: Sequence[int] | None = None, ts: Sequence 
                  progress: bool = True) -> GridFeatures:
     """Features of every (block, t) cell for ``n_samples`` images of ``dataset``.
 
-    ``ck``: a :class:`training.checkpoint.LoadedCheckpoint` (EMA or online weights).
+    ``ck``: a :class:`repdyn.model.checkpoint.LoadedCheckpoint` (EMA or online weights).
     ``dataset``: a dataset from ``make_dataset`` (its ``split`` is used for the noise keys).
     ``label_policy``: ``"null"`` (default; no label leakage) or ``"class"`` (true labels).
     ``pooling``: ``mean`` | ``tokens`` | ``spatialK``. ``precision``: ``auto`` (bf16 autocast on

@@ -1,9 +1,9 @@
 """The layer-grid table: one probe per (block, t) cell of a train grid, scored on a test grid.
 
-``grid_table`` turns two :class:`~probe.grid.GridFeatures` (train, official test split) into the
+``grid_table`` turns two :class:`~repdyn.probe.grid.GridFeatures` (train, official test split) into the
 tidy table ``probe layer-grid`` writes (one row per cell, with the full protocol and its hash);
 ``summarize`` prints it. The command itself (checkpoint in, files out) is
-:mod:`commands.layer_grid`.
+:mod:`repdyn.commands.layer_grid`.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import warnings
 import numpy as np
 import pandas as pd
 
-from .grid import GridFeatures
-from .probes import fit_probes
+from repdyn.probe.grid import GridFeatures
+from repdyn.probe.probes import fit_probes
 
 __all__ = ["grid_table", "summarize", "protocol_hash", "DEFAULT_N_TRAIN", "DEFAULT_N_TEST", "TABLE_COLUMNS",
            "TABLE_LABEL_POLICY"]

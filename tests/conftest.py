@@ -15,8 +15,8 @@ TINY_MODEL = {"depth": 4, "hidden_size": 64, "num_heads": 4}
 
 
 def _train_tiny(preset: str, out: Path, steps: int) -> Path:
-    from training.config import resolve_config
-    from training.trainer import train
+    from repdyn.training.config import resolve_config
+    from repdyn.training.trainer import train
 
     # ema_decay 0.9: after a few dozen steps the EMA must differ from the initialisation, or
     # "EMA weights" would just be the random init.
@@ -61,8 +61,8 @@ def single_thread():
 def tiny_sra_run(tmp_path_factory) -> Path:
     """A run folder of a SiT-T/4 (depth 4, width 64) trained 30 steps with SRA, a checkpoint every
     10 steps (3 checkpoints: training dynamics, correlation across checkpoints)."""
-    from training.config import resolve_config
-    from training.trainer import train
+    from repdyn.training.config import resolve_config
+    from repdyn.training.trainer import train
 
     out = tmp_path_factory.mktemp("tiny_sra_run")
     cfg = resolve_config("sit-tiny", overrides=dict(model_overrides=dict(TINY_MODEL), method="sra", steps=30,

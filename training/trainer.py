@@ -22,14 +22,14 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from .checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
-from .config import TrainConfig
-from .data import ResumableBatchSampler, make_dataset
-from .methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
-from .models import DiffusionTransformer, model_config
-from .files import atomic_path, atomic_write_text
-from .objectives import make_objective
-from .runtime import dist_info, init_distributed, resolve_device
+from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from repdyn.training.config import TrainConfig
+from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
+from repdyn.training.methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
+from repdyn.model.backbone import DiffusionTransformer, model_config
+from repdyn.core.files import atomic_path, atomic_write_text
+from repdyn.model.objectives import make_objective
+from repdyn.core.runtime import dist_info, init_distributed, resolve_device
 
 __all__ = ["Trainer", "TrainingDiverged", "train", "interleaved_step_cost", "config_changes", "RESUMABLE_CHANGES"]
 

@@ -3,17 +3,17 @@
 A method is never a copy of the model or the trainer: it is a :class:`LossTerm` (what extra
 features the student forward must return, and a loss computed from them) plus the optional
 backbone parts it needs (``ModelConfig`` flags). :func:`build_loss_terms` is the one registry; the
-method grammar (``sra+diverse``) is parsed by :class:`training.config.MethodSpec`.
+method grammar (``sra+diverse``) is parsed by :class:`repdyn.training.config.MethodSpec`.
 """
 
 from __future__ import annotations
 
-from ..config import MethodSpec, TrainConfig
-from ..models import ModelConfig
-from ..objectives import Objective
-from .base import LossTerm, StepContext
-from .diverse import DiverseOptions, DiversityTerm
-from .sra import SRAOptions, SRATerm
+from repdyn.training.config import MethodSpec, TrainConfig
+from repdyn.model.backbone import ModelConfig
+from repdyn.model.objectives import Objective
+from repdyn.training.methods.base import LossTerm, StepContext
+from repdyn.training.methods.diverse import DiverseOptions, DiversityTerm
+from repdyn.training.methods.sra import SRAOptions, SRATerm
 
 __all__ = ["StepContext", "LossTerm", "build_loss_terms", "model_flags_for_method", "SRAOptions", "DiverseOptions"]
 

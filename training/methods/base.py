@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from ..objectives import Objective
+from repdyn.model.objectives import Objective
 
 __all__ = ["StepContext", "LossTerm", "check_option_names"]
 

@@ -1,4 +1,4 @@
-"""DiverseDiT's representation-diversity loss as a :class:`~training.methods.LossTerm`.
+"""DiverseDiT's representation-diversity loss as a :class:`~repdyn.training.methods.LossTerm`.
 
 The long residual connections (LRC) are a backbone part (``ModelConfig.long_skip``, built by
 ``model_flags_for_method``); this module holds only the loss. Its three terms are pure,
@@ -35,10 +35,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
-from ..models import ModelConfig
-from ..objectives import Objective
-from .base import LossTerm, StepContext, check_option_names
+from repdyn.training.config import TrainConfig
+from repdyn.model.backbone import ModelConfig
+from repdyn.model.objectives import Objective
+from repdyn.training.methods.base import LossTerm, StepContext, check_option_names
 
 __all__ = [
     "orthogonality",

@@ -1,4 +1,4 @@
-"""SRA (self-representation alignment) as a :class:`~training.methods.LossTerm`.
+"""SRA (self-representation alignment) as a :class:`~repdyn.training.methods.LossTerm`.
 
 The student's block ``k_s`` output goes through the projection head (``ap_head``, a backbone part
 built by ``model_flags_for_method``) and is pulled towards the raw block ``k_t`` output of the
@@ -20,10 +20,10 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-from ..config import TrainConfig
-from ..models import ModelConfig
-from ..objectives import Objective
-from .base import LossTerm, StepContext, check_option_names
+from repdyn.training.config import TrainConfig
+from repdyn.model.backbone import ModelConfig
+from repdyn.model.objectives import Objective
+from repdyn.training.methods.base import LossTerm, StepContext, check_option_names
 
 __all__ = ["SRATerm", "SRAOptions", "default_blocks", "sra_distance", "official_weight", "DISTANCES", "SCHEDULES"]
 

@@ -1,0 +1,85 @@
+"""``REPORT.md`` as text: one section per claim with its verdict, numbers, rule and figures."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Collection, Sequence
+from pathlib import Path
+
+from repdyn.core.files import atomic_write_text
+from repdyn.core.runtime import machine_description
+
+from repdyn.study.arms import arm_table, ema_sensitivity
+from repdyn.study.claims import CLAIMS, Verdict, check_claims, rule_text
+from repdyn.study.tables import StudyTables
+
+__all__ = ["render_report", "write_report"]
+
+
+def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collection[str], machine: str,
+                  tables_dir: str) -> str:
+    """The report's Markdown. ``figures``: the file names present beside it (only those are linked)."""
+    cfg, study = tb.config, tb.study
+    tim = study.get("timings_s", {})
+    lines = ["# Representation claims, checked with repdyn", "",
+             f"Study `{cfg.get('name')}`: {cfg.get('model')} {cfg.get('model_overrides') or ''} on {cfg.get('data')}, "
+             f"{cfg.get('steps')} steps at batch {cfg.get('batch_size')}, runs: "
+             f"{', '.join(m for m in cfg.get('methods', []))}"
+             + (f" + SRA teacher blocks {cfg.get('extra_teacher_blocks')}" if cfg.get("extra_teacher_blocks") else "")
+             + ".", f"Machine: {machine}.",
+             f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
+             "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
+             f"Verdicts are computed by `analysis/claims.py` from the tables in `{tables_dir}`; the rule for each "
+             "claim is stated below. Comparisons of arms (C3, C4, C6, C7) are made over training seeds: "
+             "**held** = the 95% interval is above zero, **did not hold** = it excludes the claimed effect, "
+             "**underpowered at this scale** = it contains both zero and the claimed effect, or there is one "
+             "seed per arm (the run-to-run spread is then unmeasured). This is a small-scale check: a claim "
+             "that is underpowered or does not hold here may still hold at ImageNet scale.", "",
+             "| claim | verdict | summary |", "|---|---|---|"]
+    lines += [f"| {v.claim}: {CLAIMS[v.claim]} | **{v.verdict}** | {v.summary} |" for v in verdicts]
+    lines.append("")
+    for v in verdicts:
+        lines += [f"## {v.claim}: {CLAIMS[v.claim]}", "", f"**Verdict: {v.verdict}.** {v.summary}.", ""]
+        lines += [f"- {d}" for d in v.details]
+        lines += ["", f"Rule: {rule_text(v.claim)}", ""]
+        lines += [f"![{v.claim}]({f})" for f in v.figures if f in figures]
+        lines.append("")
+    lines += _arms_section(tb)
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(mean: float, sd: float) -> str:
+    return "" if mean != mean else (f"{mean:.2f}" + ("" if sd != sd else f" +- {sd:.2f}"))
+
+
+def _arms_section(tb: StudyTables) -> list[str]:
+    """Every arm's final numbers (mean +- SD over seeds) and the teacher-EMA sensitivity."""
+    if tb.quality.empty and tb.curves is None:
+        return []
+    arms = arm_table(tb)
+    metric = arms.attrs["metric"]
+    lines = ["## Every arm at its final checkpoint", "",
+             "Mean +- SD over training seeds (SD blank with one seed). Teacher / student: the curves' cells "
+             f"(student = online block {tb.cells.get('student_block')} at t={tb.cells.get('t_student')}, teacher = "
+             f"EMA block {tb.cells.get('teacher_block')} at t={tb.cells.get('t_teacher')}).", "",
+             f"| arm | seeds | final {metric} | teacher acc (%) | student acc (%) |", "|---|---|---|---|---|"]
+    for _, r in arms.iterrows():
+        lines.append(f"| {r['arm']} | {r['seeds']} | {_fmt(r.get('metric_value_mean', float('nan')), r.get('metric_value_std', float('nan')))} | "
+                     f"{_fmt(r.get('teacher_acc_mean', float('nan')), r.get('teacher_acc_std', float('nan')))} | "
+                     f"{_fmt(r.get('student_acc_mean', float('nan')), r.get('student_acc_std', float('nan')))} |")
+    lines.append("")
+    ema = ema_sensitivity(tb)
+    if ema:
+        lines += ["## SRA's teacher EMA (SRA App. F: the result depends on it)", "",
+                  "Each SRA teacher (= EMA) decay against the baseline at the same decay (the decay is also that of the "
+                  "sampled EMA), Welch 95% interval over seeds; the verdicts above use the study's default decay.", ""]
+        lines += [f"- {e}" for e in ema] + [""]
+    return lines
+
+
+def write_report(tables: StudyTables, figures: str | os.PathLike, tables_dir: str | os.PathLike) -> Path:
+    """``<figures>/REPORT.md``: one section per claim with its figure, numbers and verdict."""
+    figures = Path(figures)
+    present = {p.name for p in figures.glob("*.png")} if figures.is_dir() else set()
+    text = render_report(tables, check_claims(tables), present, machine_description(), str(tables_dir))
+    return atomic_write_text(figures / "REPORT.md", text)

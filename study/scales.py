@@ -1,0 +1,106 @@
+"""The study's scales: everything that sets its size, and the named presets (``probe demo --scale``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from repdyn.model.backbone import model_config
+from repdyn.training.config import MethodSpec
+from repdyn.training.methods.sra import DEFAULT_T_MAX, default_blocks
+
+__all__ = ["StudyConfig", "SCALES"]
+
+
+@dataclass
+class StudyConfig:
+    """Everything that sets the scale of the study (recorded in ``<out>/study.json``)."""
+
+    name: str = "cpu"
+    model: str = "SiT-T/4"
+    model_overrides: dict = field(default_factory=dict)
+    data: str = "fashion-mnist"
+    methods: tuple[str, ...] = ("baseline", "sra", "diverse")
+    extra_teacher_blocks: tuple[int, ...] = ()  # extra SRA runs with other teacher blocks (C5)
+    seeds: tuple[int, ...] = (0,)  # training seeds of the main arms (baseline, sra, diverse)
+    extra_seeds: tuple[int, ...] = (0,)  # training seeds of the C5 and teacher-EMA arms
+    teacher_ema_arms: tuple[float, ...] = ()  # extra SRA arms with another EMA (= teacher) decay
+    steps: int = 1200
+    n_ckpts: int = 4
+    batch_size: int = 64
+    lr: float = 5e-4
+    ema_decay: float = 0.999
+    seed: int = 0
+    grid_ts: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+    grid_runs: tuple[str, ...] | None = None  # runs that get a full layer grid (None: all)
+    n_train: int = 2000
+    n_test: int = 1000
+    curve_n_train: int = 1000  # per checkpoint, student and teacher cells
+    curve_n_test: int = 500
+    t_probe: float = 0.5  # student cell time for the curves; the teacher's is t - t_max / 2
+    n_div: int = 48
+    sim_n: int = 512
+    sim_ts: tuple[float, ...] = (0.1, 0.5, 0.9)
+    eval_n: int = 300
+    eval_steps: int = 12
+    eval_sampler: str = "ode-euler"
+    pca_images: tuple[int, ...] = (0, 1, 2, 3)
+    device: str = "auto"
+
+    def ckpt_steps(self) -> list[int]:
+        return sorted({max(1, round(self.steps * (i + 1) / self.n_ckpts)) for i in range(self.n_ckpts)})
+
+    def run_specs(self) -> list[tuple[str, str, dict]]:
+        """(run name, method, extra config) for every training run; with several seeds a run is
+        ``<arm>-s<seed>`` (repdyn.study.power.arm_of reads the arm back)."""
+        def named(arm: str, seed: int, seeds: tuple[int, ...]) -> str:
+            return arm if len(seeds) == 1 and seed == 0 else f"{arm}-s{seed}"
+
+        specs = [(named(MethodSpec.parse(m).slug, s, self.seeds), MethodSpec.parse(m).name, {"seed": s})
+                 for m in self.methods for s in self.seeds]
+        specs += [(named(f"sra-kt{k}", s, self.extra_seeds), "sra", {"sra": {"teacher_block": k}, "seed": s})
+                  for k in self.extra_teacher_blocks for s in self.extra_seeds]
+        specs += [(named(f"sra-ema{d:g}", s, self.extra_seeds), "sra", {"ema_decay": d, "seed": s})
+                  for d in self.teacher_ema_arms for s in self.extra_seeds]
+        # the decay is also that of the sampled EMA, so each teacher-EMA arm has its own baseline
+        specs += [(named(f"baseline-ema{d:g}", s, self.extra_seeds), "baseline", {"ema_decay": d, "seed": s})
+                  for d in self.teacher_ema_arms for s in self.extra_seeds]
+        return specs
+
+    def sra_cells(self) -> tuple[int, int, float, float]:
+        """The student / teacher cells every run's curves use: SRA's default blocks, t and mean teacher t."""
+        mc = model_config(self.model, **{"input_size": 32, "in_channels": 1, "num_classes": 10,
+                                         **self.model_overrides})
+        ks, kt = default_blocks(mc)
+        return ks, kt, self.t_probe, round(self.t_probe - DEFAULT_T_MAX / 2, 6)
+
+
+SCALES: dict[str, StudyConfig] = {
+    # make demo: tiny SiTs (depth 6, width 64, 8x8 tokens) on a 2-core CPU, ~15 min with installation.
+    # EMA 0.995: over 600 steps a 0.999 EMA (the SRA teacher) would still be 55% initialisation.
+    # The full layer grid runs on baseline and SRA only (C1-C3 use them); every run gets curves.
+    "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995,
+                       grid_runs=("baseline", "sra"), n_div=32),
+    # the notebook / CI test: about a minute, only checks that every piece runs.
+    "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
+                         batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
+                         curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
+                         eval_steps=4, pca_images=(0, 1)),
+    # the valid test on CPU (issue: <= 2.5 h on 2 cores, every run independent: `--only RUN`). Sized
+    # from the cpu scale's measured step rates (600 steps: ~95 s baseline, ~120 s SRA); the full run has
+    # not been made yet. 2000 steps: the depth profile moves until then (docs/reproduction.md); three
+    # seeds per main arm; SRA aligned to every teacher block k > k_s (C5: 3, 4 = default, 5, 6) and a
+    # faster (0.99) and a slower (0.9995) teacher EMA (SRA App. F: the result depends on it), two seeds each.
+    "cpu-repro": StudyConfig(name="cpu-repro", model_overrides={"hidden_size": 64}, steps=2000, n_ckpts=4,
+                             batch_size=32, lr=1e-3, ema_decay=0.999, seeds=(0, 1, 2), extra_seeds=(0, 1),
+                             extra_teacher_blocks=(3, 5, 6), teacher_ema_arms=(0.99, 0.9995),
+                             grid_runs=("baseline", "sra"), n_div=32),
+    # one GPU (H100/H200 class), the cpu-repro design with a larger model: NOT YET RUN, sized by an
+    # estimate, not a measurement. SiT-S/4 (12 x 384, 64 tokens) at batch 256 is ~2 TFLOP per training
+    # step, ~5-8 ms in bf16 (launch-bound at this size), so 23 runs x 1500 steps ~ 3-5 min; evaluation
+    # (2000 samples x 24 Euler steps x 4 checkpoints per run) and the probes add ~2-3 min on the GPU.
+    # EMA 0.998: a lag of ~500 steps, a third of the run as in the cpu scale; teacher arms 0.99 / 0.9995.
+    "gpu": StudyConfig(name="gpu", model="SiT-S/4", steps=1500, n_ckpts=4, batch_size=256, lr=3e-4,
+                       ema_decay=0.998, seeds=(0, 1, 2), extra_seeds=(0, 1), extra_teacher_blocks=(5, 7, 11),
+                       teacher_ema_arms=(0.99, 0.9995), n_train=10000, n_test=5000, curve_n_train=5000,
+                       curve_n_test=2000, n_div=64, sim_n=1024, eval_n=2000, eval_steps=24, device="cuda"),
+}

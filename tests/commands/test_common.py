@@ -1,0 +1,200 @@
+"""Results are never lost or silently wrong: unique default folders, one writer per folder and per
+cache cell, checksummed cache cells, outputs checked before any work, clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from repdyn.cli import app
+from repdyn.probe.cache import FeatureCache
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+GRID = ["--n-train", "40", "--n-test", "20", "--t", "0", "--blocks", "1", "--probe", "ridge", "--quiet"]
+
+
+def _run(args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def _error_line(res) -> str:
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    return lines[0]
+
+
+@pytest.fixture
+def two_runs(tiny_sit_ckpt, tiny_dit_ckpt, tmp_path):
+    """A SiT and a DiT checkpoint that share a file name, as every run names checkpoints by step."""
+    paths = []
+    for run, src in (("sit", tiny_sit_ckpt), ("dit", tiny_dit_ckpt)):
+        dst = tmp_path / "runs" / run / "checkpoints" / "0000030.pt"
+        dst.parent.mkdir(parents=True)
+        shutil.copy(src, dst)
+        paths.append(dst)
+    return paths
+
+
+def test_default_folders_are_unique_per_checkpoint(two_runs, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for ck in two_runs:
+        res = _run(["layer-grid", ck, "--no-cache", *GRID])
+        assert res.exit_code == 0, res.output
+        assert "folder:" in res.output
+    folders = sorted(p.name for p in (tmp_path / "layer_grid").iterdir())
+    assert len(folders) == 2 and folders[0].startswith("dit-0000030-") and folders[1].startswith("sit-0000030-")
+    fams = {pd.read_csv(tmp_path / "layer_grid" / f / "layer_grid.csv").family.iloc[0] for f in folders}
+    assert fams == {"sit", "dit"}
+
+
+def test_a_folder_of_another_checkpoint_is_not_replaced(two_runs, tmp_path):
+    sit, dit = two_runs
+    out = tmp_path / "lg"
+    assert _run(["layer-grid", sit, "--out", out, "--no-cache", *GRID]).exit_code == 0
+    before = (out / "layer_grid.csv").read_bytes()
+    line = _error_line(_run(["layer-grid", dit, "--out", out, "--no-cache", *GRID]))
+    assert "holds results of another run" in line and "checkpoint_sha" in line and "--overwrite" in line
+    assert (out / "layer_grid.csv").read_bytes() == before
+    assert _run(["layer-grid", sit, "--out", out, "--no-cache", *GRID]).exit_code == 0  # a rerun is fine
+    res = _run(["layer-grid", dit, "--out", out, "--no-cache", "--overwrite", *GRID])
+    assert res.exit_code == 0, res.output
+    assert pd.read_csv(out / "layer_grid.csv").family.iloc[0] == "dit"
+
+
+def test_outputs_are_checked_before_any_work(tiny_sit_ckpt, tmp_path):
+    cache = tmp_path / "cache"
+    target = tmp_path / "a_file"
+    target.write_text("not a folder")
+    line = _error_line(_run(["layer-grid", tiny_sit_ckpt, "--out", target, "--cache", cache, *GRID]))
+    assert "is a file" in line
+    assert not (cache / "cells").exists() or not list((cache / "cells").iterdir())  # nothing was extracted
+    line = _error_line(_run(["similarity", tiny_sit_ckpt, "--out", target, "--cache", cache, "--quiet"]))
+    assert "is a file" in line
+    png = tmp_path / "s.png"
+    png.write_bytes(b"mine")
+    line = _error_line(_run(["sample", tiny_sit_ckpt, "--out", png, "--n", "2", "--steps", "2", "--quiet"]))
+    assert "exists" in line and png.read_bytes() == b"mine"
+    res = _run(["sample", tiny_sit_ckpt, "--out", png, "--n", "2", "--steps", "2", "--quiet", "--overwrite"])
+    assert res.exit_code == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_reversed_block_range_is_an_error(tiny_sit_ckpt, tmp_path):
+    line = _error_line(_run(["layer-grid", tiny_sit_ckpt, "--blocks", "3-1", "--out", tmp_path / "x", "--no-cache",
+                             "--quiet"]))
+    assert "reversed" in line
+
+
+def _hold(kind: str, target: Path, seconds: float = 30) -> subprocess.Popen:
+    """A second process that holds an output folder or is mid-way through a cache cell."""
+    code = {
+        "folder": f"from repdyn.commands.common import claim_output; from pathlib import Path; "
+                  f"claim_output(Path({str(target)!r}), {{'command': 'x'}}); print('ready', flush=True)",
+        "cell": f"import numpy as np; from repdyn.probe.cache import FeatureCache; c = FeatureCache({str(target)!r}); "
+                f"w = c.writer({{'k': 1}}, (4, 3)); w.write(0, np.ones((4, 3))); print('ready', flush=True)",
+    }[kind] + f"; import time; time.sleep({seconds})"
+    p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert p.stdout.readline().strip() == "ready"
+    return p
+
+
+def test_two_processes_never_share_an_output_folder(tiny_sit_ckpt, tmp_path):
+    out = tmp_path / "busy"
+    other = _hold("folder", out)
+    try:
+        line = _error_line(_run(["layer-grid", tiny_sit_ckpt, "--out", out, "--no-cache", *GRID]))
+        assert f"pid {other.pid}" in line and "another probe process" in line
+    finally:
+        other.kill()
+        other.wait()
+    # the holder is gone (killed): its stale lock is taken over; its record is of another command
+    res = _run(["layer-grid", tiny_sit_ckpt, "--out", out, "--no-cache", "--overwrite", *GRID])
+    assert res.exit_code == 0, res.output
+    assert not (out / ".repdyn-output.lock").exists()
+    rec = json.loads((out / ".repdyn-output.json").read_text())
+    assert "layer_grid.csv" in rec["files"]
+
+
+def test_two_writers_of_one_cache_cell_both_succeed(tmp_path):
+    cache = FeatureCache(tmp_path / "c")
+    mine = cache.writer({"k": 1}, (4, 3))
+    mine.write(0, np.full((4, 3), 2.0))
+    other = _hold("cell", tmp_path / "c", seconds=0)  # fills and holds its own partial, then exits
+    other.wait()
+    theirs = FeatureCache(tmp_path / "c").writer({"k": 1}, (4, 3))
+    theirs.write(0, np.full((4, 3), 2.0))
+    theirs.commit()
+    mine.commit()  # used to fail: the other writer had deleted the shared partial file
+    assert cache.has({"k": 1}, (4, 3)) and float(cache.load({"k": 1}).sum()) == 24.0
+    FeatureCache(tmp_path / "c")  # reopening removes partial files of dead processes
+    assert not list((tmp_path / "c" / "cells").glob("*.partial.npy"))
+
+
+def test_corrupted_cells_are_recomputed_and_nan_is_refused(tmp_path):
+    cache = FeatureCache(tmp_path / "c")
+    w = cache.writer({"k": 1}, (50, 8))
+    w.write(0, np.random.default_rng(0).normal(size=(50, 8)))
+    w.commit()
+    path = next((tmp_path / "c" / "cells").glob("*.npy"))
+    raw = bytearray(path.read_bytes())
+    raw[-40:] = b"\x00" * 40  # header intact, values garbage
+    path.write_bytes(bytes(raw))
+    fresh = FeatureCache(tmp_path / "c")
+    assert not fresh.has({"k": 1}, (50, 8))  # checksum mismatch: recompute
+    with pytest.raises(ValueError, match="checksum"):
+        fresh.load({"k": 1})
+    bad = fresh.writer({"k": 2}, (2, 2))
+    bad.write(0, np.array([[1.0, np.nan], [0.0, 1.0]]))
+    with pytest.raises(ValueError, match="non-finite"):
+        bad.commit()
+    assert not fresh.has({"k": 2}) and not list((tmp_path / "c" / "cells").glob("*.partial.npy"))
+
+
+def test_constant_curves_are_drawn_flat():
+    from repdyn.analysis.plots import MIN_Y_SPAN, plot_similarity_curves
+
+    frame = pd.DataFrame({"step": [1, 2, 3], "cka_mean_offdiag": [0.5, 0.5 + 1e-7, 0.5 - 1e-7],
+                          "cka_student_teacher": [0.1, 0.5, 0.9], "orthogonality": 0.2, "token_cosine": 0.3,
+                          "dispersion": -0.01, "diversity": 0.1})
+    fig = plot_similarity_curves(frame, "t", {}, "st")
+    lo, hi = fig.axes[0].get_ylim()
+    assert hi - lo >= MIN_Y_SPAN - 1e-12
+    lo, hi = fig.axes[1].get_ylim()
+    assert hi - lo > 0.5  # a real trend keeps its own scale
+
+
+def test_pca_of_a_latent_model_has_no_input_panel(tmp_path):
+    """4-channel latents are no picture: the maps are drawn without the input row (was a TypeError)."""
+    from repdyn.training.config import resolve_config
+    from repdyn.training.trainer import train
+
+    root = tmp_path / "lat" / "vae-sd"
+    (root / "0").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    labels = []
+    for i in range(20):
+        np.save(root / "0" / f"{i}.npy", np.concatenate([rng.normal(size=(4, 8, 8)), np.full((4, 8, 8), 0.1)])
+                .astype(np.float32))
+        labels.append([f"0/{i}.npy", i % 2])
+    (root / "dataset.json").write_text(json.dumps({"labels": labels}))
+    data = f"latents:{tmp_path / 'lat'}"
+    cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32}, data=data,
+                                                    steps=2, batch_size=4, out=str(tmp_path / "run"), device="cpu",
+                                                    ckpt_every=0, log_every=1))
+    with pytest.warns(UserWarning):
+        ck = train(cfg, quiet=True)
+        res = _run(["pca", ck, "--images", "0,1", "--out", tmp_path / "pca", "--no-cache", "--quiet"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "pca" / "pca.png").stat().st_size > 1000

@@ -1,0 +1,109 @@
+"""Checkpoint loading: ours, published layouts (raw DiT/SiT, REPA/SRA dicts), bad files."""
+
+import argparse
+
+import pytest
+import torch
+
+from repdyn.model.checkpoint import load_checkpoint, save_checkpoint
+from repdyn.model.backbone import build_model
+
+
+def _official_sd(name, **kw):
+    torch.manual_seed(0)
+    return build_model(name, input_size=16, num_classes=10, **kw).state_dict()
+
+
+def test_raw_dit_release_loads_with_family_flag(tmp_path):
+    sd = _official_sd("DiT-S/4")  # learned sigma, 4 latent channels, 12 x 384, 6 heads
+    p = tmp_path / "DiT-S-4.pt"
+    torch.save(sd, p)
+    with pytest.raises(ValueError, match="--family dit"):
+        load_checkpoint(p)
+    ck = load_checkpoint(p, family="dit")
+    assert ck.meta["family"] == "dit" and ck.meta["learn_sigma"] and ck.model.config.num_heads == 6
+    assert ck.meta["time_convention"] == "ddpm-t999-noisiest"
+    for k, v in ck.model.state_dict().items():
+        assert torch.equal(v, sd[k])
+
+
+def test_willisma_sit_layout_gets_mirrored_time(tmp_path):
+    p = tmp_path / "SiT.pt"
+    torch.save(_official_sd("SiT-S/4", learn_sigma=True), p)
+    ck = load_checkpoint(p, family="sit")
+    assert ck.meta["time_convention"] == "flow-t0-noise" and ck.meta["time_convention_source"] == "inferred from layout"
+    assert load_checkpoint(p, family="sit", time_convention="flow-t1-noise").meta["time_convention"] == "flow-t1-noise"
+
+
+def test_repa_sra_dict_reports_extra_keys(tmp_path):
+    sd = _official_sd("SiT-S/4", sra_head=True)
+    sd["projectors.0.0.weight"] = torch.zeros(3, 3)  # a REPA projector
+    ema = {f"module.{k}": v for k, v in sd.items()}  # DDP prefix, as some releases have
+    p = tmp_path / "sra.pt"
+    torch.save({"model": sd, "ema": ema, "opt": {}, "args": argparse.Namespace(path_type="linear"), "steps": 7}, p)
+    with pytest.raises(ValueError, match="--trust-checkpoint"):
+        load_checkpoint(p)
+    ck = load_checkpoint(p, trust=True)  # args carries path_type -> SiT, REPA convention
+    assert ck.meta["family"] == "sit" and ck.meta["time_convention"] == "flow-t1-noise"
+    assert ck.ignored_keys == ["projectors.0.0.weight"] and ck.step == 7
+    assert ck.model.ap_head is not None
+
+
+def test_missing_and_misshapen_keys_are_named(tmp_path):
+    sd = _official_sd("SiT-S/4")
+    del sd["blocks.3.attn.qkv.weight"]
+    torch.save(sd, tmp_path / "a.pt")
+    with pytest.raises(ValueError, match="blocks.3.attn.qkv.weight"):
+        load_checkpoint(tmp_path / "a.pt", family="sit")
+    sd = _official_sd("SiT-S/4")
+    sd["blocks.0.mlp.fc2.bias"] = torch.zeros(5)
+    torch.save(sd, tmp_path / "b.pt")
+    with pytest.raises(ValueError, match="blocks.0.mlp.fc2.bias"):
+        load_checkpoint(tmp_path / "b.pt", family="sit")
+
+
+def test_corrupt_and_truncated_files(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save(_official_sd("SiT-S/4"), good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    for name in ("trunc.pt", "junk.pt"):
+        with pytest.raises(ValueError, match="unreadable"):
+            load_checkpoint(tmp_path / name, family="sit")
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match="weights must be"):
+        load_checkpoint(good, weights="student")
+
+
+def test_atomic_save_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "ck.pt"
+    save_checkpoint({"a": torch.ones(2)}, p)
+
+    class Boom:
+        def __reduce__(self):
+            raise RuntimeError("serialisation failed")
+
+    with pytest.raises(RuntimeError):
+        save_checkpoint({"a": Boom()}, p)
+    assert torch.equal(torch.load(p, weights_only=True)["a"], torch.ones(2))
+    assert [f.name for f in tmp_path.iterdir()] == ["ck.pt"]  # no temp file left behind
+
+
+def test_our_long_skip_checkpoint_loads_without_notes(tmp_path):
+    torch.manual_seed(0)
+    m = build_model("SiT-T/4", input_size=16, in_channels=1, num_classes=3, depth=4, long_skip=True, sra_head=True)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    sd = m.state_dict()
+    assert {"skip_fusions.1.norm.weight", "skip_fusions.1.norm.bias", "skip_fusions.1.linear.weight"} <= set(sd)
+    meta = {"family": "sit", "model_config": m.config.to_dict(), "path": "linear", "learn_sigma": False,
+            "time_convention": "flow-t1-noise", "num_timesteps": 1000, "method": "diverse"}
+    p = tmp_path / "0000010.pt"
+    save_checkpoint({"model": sd, "ema": sd, "opt": {}, "steps": 10, "epoch": 0, "config": {}, "meta": meta}, p)
+    ck = load_checkpoint(p)
+    assert ck.inferred == {} and ck.load_notes() == [] and ck.ignored_keys == []
+    x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
+    torch.testing.assert_close(ck.model(x, t, y), m.eval()(x, t, y))
