@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -25,9 +26,14 @@ app = typer.Typer(
 )
 
 
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"warning: {message}\n"
+
+
 @app.callback()
 def _root() -> None:
     """Train DiT/SiT diffusion transformers and probe their representations (block x timestep)."""
+    warnings.formatwarning = _one_line_warning  # users read `warning: ...`, not a source location
 
 
 def friendly_errors(fn):

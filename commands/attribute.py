@@ -56,7 +56,7 @@ def run_attribute(ckpt: str | os.PathLike, spec: FeatureSpec, *, block: int, t: 
     ck = load_for_analysis(ckpt, weights, spec)
     tt = cell_t(ck, t)
     validate_blocks([block], ck.model.depth)
-    res = prepare_for(ck, out, "attribution", AttributionResult, overwrite=overwrite,
+    res = prepare_for(ck, out, "attribute", AttributionResult, overwrite=overwrite,
                       identity=result_identity(ck, spec, block=block, t=tt, images=images, n_train=n_train,
                                                target=target, probe=probe, method=method, n_steps=n_steps))
     dtr, gtr = load_features(ck, spec, blocks=[block], ts=[tt], split="train", n=n_train)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -277,6 +278,14 @@ def default_out(kind: str, ckpt: str | os.PathLike, weights: str, sha: str | Non
     return Path("figures") / kind / f"{checkpoint_tag(ckpt, sha)}-{weights}"
 
 
+def _with_settings(folder: Path, identity: dict[str, Any]) -> Path:
+    """``<folder>-<settings hash8>``: a default folder names every setting that changes the result
+    (``--other``, ``--t``, ...), so two commands that differ only in a setting never share one."""
+    settings = {k: v for k, v in _canonical(identity).items() if k not in ("checkpoint_sha", "weights")}
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    return folder.with_name(f"{folder.name}-{digest}")
+
+
 R = TypeVar("R", bound=Outputs)
 
 
@@ -288,8 +297,9 @@ def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, re
     results) is recorded in the folder; a folder recorded for another identity is never replaced
     unless ``overwrite`` (see :func:`claim_output`). ``Outputs.finish()`` releases the claim.
     """
-    path = Path(out) if out is not None else default_out(kind, ckpt, weights, sha)
-    claim_output(path, {"command": kind, **(identity or {})}, overwrite)
+    identity = {"command": kind, **(identity or {})}
+    path = Path(out) if out is not None else _with_settings(default_out(kind, ckpt, weights, sha), identity)
+    claim_output(path, identity, overwrite)
     return result(path)
 
 

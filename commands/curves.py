@@ -38,7 +38,7 @@ from repdyn.analysis.diversity import diversity_report
 from repdyn.analysis.similarity import cka, cka_matrix
 from repdyn.core.timesteps import format_t
 from repdyn.probe.grid import validate_blocks
-from repdyn.probe.layer_grid import grid_table
+from repdyn.probe.layer_grid import check_probe_sizes, grid_table
 from repdyn.probe.probes import PROBES
 from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
 from repdyn.datasets.sources import make_dataset
@@ -217,6 +217,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     if todo:  # loaded once for every checkpoint (the same images and noise for all of them)
         data = spec.data or first.data or "fashion-mnist"
         dtr, dte = make_dataset(data, "train"), make_dataset(data, "test")
+        check_probe_sizes(n_train, len(dtr), dtr.num_classes)
     for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):
         pr, sr = _one_checkpoint(p, settings, spec, run, pdev, dtr, dte)
         keep = lambda df: df[~((df["checkpoint_sha"] == shas[p]) & (df["settings_hash"] == h))]  # noqa: E731

@@ -22,7 +22,7 @@ from repdyn.analysis.plots import layer_grid_heatmap
 from repdyn.probe.cache import FeatureCache
 from repdyn.probe.grid import LABEL_POLICIES, default_ts, extract_grid, validate_blocks, validate_ts
 from repdyn.probe.hooks import parse_pooling
-from repdyn.probe.layer_grid import DEFAULT_N_TEST, DEFAULT_N_TRAIN, TABLE_COLUMNS, grid_table
+from repdyn.probe.layer_grid import DEFAULT_N_TEST, check_probe_sizes, DEFAULT_N_TRAIN, TABLE_COLUMNS, grid_table
 from repdyn.probe.probes import PROBES
 from repdyn.model.checkpoint import load_checkpoint
 from repdyn.datasets.sources import make_dataset
@@ -87,13 +87,14 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
     out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe, ck.sha)
+    dtrain = make_dataset(data, "train", root=data_root)
+    dtest = make_dataset(data, "test", root=data_root)
+    n_train = check_probe_sizes(n_train, len(dtrain), dtrain.num_classes)
     if rank == 0:  # claimed before any extraction: a wrong --out fails in seconds, not after the fits
         claim_output(out, {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data,
                            "blocks": blocks, "ts": ts, "label": label, "probe": probe, "n_train": n_train,
                            "n_test": n_test, "pooling": pooling, "seed": seed, "holdout": holdout,
                            "time_convention": ck.time_convention}, overwrite)
-    dtrain = make_dataset(data, "train", root=data_root)
-    dtest = make_dataset(data, "test", root=data_root)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     common = dict(blocks=blocks, ts=ts or None, label_policy=label, pooling=pooling, batch_size=batch_size,
                   seed=seed, device=dev, cache=cache, progress=progress)

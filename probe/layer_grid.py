@@ -18,7 +18,7 @@ import pandas as pd
 from repdyn.probe.grid import GridFeatures
 from repdyn.probe.probes import fit_probes
 
-__all__ = ["grid_table", "summarize", "protocol_hash", "DEFAULT_N_TRAIN", "DEFAULT_N_TEST", "TABLE_COLUMNS",
+__all__ = ["check_probe_sizes", "grid_table", "summarize", "protocol_hash", "DEFAULT_N_TRAIN", "DEFAULT_N_TEST", "TABLE_COLUMNS",
            "TABLE_LABEL_POLICY"]
 
 DEFAULT_N_TRAIN = 2000
@@ -44,6 +44,20 @@ def _flatten(g: GridFeatures, cells: list[tuple]) -> tuple[np.ndarray, np.ndarra
 
 def protocol_hash(proto: dict) -> str:
     return hashlib.sha256(json.dumps(proto, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def check_probe_sizes(n_train: int, n_available: int, num_classes: int, flag: str = "--n-train") -> int:
+    """The number of training images a probe will get: asking for more than the split holds warns
+    (the run uses them all, and says so before any extraction); fewer than two per class is an error
+    (the held-out cut and the refit would see classes with no example)."""
+    n = min(n_train, n_available)
+    if n_train > n_available:
+        warnings.warn(f"{flag} {n_train} is more than the {n_available} training images: using all {n_available}",
+                      stacklevel=2)
+    if n < 2 * num_classes:
+        raise ValueError(f"{flag} {n_train} gives {n} training images for {num_classes} classes; a probe needs at "
+                         f"least two per class: use {flag} >= {2 * num_classes}")
+    return n
 
 
 def grid_table(gtr: GridFeatures, gte: GridFeatures, probe: str = "torch", *, device: str = "cpu", seed: int = 0,

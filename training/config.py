@@ -101,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.lr <= 0 or self.grad_clip < 0:
             raise ValueError("lr must be > 0 and grad_clip >= 0")
+        if self.ckpt_every < 0 or self.log_every < 1 or any(int(s) < 1 for s in self.ckpt_steps):
+            raise ValueError(f"--ckpt-every must be >= 0 (0: only at the end), --log-every >= 1 and ckpt_steps >= 1; "
+                             f"got ckpt_every={self.ckpt_every}, log_every={self.log_every}, "
+                             f"ckpt_steps={self.ckpt_steps}")
         return self
 
     @property

@@ -198,3 +198,16 @@ def test_pca_of_a_latent_model_has_no_input_panel(tmp_path):
         res = _run(["pca", ck, "--images", "0,1", "--out", tmp_path / "pca", "--no-cache", "--quiet"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "pca" / "pca.png").stat().st_size > 1000
+
+
+def test_default_folders_name_every_setting(tiny_sit_ckpt, tmp_path, monkeypatch):
+    """The README's similarity examples, one after another on one checkpoint: each gets its own
+    default folder (settings such as --t and --other are part of its name), none asks for --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    base = ["similarity", tiny_sit_ckpt, "--n", "24", "--blocks", "1,2", "--no-cache", "--quiet"]
+    for extra in (["--t", "0.1,0.5"], ["--t", "0.5"], ["--t", "0.5", "--other", tiny_sit_ckpt], ["--t", "0.5"]):
+        res = _run([*base, *extra])
+        assert res.exit_code == 0, res.output
+    folders = sorted((tmp_path / "figures" / "similarity").iterdir())
+    assert len(folders) == 3, folders  # the last command repeats the second: same folder, reused
+    assert all(f.name.startswith(f"{tiny_sit_ckpt.parent.parent.name}-{tiny_sit_ckpt.stem}-") for f in folders)

@@ -107,3 +107,29 @@ def test_our_long_skip_checkpoint_loads_without_notes(tmp_path):
     assert ck.inferred == {} and ck.load_notes() == [] and ck.ignored_keys == []
     x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
     torch.testing.assert_close(ck.model(x, t, y), m.eval()(x, t, y))
+
+
+@pytest.mark.parametrize("decay,steps,weights,warns", [(0.999, 40, "ema", True), (0.999, 5000, "ema", False),
+                                                       (0.999, 40, "model", False), (0.9, 30, "ema", False)])
+def test_an_ema_that_is_mostly_its_initialisation_warns(tmp_path, decay, steps, weights, warns):
+    """Any method: the warning follows decay ** steps (> 10% of the initial weights left), not SRA."""
+    import warnings
+
+    from repdyn.model.checkpoint import ema_init_fraction
+
+    m = build_model("SiT-T/4", input_size=8, in_channels=1, num_classes=3, depth=2)
+    meta = {"family": "sit", "model_config": m.config.to_dict(), "path": "linear", "learn_sigma": False,
+            "time_convention": "flow-t1-noise", "num_timesteps": 1000, "method": "baseline"}
+    p = tmp_path / f"{steps:07d}.pt"
+    sd = m.state_dict()
+    save_checkpoint({"model": sd, "ema": sd, "opt": {}, "steps": steps, "epoch": 0,
+                     "config": {"ema_decay": decay, "method": "baseline"}, "meta": meta}, p)
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        ck = load_checkpoint(p, weights=weights)
+    hits = [w for w in got if "random initialisation" in str(w.message)]
+    assert bool(hits) == warns, [str(w.message) for w in got]
+    if weights == "ema":
+        assert ema_init_fraction(ck) == pytest.approx(decay ** steps)
+    if warns:
+        assert f"{decay ** steps:.0%}" in str(hits[0].message) and "--weights model" in str(hits[0].message)

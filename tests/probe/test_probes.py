@@ -204,3 +204,17 @@ def test_cuml_without_gpu_and_unknown_probe(hard):
         fit_probes(xtr, ytr, xte, yte, "linear-sgd", epochs=0)
     with pytest.raises(ValueError, match="single class"):
         fit_probes(xtr, np.zeros_like(ytr), xte, yte, "torch")
+
+
+def test_probe_sizes_warn_when_capped_and_refuse_fewer_than_two_per_class():
+    import warnings
+
+    from repdyn.probe.layer_grid import check_probe_sizes
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_probe_sizes(500, 60000, 10) == 500
+    with pytest.warns(UserWarning, match="--n-train 100000 is more than the 60000 training images: using all 60000"):
+        assert check_probe_sizes(100000, 60000, 10) == 60000
+    with pytest.raises(ValueError, match="at least two per class: use --n-train >= 20"):
+        check_probe_sizes(5, 60000, 10)

@@ -174,7 +174,8 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
 
     for args, needle in [(["--model", "SiT-Q/2"], "unknown model"), (["--method", "repa"], "unknown method"),
                          (["--precision", "fp8"], "precision"), (["--set", "nonsense=1"], "unknown config field"),
-                         (["--data", "imagenet"], "unknown dataset")]:
+                         (["--data", "imagenet"], "unknown dataset"), (["--ckpt-every", "-3"], "--ckpt-every must be >= 0"),
+                         (["--set", "log_every=0"], "--log-every >= 1")]:
         res = run(*args, "--out", str(tmp_path), "--steps", "1")
         assert res.returncode == 2, res.stderr
         lines = [ln for ln in res.stderr.splitlines() if ln.strip()]

@@ -138,6 +138,9 @@ class SRAOptions:
         ks_def, kt_def = default_blocks(model_config) if depth >= 2 else (1, 1)
         ks = _block(opts, "student_block", ks_def, depth)
         kt = _block(opts, "teacher_block", kt_def, depth)
+        if depth >= 2 and ks >= kt:
+            raise ValueError(f"sra.student_block ({ks}) must be shallower than sra.teacher_block ({kt}): SRA aligns "
+                             "an early student block with a later teacher block")
         t_max = _number(opts, "t_max", DEFAULT_T_MAX)
         if not 0 < t_max <= 1:
             raise ValueError(f"sra.t_max must be in (0, 1], got {t_max}")

@@ -282,6 +282,8 @@ def test_default_weight_is_the_official_base_of_the_family(family, weight, sched
     ({"schedule": "cosine"}, "schedule"),
     ({"weight": -1}, "weight"),
     ({"student": 2}, "unknown sra option"),
+    ({"student_block": 4, "teacher_block": 4}, "must be shallower than sra.teacher_block"),
+    ({"student_block": 5, "teacher_block": 3}, "must be shallower than sra.teacher_block"),
 ])
 def test_bad_sra_options_fail_at_config_time(sra, match):
     with pytest.raises(ValueError, match=match):
