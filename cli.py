@@ -70,15 +70,16 @@ OptSeed = Annotated[int, typer.Option(help="Seed of the image subset, the shared
 OptBatch = Annotated[int, typer.Option(help="Images per forward.")]
 OptDevice = Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N")]
 OptCache = Annotated[Optional[Path], typer.Option(help="Feature cache folder (fp16 cells, shared by every command, "
-                                                  "resumable).")]
+                                                  "resumable); default: .repdyn_cache/ features.", show_default=False)]
 OptNoCache = Annotated[bool, typer.Option("--no-cache", help="Do not read or write the feature cache.")]
 OptFamily = Annotated[Optional[str], typer.Option(help="dit | sit, for foreign checkpoints that do not say.")]
 OptTime = Annotated[Optional[str], typer.Option(help="flow-t1-noise | flow-t0-noise (foreign SiT).")]
 OptNumHeads = Annotated[Optional[int], typer.Option(help="Attention heads, for foreign checkpoints whose width is "
                                                    "outside the official table and whose args do not say.")]
-OptTrust = Annotated[bool, typer.Option(help="Allow pickled objects (official training checkpoints).")]
+OptTrust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickled objects (official training "
+                                        "checkpoints); only for files you trust.")]
 OptPdf = Annotated[bool, typer.Option("--pdf", help="Also write every figure as PDF.")]
-OptQuiet = Annotated[bool, typer.Option(help="No progress bars.")]
+OptQuiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 OptOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace results that the output folder (or file) "
                                             "holds for another checkpoint or settings.")]
 OptProbe = Annotated[str, typer.Option(help="torch (batched L-BFGS) | ridge (fast screen) | sklearn | cuml | knn")]
@@ -91,7 +92,7 @@ OptSteps = Annotated[int, typer.Option(help="Sampling steps (DDPM: respaced step
 OptCfg = Annotated[float, typer.Option(help="Classifier-free guidance scale (1 = none).")]
 OptLow = Annotated[float, typer.Option(help="Guide only while t >= this (t normalised, 1 = noise).")]
 OptHigh = Annotated[float, typer.Option(help="Guide only while t <= this (REPA/SRA use 0.7).")]
-OptLegacy = Annotated[bool, typer.Option("--legacy-cfg/--no-legacy-cfg", help="Guide only the first 3 channels, "
+OptLegacy = Annotated[bool, typer.Option("--legacy-cfg", help="Guide only the first 3 channels, "
                                          "as the DiT/SiT repos do.")]
 OptLabels = Annotated[Optional[str], typer.Option(help="balanced | random | null | CLASS | comma list.")]
 OptSampleSeed = Annotated[int, typer.Option(help="Seed; sample i depends only on (seed, i).")]
@@ -228,8 +229,8 @@ def layer_grid(
     pooling: Annotated[str, typer.Option(help="mean | tokens (tokens as samples) | spatialK (e.g. spatial2).")] = "mean",
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000, seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
-    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: layer_grid/<run>-<ckpt>-<sha8>-<weights>-"
-                                                "<label>-<probe>).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Output folder (default: under layer_grid/, named by run, "
+                                                "checkpoint, its hash, weights, label and probe).")] = None,
     cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
@@ -270,7 +271,8 @@ def sample(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
-    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
+    weights: OptWeights = "ema", family: OptFamily = None, time_convention: OptTime = None,
+    num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
     vae: Annotated[Optional[Path], typer.Option(help="Local AutoencoderKL folder that decodes a latent checkpoint's "
                                                 "samples (e.g. a copy of sd-vae-ft-ema).")] = None,
     overwrite: OptOverwrite = False, quiet: OptQuiet = False,
@@ -287,7 +289,7 @@ def sample(
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
                                       batch_size),
                      device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite, vae=vae,
-                     num_heads=num_heads)
+                     num_heads=num_heads, time_convention=time_convention)
     _echo_notes(res.notes)
     typer.echo(f"{res.n} samples ({res.method}, {res.steps} steps) -> {res.grid}" + (f", {res.npz}" if res.npz else ""))
 
@@ -297,12 +299,12 @@ def sample(
 def eval_(
     ckpts: Annotated[list[Path], typer.Argument(help="Checkpoint file(s); each gets one row.")],
     metrics_csv: Annotated[Optional[Path], typer.Option(help="Metrics table to append to (default: "
-                                                        "<run>/eval_metrics.csv).")] = None,
+                                                        "eval_metrics.csv in the run folder).")] = None,
     n: Annotated[int, typer.Option(help="Number of generated samples.")] = 1000,
     data: Annotated[Optional[str], typer.Option(help="Dataset for reference statistics (default: the checkpoint's).")] = None,
-    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity Inception file "
-                                                              "(weights-inception-2015-12-05-6726825d.pth): adds "
-                                                              "FID, IS, KID, precision/recall.")] = None,
+    inception_weights: Annotated[Optional[Path], typer.Option(help="torch-fidelity's Inception weights "
+                                                              "file (its name is in the README): adds FID, IS, KID, "
+                                                              "precision/recall.")] = None,
     n_ref: Annotated[Optional[int], typer.Option(help="Real images for the Inception metrics (default: n).")] = None,
     offline: Annotated[bool, typer.Option("--offline-metrics/--no-offline-metrics", help="fd_<data> and "
                                           "cond_acc_<data> from the project's cached dataset classifier.")] = True,
@@ -315,7 +317,8 @@ def eval_(
     ref: Annotated[Optional[Path], typer.Option(help="Reference images for the Inception metrics: an ADM evaluator "
                                                 ".npz (arr_0 reference batch) or an image folder (default: the "
                                                 "dataset's train split; latent models need one).")] = None,
-    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
+    weights: OptWeights = "ema", family: OptFamily = None, time_convention: OptTime = None,
+    num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
 ) -> None:
     """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
 
@@ -335,7 +338,7 @@ def eval_(
         row = run_eval(ckpt, metrics_csv, weights=weights, family=family, trust=trust_checkpoint, sampler=sampler, n=n,
                        device=str(resolve_device(device)), data=data, inception_weights=inception_weights, n_ref=n_ref,
                        offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True),
-                       vae=vae, reference=ref, num_heads=num_heads)
+                       vae=vae, reference=ref, num_heads=num_heads, time_convention=time_convention)
         if not row:  # a non-zero torchrun rank: rank 0 reports
             continue
         shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
@@ -379,8 +382,8 @@ def encode(
 
 
 def _out_opt(kind: str):
-    return Annotated[Optional[Path], typer.Option(help=f"Output folder (default: figures/{kind}/<run>-<ckpt>-"
-                                                  "<sha8>-<weights>).")]
+    return Annotated[Optional[Path], typer.Option(help=f"Output folder (default: under figures/{kind}/, named by "
+                                                  "run, checkpoint, its hash, weights and a hash of the settings).")]
 
 
 OutSimilarity, OutDiversity, OutPca, OutUmap, OutAttribution = (

@@ -43,7 +43,8 @@ def sharded_samples(ck: Any, n: int, rank: int, world: int, device: str, progres
 
 def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None = None, *, weights: str = "ema",
              family: str | None = None, trust: bool = False, sampler: SamplerSettings | None = None,
-             vae: str | os.PathLike | None = None, num_heads: int | None = None, **kwargs: Any) -> dict[str, Any]:
+             vae: str | os.PathLike | None = None, num_heads: int | None = None, time_convention: str | None = None,
+             **kwargs: Any) -> dict[str, Any]:
     """Evaluate one checkpoint and append its row to ``metrics_csv`` (default: ``<run>/eval_metrics.csv``
     beside the run's ``checkpoints/`` folder); returns the row (with ``metrics_csv``; {} off rank 0).
     Sampler settings come as ``sampler`` or as :func:`repdyn.evaluation.evaluate.evaluate_checkpoint`
@@ -52,7 +53,8 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
         check_inception_weights(kwargs["inception_weights"])
     device = str(kwargs.get("device", "cpu"))
     rank, world = init_distributed(device)
-    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust)
+    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust,
+                         time_convention=time_convention)
     kwargs.update(sampler.kwargs(ck.family) if sampler else {})
     if vae is not None:
         kwargs["vae"] = load_vae(vae, device)

@@ -51,14 +51,15 @@ def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int =
                npz: str | os.PathLike | None = None, weights: str = "ema", family: str | None = None,
                trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
                progress: bool = True, overwrite: bool = False, vae: str | os.PathLike | None = None,
-               num_heads: int | None = None) -> SampleResult:
+               num_heads: int | None = None, time_convention: str | None = None) -> SampleResult:
     """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling).
     Latent checkpoints are decoded with the AutoencoderKL in folder ``vae``."""
     for target in (out, npz):
         if target is not None and Path(target).exists() and not overwrite:
             raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another path")
     s = sampler or SamplerSettings()
-    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust)
+    ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust,
+                         time_convention=time_convention)
     kw = s.kwargs(ck.family)
     samplers.validate_options(ck.family, kw["method"], s.steps, s.cfg_scale, tuple(s.guidance_interval),
                               ck.num_timesteps)
