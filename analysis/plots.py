@@ -20,6 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from repdyn.core.timesteps import format_t
 
@@ -126,6 +127,7 @@ def plot_cka_grid(
     ax.set_yticks([(s + e - 1) / 2 for _, s, e in ga], [f"block {b}" for b, _, _ in ga], fontsize=8)
     ax.set_xticks([(s + e - 1) / 2 for _, s, e in gb], [f"block {b}" for b, _, _ in gb], fontsize=8, rotation=90)
     if len(ka) <= 40:
+        ax.yaxis.remove_overlapping_locs = False  # else the t label at each block's centre row is dropped
         ax.set_yticks(range(len(ka)), [f"t={format_t(k[1])}" for k in ka], minor=True, fontsize=6)
         ax.tick_params(axis="y", which="minor", pad=55, length=0)
     ts = sorted({k[1] for k in ka})
@@ -334,7 +336,9 @@ def plot_correlation(
     sc = ax.scatter(xa, ya, c=None if hue is None else np.asarray(hue, dtype=float), cmap="viridis",
                     s=36, edgecolors="black", linewidths=0.4, zorder=3)
     if hue is not None:
-        fig.colorbar(sc, ax=ax, label=hue_label)
+        cb = fig.colorbar(sc, ax=ax, label=hue_label)
+        cb.locator = MaxNLocator(integer=True)  # steps are whole numbers
+        cb.update_ticks()
     if np.isfinite(xa).sum() >= 2:
         slope, icpt = linear_fit(xa, ya)
         xs = np.linspace(np.nanmin(xa), np.nanmax(xa), 50)
@@ -431,11 +435,14 @@ def plot_curves(
                  palette="viridis" if hue and pd.api.types.is_numeric_dtype(frame[hue]) else None)
     if logx:
         ax.set_xscale("log")
+    elif pd.api.types.is_integer_dtype(frame[x]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks and steps are whole numbers
     ax.set_xlabel(xlabel or x)
     ax.set_ylabel(ylabel or y)
     ax.grid(alpha=0.3)
     if hue or style:
-        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False)
+        ax.legend(fontsize=8, bbox_to_anchor=(1.02, 1), loc="upper left", frameon=False,
+                  title=" / ".join(f"{c} =" if c == "t" else c for c in (hue, style) if c), title_fontsize=8)
     _titles(fig, title or f"{y} vs {x}", meta)
     return fig
 
@@ -496,6 +503,7 @@ _SIM_PANELS = (
     ("dispersion", "channel dispersion", "dispersion (<= 0)"),
     ("diversity", "DiverseDiT total (mean of 3 terms)", "value"),
 )
+_UNIT_BOUNDED = {"cka_mean_offdiag", "cka_student_teacher", "orthogonality", "token_cosine"}  # at most 1
 MIN_Y_SPAN = 0.02  # the smallest y range drawn: differences below it are noise, not trends
 
 
@@ -518,6 +526,10 @@ def plot_similarity_curves(frame: pd.DataFrame, title: str, meta: Mapping[str, A
             if hi - lo < MIN_Y_SPAN:
                 mid = (hi + lo) / 2
                 ax.set_ylim(mid - MIN_Y_SPAN / 2, mid + MIN_Y_SPAN / 2)
+            if col in _UNIT_BOUNDED:
+                bottom, top = ax.get_ylim()
+                ax.set_ylim(max(bottom, -1.0 if col == "orthogonality" else 0.0), min(top, 1.0))
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[-1]:
         ax.set_xlabel("training step", fontsize=9)
     _titles(fig, title, meta)

@@ -161,9 +161,10 @@ def run_correlate(probe_csv: str | os.PathLike | Sequence[str | os.PathLike], me
     res = CorrelationResult(Path(out) if out is not None else default)
     claim_output(res.out, ident, overwrite)  # after the inputs are validated: a typo creates no folder
     res.warnings, res.join_key = small, key
+    pct = value in ("accuracy", "val_accuracy", "train_accuracy")  # drawn in %, as every other figure
     res.save("png", plots.plot_correlation(
-        joined[value], joined[metric], table,
-        xlabel=f"probe {value}" + (f" ({', '.join(desc)})" if desc else ""), ylabel=metric,
+        joined[value] * (100 if pct else 1), joined[metric], table,
+        xlabel=f"probe {value}{' (%)' if pct else ''}" + (f" ({', '.join(desc)})" if desc else ""), ylabel=metric,
         point_labels=[f"{int(s)}" if isinstance(s, (int, float, np.integer, np.floating)) and s == s else str(s)[:8]
                       for s in lab],
         hue=joined["step"] if "step" in joined.columns else None,

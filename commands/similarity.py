@@ -17,6 +17,7 @@ from repdyn.analysis.similarity import cka_grid, cosine_matrix
 from repdyn.probe.grid import GridFeatures
 from repdyn.core.timesteps import format_t
 from repdyn.core.files import write_npz, write_table
+from repdyn.model.checkpoint import run_dir_of
 
 from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
     prepare_for, releases_outputs, result_identity)
@@ -123,8 +124,8 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
         grid = cross_similarity(ga, gb, debiased=debiased, device=spec.device, method=method)
         cos = _cosine_or_none([ga.features[k] for k in grid.keys_a], [gb.features[k] for k in grid.keys_b])
         meta_b = describe_grid(ck_b, gb)
-        a_name = f"A = {Path(ckpt).name} ({meta['weights']}, step {ck.step})"
-        b_name = f"B = {Path(other or ckpt).name} ({meta_b['weights']}, step {ck_b.step})"
+        a_name = f"A = {_run_name(ckpt)} ({meta['weights']}, step {ck.step})"
+        b_name = f"B = {_run_name(other or ckpt)} ({meta_b['weights']}, step {ck_b.step})"
         meta = {**meta, "weights": f"{meta['weights']} vs {meta_b['weights']}", "step": f"{ck.step} vs {ck_b.step}"}
         res.save("grid_png", plots.plot_cka_grid(grid, title=f"Cross-model {est}: rows {a_name}, columns {b_name}",
                                                  meta=meta), "cross_cka_grid.png", pdf)
@@ -149,3 +150,8 @@ def run_similarity(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str =
     res.files["csv"] = write_table(df, res.out / f"{prefix}.csv")
     res.table = df
     return res.finish()
+
+
+def _run_name(ckpt: str | os.PathLike) -> str:
+    """``<run>/<checkpoint>``: a title that tells two runs' ``0000040.pt`` apart."""
+    return f"{run_dir_of(ckpt).name}/{Path(ckpt).name}"
