@@ -33,13 +33,13 @@ from tqdm.auto import tqdm
 
 from repdyn.model.flow import model_time
 from repdyn.core.noise import NOISE_SCHEME, noise_bank, sample_seed
-from repdyn.core.runtime import dist_world, resolve_device
+from repdyn.core.runtime import dist_world, resolve_device, shard_bounds
 
 from repdyn.probe.cache import FeatureCache, LazyFeatures
 from repdyn.probe.hooks import BlockCapture, parse_pooling, pooled_dim
 
 __all__ = ["GridFeatures", "extract_grid", "default_ts", "validate_ts", "sample_indices", "grid_noise", "load_x0",
-           "validate_blocks", "shard_bounds", "format_t", "LABEL_POLICIES"]
+           "validate_blocks", "LABEL_POLICIES"]
 
 LABEL_POLICIES = ("null", "class")
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -172,10 +174,14 @@ def _dist_worker(rank: int, world: int, port: int, ckpt: str, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_sharded_extraction_on_two_gloo_ranks_matches_one_process(tiny_sit_ckpt, fm_train, tmp_path):
+def test_sharded_extraction_on_two_gloo_ranks_matches_one_process(tiny_sit_ckpt, fm_train, tmp_path, monkeypatch):
     import socket
 
     import torch.multiprocessing as mp
+
+    # spawned ranks unpickle _dist_worker by its module name, tests.probe.test_grid, with this process's
+    # sys.path: let them find tests/ (undone after the test)
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[2]))
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
