@@ -2,7 +2,9 @@
 :mod:`repdyn.study`).
 
 * measures: :mod:`~repdyn.analysis.similarity` (CKA, cosine), :mod:`~repdyn.analysis.diversity`, :mod:`~repdyn.analysis.pca`,
-  :mod:`~repdyn.analysis.embedding` (UMAP), :mod:`~repdyn.analysis.correlation`, :mod:`~repdyn.analysis.attribution`;
+  :mod:`~repdyn.analysis.embedding` (UMAP), :mod:`~repdyn.analysis.correlation`, :mod:`~repdyn.analysis.attribution`,
+  :mod:`~repdyn.analysis.alignment` (mutual kNN, CKNNA, cycle kNN, unbiased CKA against another
+  representation), :mod:`~repdyn.analysis.spatial` (LDS, CDS, RMSC, SRSS of patch-token grids);
 * figures: :mod:`~repdyn.analysis.plots` (one function per figure kind, returning a matplotlib Figure).
 
 Nothing here reads a checkpoint or writes a file: that is ``commands/``. Submodules are imported
@@ -15,7 +17,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_MODULES = {"similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots"}
+_MODULES = {"alignment", "spatial", "similarity", "diversity", "pca", "embedding", "correlation", "attribution", "plots"}
 __all__ = sorted(_MODULES) + ["cka"]
 
 
