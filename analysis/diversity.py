@@ -39,6 +39,8 @@ import torch.nn.functional as F
 
 from repdyn.training.methods import diverse as _terms
 
+from .cells import grid_cells
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 EPS = 1e-8
 
@@ -109,13 +111,6 @@ def channel_dispersion(feats: Sequence[ArrayLike] | Mapping[Any, ArrayLike], eps
 # --------------------------------------------------------------------------------------------
 # report over a (block, t) grid
 # --------------------------------------------------------------------------------------------
-def _grid(features: Mapping[tuple[Any, Any], ArrayLike], blocks, ts):
-    blocks = sorted({k[0] for k in features}) if blocks is None else list(blocks)
-    ts = sorted({k[1] for k in features}) if ts is None else list(ts)
-    missing = [(b, t) for b in blocks for t in ts if (b, t) not in features]
-    if missing:
-        raise ValueError(f"features lack cells {missing[:4]}")
-    return blocks, ts
 
 
 @torch.no_grad()
@@ -136,7 +131,7 @@ def diversity_report(
     orthogonality, token_cosine, dispersion (over the two blocks), diversity (mean of the three),
     n_samples, n_tokens. Values equal the pure functions applied to that pair.
     """
-    blocks, ts = _grid(features, blocks, ts)
+    blocks, ts = grid_cells(features, blocks, ts)
     dev = torch.device(device) if device is not None else torch.device("cpu")
     pairs = list(combinations(blocks, 2)) if pairs is None else [tuple(p) for p in pairs]
     for a, b in pairs:
@@ -178,7 +173,7 @@ def dispersion_table(
 ) -> pd.DataFrame:
     """Per-(block, t) channel dispersion (single block) plus an "all" row per t pooling every
     block, as the loss does. Columns: t, block, dispersion."""
-    blocks, ts = _grid(features, blocks, ts)
+    blocks, ts = grid_cells(features, blocks, ts)
     rows = []
     for t in ts:
         usages = []

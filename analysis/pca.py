@@ -23,6 +23,8 @@ from typing import Any, Literal, Union
 import numpy as np
 import torch
 
+from .cells import grid_cells
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
 __all__ = [
@@ -199,11 +201,7 @@ def pca_rgb_grid(
     align: "previous_block" flips each block's components to agree with the previous block on
     the same tokens. Returns a ``PCAGrid``.
     """
-    blocks = sorted({k[0] for k in features}) if blocks is None else list(blocks)
-    ts = sorted({k[1] for k in features}) if ts is None else list(ts)
-    missing = [(b, t) for b in blocks for t in ts if (b, t) not in features]
-    if missing:
-        raise ValueError(f"features lack cells {missing[:4]}")
+    blocks, ts = grid_cells(features, blocks, ts)
 
     def cell(b, t):
         x = _np64(features[(b, t)])

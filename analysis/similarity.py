@@ -38,6 +38,8 @@ import torch
 
 from repdyn.core.runtime import resolve_device
 
+from .cells import grid_cells
+
 ArrayLike = Union[np.ndarray, torch.Tensor]
 Reps = Union[Sequence[ArrayLike], Mapping[Hashable, ArrayLike]]
 
@@ -721,13 +723,8 @@ def matrix_frame(matrix: np.ndarray, keys_a: Sequence[Any], keys_b: Sequence[Any
 
 def _grid_keys(features: Mapping[tuple[Any, Any], Any], blocks: Sequence[Any] | None,
                ts: Sequence[Any] | None) -> list[tuple[Any, Any]]:
-    blocks = sorted({k[0] for k in features}) if blocks is None else list(blocks)
-    ts = sorted({k[1] for k in features}) if ts is None else list(ts)
-    keys = [(b, t) for b in blocks for t in ts]
-    missing = [k for k in keys if k not in features]
-    if missing:
-        raise ValueError(f"features lack cells {missing[:4]}{'...' if len(missing) > 4 else ''}")
-    return keys
+    blocks, ts = grid_cells(features, blocks, ts)
+    return [(b, t) for b in blocks for t in ts]
 
 
 def cka_grid(

@@ -11,6 +11,7 @@ tables and reports stay readable to colleagues on a shared machine when the umas
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import fcntl
 import io
 import os
@@ -20,7 +21,16 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_table", "write_npz", "save_figure",
-           "save_torch", "current_umask", "exclusive_lock"]
+           "save_torch", "sha256_file", "current_umask", "exclusive_lock"]
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes, read in 4 MiB chunks (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def current_umask() -> int:

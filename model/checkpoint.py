@@ -18,7 +18,6 @@ of it in one line per fact.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -30,7 +29,7 @@ from typing import Any
 
 import torch
 
-from repdyn.core.files import save_torch
+from repdyn.core.files import save_torch, sha256_file
 from repdyn.model.flow import make_path
 from repdyn.model.backbone import MODEL_SIZES, DiffusionTransformer, ModelConfig, model_config
 from repdyn.model.objectives import Objective, make_objective
@@ -70,11 +69,7 @@ def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
 
 def file_sha(path: str | os.PathLike, n_hex: int = 16) -> str:
     """Content hash (sha256 prefix): cache keys must change when the weights change."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()[:n_hex]
+    return sha256_file(path)[:n_hex]
 
 
 def _not_torch_reason(path: Path) -> str | None:

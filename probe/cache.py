@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repdyn.core.files import atomic_write_text
+from repdyn.core.files import atomic_write_text, sha256_file
 from repdyn.core.runtime import pid_alive
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
@@ -52,11 +52,7 @@ def _canonical(fields: Mapping) -> str:
 
 def _file_digest(path: Path) -> str:
     """sha256 of a cell file: a cell whose bytes changed after it was written is recomputed."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def cell_key(fields: Mapping) -> str:
