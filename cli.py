@@ -193,9 +193,13 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Seed for weights, data order and noise.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
-    resume: Annotated[Optional[Path], typer.Option(help="Checkpoint file or run folder to resume from (exact).")] = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Run folder, or a checkpoint in <run>/checkpoints/, to resume that run from "
+                                                  "(exact); a checkpoint elsewhere needs --out (a new run from it).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any field: --set sra.teacher_block=5 "
                                                       "--set model_overrides.depth=4 (repeatable).")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run folder afresh (its checkpoints and "
+                                            "records removed); with --resume of an older checkpoint, discard the "
+                                            "later ones.")] = False,
     quiet: OptQuiet = False,
 ) -> None:
     """Train a DiT or SiT (baseline, +SRA, +DiverseDiT or both); writes checkpoints and metrics.
@@ -209,7 +213,7 @@ def train(
     flags = dict(model=model, data=data, method=method, steps=steps, out=out, batch_size=batch_size, lr=lr,
                  ema_decay=ema_decay, precision=precision, ckpt_every=ckpt_every, seed=seed, device=device,
                  compile=compile)
-    res = run_train(preset, config, flags, set_, resume=resume, quiet=quiet)
+    res = run_train(preset, config, flags, set_, resume=resume, quiet=quiet, overwrite=overwrite)
     if res.checkpoint is not None:
         typer.echo(f"checkpoint: {res.checkpoint}\nmetrics:    {res.metrics}")
 

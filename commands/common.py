@@ -7,7 +7,6 @@ and claim rules it calls live in ``analysis/`` and ``probe/``.
 
 from __future__ import annotations
 
-import atexit
 import functools
 import hashlib
 import json
@@ -24,8 +23,7 @@ from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_t
 from repdyn.core.timesteps import format_t
 from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
 from repdyn.datasets.sources import make_dataset
-from repdyn.core.files import atomic_write_text, save_figure
-from repdyn.core.runtime import pid_alive
+from repdyn.core.files import FOLDER_LOCK, atomic_write_text, held_folders, lock_folder, save_figure, unlock_folder
 
 __all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
@@ -84,38 +82,7 @@ class Outputs:
 # ----------------------------------------------------------------------------------------------
 
 OWNER_FILE = ".repdyn-output.json"  # what the folder holds: command, checkpoint(s), settings, files
-LOCK_FILE = ".repdyn-output.lock"  # the pid of the process writing it
-
-
-def _lock(path: Path) -> None:
-    lock = path / LOCK_FILE
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        except FileExistsError:
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid != os.getpid() and pid_alive(pid):
-                raise ValueError(f"{path} is being written by another probe process (pid {pid}); wait for it to "
-                                 "finish or pass another --out") from None
-            lock.unlink(missing_ok=True)  # stale (a killed run) or our own: take it over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        _HELD.add(path.resolve())
-        return
-    raise ValueError(f"could not lock {path}: another process keeps taking it; pass another --out")
-
-
-_HELD: set[Path] = set()
-
-
-@atexit.register
-def _release_all() -> None:
-    for path in list(_HELD):
-        release_output(path)
+LOCK_FILE = FOLDER_LOCK  # the pid of the process writing it
 
 
 def releases_outputs(fn):
@@ -124,11 +91,11 @@ def releases_outputs(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        before = set(_HELD)
+        before = held_folders()
         try:
             return fn(*args, **kwargs)
         except BaseException:
-            for path in _HELD - before:
+            for path in held_folders() - before:
                 release_output(path)
             raise
 
@@ -151,7 +118,7 @@ def claim_output(path: Path, identity: dict[str, Any], overwrite: bool = False) 
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} is a file; give a folder")
     path.mkdir(parents=True, exist_ok=True)
-    _lock(path)
+    lock_folder(path)  # the pid lock every command shares, train included (core/files.py)
     owner = path / OWNER_FILE
     want = _canonical(identity)
     try:
@@ -182,13 +149,7 @@ def release_output(path: Path, files: list[str] | None = None, notes: list[str] 
         if notes is not None:
             rec["checkpoint_load"] = list(notes)  # what was ignored or inferred when loading
         atomic_write_text(owner, json.dumps(rec, indent=1))
-    lock = path / LOCK_FILE
-    try:
-        if int(lock.read_text().strip() or 0) == os.getpid():
-            lock.unlink()
-    except (OSError, ValueError):
-        pass
-    _HELD.discard(path.resolve())
+    unlock_folder(path)
 
 
 def result_identity(ck: LoadedCheckpoint, spec: FeatureSpec | None = None, **settings: Any) -> dict[str, Any]:

@@ -1,17 +1,38 @@
-"""``probe train``: resolve a config (preset < YAML < flags < --set) and train."""
+"""``probe train``: resolve a config (preset < YAML < flags < --set), decide the run folder, and train.
+
+This is the one place that decides about run folders; nothing is lost or mixed:
+
+* one writer per run folder: the pid lock of the analysis commands (:func:`repdyn.core.files.lock_folder`),
+  held by rank 0 under torchrun; a lock left by a killed process is taken over;
+* a folder that holds a run (checkpoints or config.yaml) is trained into again only as ``--resume`` of
+  that run, or with ``--overwrite``, which starts it afresh (its checkpoints and records removed);
+* ``--resume FILE`` resumes the run folder that contains it (``<run>/checkpoints/FILE``), not the
+  folder recorded inside the file; a checkpoint older than the run's newest would have the later ones
+  replaced, so that needs ``--overwrite`` (which removes them); a file outside a run folder needs ``--out``;
+* a broken newest checkpoint is named with the last good one to resume from.
+
+Every refusal comes before anything on disk changes.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from repdyn.model.checkpoint import latest_checkpoint, read_checkpoint
+from repdyn.core.files import lock_folder, unlock_folder
+from repdyn.core.runtime import dist_info
+from repdyn.model.checkpoint import CKPT_RE, list_checkpoints, read_checkpoint
 from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
 from repdyn.training.trainer import train
 
-__all__ = ["TrainResult", "run_train"]
+__all__ = ["TrainResult", "run_train", "RUN_RECORDS"]
+
+# What a run writes beside checkpoints/: removed by --overwrite, and (checkpoints or config.yaml) what
+# marks a folder as holding a run.
+RUN_RECORDS = ("config.yaml", "metrics.csv", "tb")
 
 
 @dataclass
@@ -21,28 +42,162 @@ class TrainResult:
     metrics: Path
 
 
-def _saved_config(resume: str | os.PathLike) -> dict[str, Any]:
-    path = Path(resume)
-    ckpt = latest_checkpoint(path) if path.is_dir() else path
-    if ckpt is None:
-        raise FileNotFoundError(f"no checkpoints to resume from in {path}")
-    state = read_checkpoint(ckpt, map_location="cpu")
-    if not isinstance(state, dict) or "config" not in state:
+@dataclass
+class _Source:
+    """What ``--resume`` points at: the checkpoint file, its run folder (None outside one) and its config."""
+
+    ckpt: Path
+    run: Path | None
+    config: dict[str, Any]
+
+
+def _step(path: Path) -> int:
+    return int(CKPT_RE.match(path.name).group(1))
+
+
+def _in_run_folder(path: Path) -> Path | None:
+    """``<run>`` for ``<run>/checkpoints/NNNNNNN.pt``, else None."""
+    inside = path.resolve().parent.name == "checkpoints" and CKPT_RE.match(path.name)
+    return path.parent.parent if inside else None
+
+
+def _same(a: Path | None, b: Path) -> bool:
+    return a is not None and a.resolve() == b.resolve()
+
+
+def _read_training_checkpoint(ckpt: Path, run: Path | None) -> dict[str, Any]:
+    """The checkpoint's config; a broken file of a run is named with the last good one before it."""
+    try:
+        state = read_checkpoint(ckpt, map_location="cpu")
+    except ValueError as e:
+        if run is None or "unreadable" not in str(e):
+            raise
+        raise ValueError(_broken_message(ckpt, run, str(e))) from None
+    if not isinstance(state, dict) or "config" not in state or "opt" not in state:
         raise ValueError(f"{ckpt} is not a training checkpoint of this toolkit (needs model, ema, opt, meta, config)")
     return dict(state["config"])
 
 
+def _broken_message(ckpt: Path, run: Path, error: str) -> str:
+    reason = (error.split(": ", 1)[1] if ": " in error else error).split(". ")[0].rstrip(".")  # torch's first sentence
+    good = None
+    for earlier in reversed([p for p in list_checkpoints(run) if _step(p) < _step(ckpt)]):
+        try:
+            read_checkpoint(earlier, map_location="cpu")
+        except ValueError:
+            continue
+        good = earlier
+        break
+    if good is None:
+        return (f"checkpoint {ckpt} is broken ({reason}) and {run} has no readable checkpoint before it; "
+                f"start the run afresh with --overwrite")
+    return (f"checkpoint {ckpt} is broken ({reason}); the last good checkpoint is {good}: resume from it with "
+            f"--resume {good} --overwrite (removes {ckpt.name} and any later checkpoint)")
+
+
+def _source(resume: str | os.PathLike) -> _Source:
+    path = Path(resume)
+    if path.is_dir():
+        run = path.parent if path.name == "checkpoints" else path
+        found = list_checkpoints(run)
+        if not found:
+            raise FileNotFoundError(f"no checkpoints to resume from in {path}")
+        return _Source(found[-1], run, _read_training_checkpoint(found[-1], run))
+    if not path.exists():
+        raise FileNotFoundError(f"--resume {path} does not exist; give a run folder or <run>/checkpoints/NNNNNNN.pt")
+    run = _in_run_folder(path)
+    return _Source(path, run, _read_training_checkpoint(path, run))
+
+
+def _holds_run(folder: Path) -> bool:
+    return bool(list_checkpoints(folder)) or (folder / "config.yaml").exists()
+
+
+def _later(source: _Source) -> list[Path]:
+    """The checkpoints of the source run after the one resumed (a resume would replace or mix them)."""
+    return [p for p in list_checkpoints(source.run) if _step(p) > _step(source.ckpt)]
+
+
+def _check_folder(out: Path, source: _Source | None, overwrite: bool) -> list[Path]:
+    """Refuse what would mix or replace a run; return the checkpoints ``--overwrite`` removes."""
+    if source is not None and _same(source.run, out):
+        later = _later(source)
+        if later and not overwrite:
+            names = ", ".join(p.name for p in later)
+            raise ValueError(f"{source.ckpt} is older than this run's later checkpoint(s) {names}: resuming from it "
+                             f"would replace them; resume the newest with --resume {out}, or pass --overwrite to "
+                             "discard the later ones")
+        return later
+    if _holds_run(out):
+        if not overwrite:
+            ckpts = list_checkpoints(out)
+            what = f"{len(ckpts)} checkpoint(s), newest {ckpts[-1].name}" if ckpts else "config.yaml"
+            raise ValueError(f"{out} already holds a training run ({what}); continue it with --resume {out}, start "
+                             "it afresh with --overwrite, or pass another --out")
+        return list_checkpoints(out)
+    return []
+
+
+def _span(ckpts: list[Path]) -> str:
+    return ckpts[0].name if len(ckpts) == 1 else f"{ckpts[0].name}..{ckpts[-1].name}"
+
+
+def _clear(out: Path, ckpts: list[Path], whole_run: bool) -> str | None:
+    """Remove ``ckpts`` (and, for a fresh start, the run's records); the one line that says so."""
+    for p in ckpts:
+        p.unlink(missing_ok=True)
+    records = []
+    if whole_run:
+        for name in RUN_RECORDS:
+            p = out / name
+            if p.is_dir():
+                shutil.rmtree(p)
+            elif p.exists():
+                p.unlink()
+            else:
+                continue
+            records.append(name)
+    if not ckpts and not records:
+        return None
+    parts = [f"{len(ckpts)} checkpoint(s) ({_span(ckpts)})"] if ckpts else []
+    parts += records
+    start = "started afresh" if whole_run else "resumed"
+    return f"overwrite: {start} in {out}: removed {', '.join(parts)}"
+
+
 def run_train(preset: str | None = None, config: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
               set_: list[str] | None = None, resume: str | os.PathLike | None = None,
-              quiet: bool = False) -> TrainResult:
+              quiet: bool = False, overwrite: bool = False) -> TrainResult:
     """``resume`` without ``preset`` / ``config``: the run's own config, changed only by the flags given
     (the trainer refuses changes other than length, logging and place; see
-    :data:`repdyn.training.trainer.RESUMABLE_CHANGES`)."""
+    :data:`repdyn.training.trainer.RESUMABLE_CHANGES`). The run folder is ``--out``, else (resuming) the
+    folder that holds the checkpoint."""
     overrides = dict(flags or {})
     overrides.update(parse_set_overrides(set_ or []))
-    if resume is not None and preset is None and config is None:
-        saved = _saved_config(resume)
-        overrides = {**saved, **{k: v for k, v in overrides.items() if v is not None}}
+    source = _source(resume) if resume is not None else None
+    if source is not None:
+        if overrides.get("out") is None:
+            if source.run is None:
+                raise ValueError(f"{source.ckpt} is not inside a run folder (<run>/checkpoints/NNNNNNN.pt); pass "
+                                 "--out to start a new run from it")
+            overrides["out"] = str(source.run)
+        if preset is None and config is None:
+            overrides = {**source.config, **{k: v for k, v in overrides.items() if v is not None}}
     cfg = resolve_config(preset, config, overrides)
-    last = train(cfg, resume=resume, quiet=quiet)
-    return TrainResult(cfg, last, Path(cfg.out) / "metrics.csv")
+    out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    rank = dist_info()[0]
+    if rank == 0:
+        lock_folder(out)  # before looking: a second writer is refused, not raced
+    try:
+        remove = _check_folder(out, source, overwrite)
+        if rank == 0 and overwrite:
+            line = _clear(out, remove, whole_run=source is None or not _same(source.run, out))
+            if line:
+                print(line, flush=True)
+        last = train(cfg, resume=source.ckpt if source is not None else None, quiet=quiet)
+    finally:
+        if rank == 0:
+            unlock_folder(out)
+    return TrainResult(cfg, last, out / "metrics.csv")

@@ -6,13 +6,18 @@ folder, is flushed to disk and renamed over the target (``os.replace``, atomic o
 crash never leaves a torn file that looks complete. ``tempfile.mkstemp`` creates files with mode
 0600; the final file gets ``0666 & ~umask`` instead, the mode ``open()`` would have given it, so
 tables and reports stay readable to colleagues on a shared machine when the umask says so.
+
+Two kinds of lock live here too: :func:`exclusive_lock` (``flock``) for a read-modify-write of one
+file, and :func:`lock_folder`, the pid lock that makes one process the writer of an output or run
+folder (``probe train`` and every analysis command).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import hashlib
 import fcntl
+import hashlib
 import io
 import os
 import tempfile
@@ -21,7 +26,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_table", "write_npz", "save_figure",
-           "save_torch", "sha256_file", "current_umask", "exclusive_lock"]
+           "save_torch", "sha256_file", "current_umask", "exclusive_lock", "pid_alive", "FOLDER_LOCK", "lock_folder",
+           "unlock_folder", "held_folders"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -56,6 +62,77 @@ def exclusive_lock(path: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid runs (for locks and partial files left by killed runs)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+# ----------------------------------------------------------------------------------------------
+# One writer per folder: a pid lock that outlives nothing but its process
+# ----------------------------------------------------------------------------------------------
+
+FOLDER_LOCK = ".repdyn-output.lock"  # the pid of the process writing the folder
+_HELD: set[Path] = set()
+
+
+def lock_folder(path: str | os.PathLike) -> None:
+    """Make this process the one writer of folder ``path`` (created if needed).
+
+    The lock is a file holding our pid, created with ``O_EXCL``. A lock whose pid no longer runs
+    (a killed process) or is ours is taken over; a live holder is a one-line error naming its pid,
+    since two writers would mix their results. Shared by ``probe train`` and the analysis commands."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    lock = path / FOLDER_LOCK
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and pid != os.getpid() and pid_alive(pid):
+                raise ValueError(f"{path} is being written by another probe process (pid {pid}); wait for it to "
+                                 "finish or pass another --out") from None
+            lock.unlink(missing_ok=True)  # stale (a killed run) or our own: take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        _HELD.add(path.resolve())
+        return
+    raise ValueError(f"could not lock {path}: another process keeps taking it; pass another --out")
+
+
+def unlock_folder(path: str | os.PathLike) -> None:
+    """Drop this process's lock on ``path`` (a lock held by another pid is left alone)."""
+    path = Path(path)
+    lock = path / FOLDER_LOCK
+    try:
+        if int(lock.read_text().strip() or 0) == os.getpid():
+            lock.unlink()
+    except (OSError, ValueError):
+        pass
+    _HELD.discard(path.resolve())
+
+
+def held_folders() -> set[Path]:
+    """The folders this process holds (resolved paths; a copy)."""
+    return set(_HELD)
+
+
+@atexit.register
+def _unlock_all() -> None:
+    for path in list(_HELD):
+        unlock_folder(path)
 
 
 @contextlib.contextmanager

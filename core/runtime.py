@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["resolve_device", "machine_description", "local_rank", "dist_info", "init_distributed", "dist_world",
-           "shard_bounds", "pid_alive"]
+           "shard_bounds"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -62,17 +62,6 @@ def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
 def _destroy_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid runs (for locks and partial files left by killed runs)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def dist_world() -> tuple[int, int]:

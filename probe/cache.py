@@ -35,8 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repdyn.core.files import atomic_write_text, sha256_file
-from repdyn.core.runtime import pid_alive
+from repdyn.core.files import atomic_write_text, pid_alive, sha256_file
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
 

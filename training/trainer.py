@@ -110,6 +110,10 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if prec == "fp16" else None
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed * self.world + self.rank)
         self.step = 0
+        # the logging interval in progress: running sums of this rank's logs and how many steps they hold
+        # (checkpointed, so a resumed run writes the same metrics.csv rows as an uninterrupted one)
+        self._window: dict[str, torch.Tensor] = {}
+        self._n_window = 0
 
         if resume is not None:
             self._resume(resume)
@@ -128,12 +132,17 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     # -- checkpoints --------------------------------------------------------------------------------
+    def _gather(self, obj):
+        """``obj`` of every rank, in rank order (collective under DDP)."""
+        if self.world == 1:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
     def _meta(self) -> dict:
-        gens = [self.generator.get_state()]
-        if self.world > 1:
-            gathered: list = [None] * self.world
-            dist.all_gather_object(gathered, self.generator.get_state().cpu())
-            gens = gathered
+        gens = self._gather(self.generator.get_state().cpu())
+        window = {"n": self._n_window, "sums": {k: v.detach().cpu() for k, v in self._window.items()}}
         ds = self.dataset
         return {
             **self.objective.meta(),
@@ -153,6 +162,7 @@ class Trainer:
             "world_size": self.world,
             "rng": {"generators": [g.cpu() for g in gens], "torch_cpu": torch.get_rng_state()},
             "data_position": self._position_for_step(self.step),
+            "log_window": self._gather(window),  # per rank: the logging interval in progress
             "torch_version": str(torch.__version__),
         }
 
@@ -196,7 +206,19 @@ class Trainer:
         elif self.rank == 0:
             print(f"warning: resuming on {self.world} ranks a run saved on {len(gens)}: random draws re-seeded")
         torch.set_rng_state(state["meta"]["rng"]["torch_cpu"])
+        self._restore_window(state["meta"].get("log_window") or [])
         self.resumed_from = path
+
+    def _restore_window(self, windows: list[dict]) -> None:
+        """The logging interval the checkpoint was inside: this rank's sums (their mean over the saved
+        ranks when the world size changed; the all-reduced row is then the same). Older checkpoints
+        carry none: the interval restarts at the checkpoint."""
+        if not windows or not windows[0].get("n"):
+            return
+        mine = [windows[self.rank]] if len(windows) == self.world else windows
+        keys = mine[0]["sums"].keys()
+        self._window = {k: (sum(w["sums"][k] for w in mine) / len(mine)).to(self.device) for k in keys}
+        self._n_window = int(mine[0]["n"])
 
     # -- one optimisation step ----------------------------------------------------------------------
     def _micro_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -315,9 +337,10 @@ class Trainer:
             for orphan in (self.out / "checkpoints").glob(".*.tmp"):  # left by a write that was killed
                 orphan.unlink(missing_ok=True)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-            if csv_path.exists():  # drop rows a crashed run wrote past the step we resume from
+            if csv_path.exists():  # drop rows past the last interval the checkpoint closed: a crashed run's,
+                # and the partial row an earlier end of run wrote (its interval continues from the saved sums)
                 with open(csv_path) as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step]
+                    rows = [r for r in csv.DictReader(f) if int(r["step"]) <= self.step - self._n_window]
                 with atomic_path(csv_path) as tmp, open(tmp, "w", newline="") as f:
                     if rows:
                         w = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -358,33 +381,37 @@ class Trainer:
         batches = self._batches()
         bar = tqdm(total=cfg.steps, initial=self.step, desc=f"train {cfg.model} {cfg.method}",
                    disable=self.rank != 0 or self.quiet, dynamic_ncols=True)
-        window: dict[str, torch.Tensor] = {}
-        n_window, t0 = 0, time.perf_counter()
+        n_timed, t0 = 0, time.perf_counter()  # steps run by this process since the last row (for steps/s)
         last_path = None
         try:
             while self.step < cfg.steps:
                 logs = self.train_step(batches)
                 for k, v in logs.items():
-                    window[k] = window.get(k, 0) + v
-                n_window += 1
+                    self._window[k] = self._window.get(k, 0) + v
+                self._n_window += 1
+                n_timed += 1
                 bar.update(1)
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    window, n_window = self._window, self._n_window
                     vals = torch.stack([window[k] / n_window for k in sorted(window)])
                     if self.world > 1:
                         dist.all_reduce(vals)
                         vals /= self.world
                     elapsed = time.perf_counter() - t0
                     row = {"step": self.step, **{k: float(v) for k, v in zip(sorted(window), vals.tolist())},
-                           "steps_per_s": n_window / max(elapsed, 1e-9), "lr": self.opt.param_groups[0]["lr"]}
+                           "steps_per_s": n_timed / max(elapsed, 1e-9), "lr": self.opt.param_groups[0]["lr"]}
                     self._log(row)
                     bar.set_postfix(loss=f"{row['loss']:.4f}", it_s=f"{row['steps_per_s']:.2f}")
-                    window, n_window, t0 = {}, 0, time.perf_counter()
+                    if self.step % cfg.log_every == 0:  # an end-of-run row mid-interval keeps the interval open
+                        self._window, self._n_window = {}, 0  # for the checkpoint: a longer resume continues it
+                    n_timed, t0 = 0, time.perf_counter()
                 if self._should_save():
                     last_path = self.save() or last_path
         except TrainingDiverged as e:
+            window, n_window = self._window, self._n_window
             if n_window and self.rank == 0:  # the steps since the last log line are metrics too
                 self._log({"step": self.step, **{k: float(v / n_window) for k, v in window.items()},
-                           "steps_per_s": n_window / max(time.perf_counter() - t0, 1e-9),
+                           "steps_per_s": n_timed / max(time.perf_counter() - t0, 1e-9),
                            "lr": self.opt.param_groups[0]["lr"]})
             good = self.last_good_checkpoint()
             raise TrainingDiverged(f"{e}; stopped. Last good checkpoint (finite weights and loss): "

@@ -59,6 +59,26 @@ def test_exact_resume_matches_uninterrupted_run(tmp_path):
     assert [r["loss"] for r in read_metrics(tmp_path / "a")] == [r["loss"] for r in read_metrics(tmp_path / "b")]
 
 
+def test_metrics_after_an_interruption_equal_the_uninterrupted_run(tmp_path):
+    """The logging interval in progress travels in the checkpoint: a run that ended (or was killed) inside
+    an interval and was resumed writes metrics.csv row for row as one that ran straight (steps/s aside)."""
+    def rows(run):
+        return [{k: v for k, v in r.items() if k != "steps_per_s"} for r in read_metrics(run)]
+
+    train(cfg(tmp_path / "a", steps=6, log_every=4, ckpt_every=3), quiet=True)  # rows at 4 and 6
+    # ended at step 5, mid-interval (an end-of-run row at 5), then continued to 6
+    train(cfg(tmp_path / "b", steps=5, log_every=4, ckpt_every=3), quiet=True)
+    assert [r["step"] for r in rows(tmp_path / "b")] == ["4", "5"]
+    train(cfg(tmp_path / "b", steps=6, log_every=4, ckpt_every=3), resume=tmp_path / "b", quiet=True)
+    # killed after its row at 6 but before the checkpoint at 6: resumed from 3, inside the interval 1..4
+    train(cfg(tmp_path / "c", steps=6, log_every=4, ckpt_every=3), quiet=True)
+    (tmp_path / "c" / "checkpoints" / "0000006.pt").unlink()
+    train(cfg(tmp_path / "c", steps=6, log_every=4, ckpt_every=3), resume=tmp_path / "c", quiet=True)
+    assert [r["step"] for r in rows(tmp_path / "a")] == ["4", "6"]
+    assert rows(tmp_path / "b") == rows(tmp_path / "a")
+    assert rows(tmp_path / "c") == rows(tmp_path / "a")
+
+
 def test_resume_refuses_a_different_model(tmp_path):
     train(cfg(tmp_path, steps=1), quiet=True)
     with pytest.raises(ValueError, match="model: 'SiT-T/4' -> 'DiT-T/4'"):
