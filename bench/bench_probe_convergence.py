@@ -34,6 +34,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "bench"))
 
 import repdyn.probe.probes as current
+from repdyn.probe.lbfgs import _loss_grad
 
 
 def load_revision(rev: str):
@@ -88,7 +89,7 @@ def sweep_check(mod, xtr, ytr, k, tol, **kw):
     x64, w64, lam64 = xf.double(), w.double(), lam.double()
     mask = torch.ones((1, x64.shape[2], 1, 1), dtype=torch.float64)
     mask[:, -1] = 0
-    _, g = current._loss_grad(x64, torch.nn.functional.one_hot(y, k).double(), w64, lam64, mask)
+    _, g = _loss_grad(x64, torch.nn.functional.one_hot(y, k).double(), w64, lam64, mask)
     return g.abs().amax((1, 3)).numpy()
 
 

@@ -11,6 +11,7 @@ tagged ``flow-t0-noise`` and :func:`model_time` / :func:`model_velocity_sign` co
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 
@@ -25,22 +26,30 @@ def _expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
 
 
-class FlowPath:
-    """alpha(t), sigma(t) and their derivatives; subclasses define the schedule."""
+class FlowPath(ABC):
+    """alpha(t), sigma(t) and their derivatives; subclasses define the schedule.
+
+    Shapes: ``t`` is (B,) (or already broadcast to the data's rank); ``x0``, ``eps``, ``x_t`` and
+    ``v`` are (B, C, H, W) images or latents; every method returns tensors of the data's shape.
+    """
 
     name = "base"
 
+    @abstractmethod
     def alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(alpha(t), sigma(t)), each of ``t``'s shape."""
 
+    @abstractmethod
     def d_alpha_sigma(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError
+        """(alpha'(t), sigma'(t)), each of ``t``'s shape."""
 
     def interpolate(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha(t) x0 + sigma(t) eps: (B, C, H, W) from (B, C, H, W) x0 / eps and (B,) t."""
         a, s = self.alpha_sigma(_expand(t, x0))
         return a * x0 + s * eps
 
     def velocity(self, x0: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """d x_t / dt = alpha'(t) x0 + sigma'(t) eps: (B, C, H, W), the SiT regression target."""
         da, ds = self.d_alpha_sigma(_expand(t, x0))
         return da * x0 + ds * eps
 
@@ -51,7 +60,8 @@ class FlowPath:
         return 2 * (torch.log(a.abs()) - torch.log(s.abs()))
 
     def x0_eps_from_velocity(self, x_t: torch.Tensor, v: torch.Tensor, t: torch.Tensor):
-        """Solve [x_t; v] = [[a, s], [a', s']] [x0; eps] for (x0, eps) — used by samplers."""
+        """Solve [x_t; v] = [[a, s], [a', s']] [x0; eps] for (x0, eps), each (B, C, H, W) like ``x_t``
+        and ``v``, with (B,) ``t`` — used by samplers."""
         tt = _expand(t, x_t)
         a, s = self.alpha_sigma(tt)
         da, ds = self.d_alpha_sigma(tt)

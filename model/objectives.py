@@ -8,6 +8,7 @@ convention its checkpoints use (written into checkpoint ``meta``).
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -18,30 +19,37 @@ from repdyn.model.flow import make_path
 __all__ = ["Objective", "FlowObjective", "DDPMObjective", "make_objective"]
 
 
-class Objective:
+class Objective(ABC):
+    """One family's training objective. Shapes: ``x0``, ``eps``, ``x_t`` are (B, C, H, W); ``t`` is (B,)
+    (float in [0, 1] for SiT, integer steps for DiT); ``model_out`` is the backbone's (B, C_out, H, W)."""
+
     family: str
     time_convention: str
     prediction: str
 
+    @abstractmethod
     def sample_t(self, n: int, device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        """(n,) training times."""
 
+    @abstractmethod
     def corrupt(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """x_t (B, C, H, W) from clean x0 and noise eps at (B,) times t."""
 
+    @abstractmethod
     def loss(self, model_out, x0, x_t, t, eps) -> dict[str, torch.Tensor]:
-        """Per-sample terms; ``"loss"`` is what is averaged and optimised."""
-        raise NotImplementedError
+        """Per-sample terms, each (B,); ``"loss"`` is what is averaged and optimised."""
 
+    @abstractmethod
     def log_snr(self, t: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """(B,) log(alpha^2 / sigma^2) of times t: one axis for DiT and SiT tables."""
 
+    @abstractmethod
     def less_noisy(self, t: torch.Tensor, t_max: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """A per-sample time at most as noisy as ``t`` (SRA's teacher time)."""
-        raise NotImplementedError
+        """A (B,) per-sample time at most as noisy as ``t`` (SRA's teacher time)."""
 
+    @abstractmethod
     def meta(self) -> dict:
-        raise NotImplementedError
+        """What a checkpoint records about the objective (family, time convention, prediction, ...)."""
 
 
 @dataclass

@@ -22,7 +22,8 @@ from repdyn.core.files import atomic_write_text
 from repdyn.core.runtime import machine_description
 from repdyn.model.checkpoint import file_sha, list_checkpoints
 from repdyn.training.config import MethodSpec, TrainConfig, resolve_config
-from repdyn.training.trainer import interleaved_step_cost, train
+from repdyn.training.step_cost import interleaved_step_cost
+from repdyn.training.trainer import train
 
 from .paths import StudyPaths
 from .power import arm_of

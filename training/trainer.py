@@ -31,7 +31,7 @@ from repdyn.core.files import atomic_path, atomic_write_text
 from repdyn.model.objectives import make_objective
 from repdyn.core.runtime import dist_info, init_distributed, resolve_device
 
-__all__ = ["Trainer", "TrainingDiverged", "train", "interleaved_step_cost", "config_changes", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "TrainingDiverged", "train", "config_changes", "RESUMABLE_CHANGES"]
 
 
 class TrainingDiverged(ValueError):
@@ -431,31 +431,3 @@ def train(config: TrainConfig, resume: str | os.PathLike | None = None, quiet: b
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-
-
-def interleaved_step_cost(configs: dict[str, TrainConfig], rounds: int = 5, steps_per_round: int = 3,
-                          warmup: int = 2) -> dict[str, float]:
-    """Median seconds per full training step (forward, loss, backward, clip, AdamW, EMA) of each
-    config, measured side by side: rounds alternate between the methods, so a change of machine load
-    hits all of them alike and their *ratio* is a cost, not an accident of scheduling."""
-    import statistics
-
-    trainers = {name: Trainer(cfg, quiet=True) for name, cfg in configs.items()}
-    streams = {}
-    for name, tr in trainers.items():
-        tr.model.train()
-        streams[name] = tr._batches()
-        for _ in range(warmup):
-            tr.train_step(streams[name])
-    times: dict[str, list[float]] = {name: [] for name in trainers}
-    for _ in range(rounds):
-        for name, tr in trainers.items():
-            for _ in range(steps_per_round):
-                if tr.device.type == "cuda":
-                    torch.cuda.synchronize(tr.device)
-                t0 = time.perf_counter()
-                tr.train_step(streams[name])
-                if tr.device.type == "cuda":
-                    torch.cuda.synchronize(tr.device)
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(v) for name, v in times.items()}
