@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from repdyn.study.power import arm_of, compare
+from repdyn.study.power import arm_of, compare, compare_arms
 from repdyn.study.tables import StudyTables
 
 __all__ = ["arm_table", "ema_sensitivity", "arm_decay"]
@@ -27,13 +27,16 @@ def _final(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _per_run(tb: StudyTables) -> pd.DataFrame:
-    """One row per run: final generation metric, final teacher and student probe accuracy (points)."""
+    """One row per run: final generation metric with what makes it readable (``class_acc``: the
+    conditional samples' class accuracy; ``init_fraction``: the share of its initialisation the
+    sampled EMA holds), final teacher and student probe accuracy (points)."""
     rows = pd.DataFrame({"run": sorted(set(tb.quality["run"]) | set(tb.curves["run"] if tb.curves is not None
                                                                          else []))})
     q = tb.quality
     if not q.empty:
         metric = q["metric"].iloc[0]
-        rows = rows.merge(_final(q)[["run", metric]].rename(columns={metric: "metric_value"}), on="run", how="left")
+        cols = ["run", metric] + [c for c in ("class_acc", "init_fraction") if c in q.columns]
+        rows = rows.merge(_final(q)[cols].rename(columns={metric: "metric_value"}), on="run", how="left")
     if tb.curves is not None:
         c = _final(tb.curves)
         for role in ("teacher", "student"):
@@ -43,15 +46,26 @@ def _per_run(tb: StudyTables) -> pd.DataFrame:
 
 
 def arm_table(tb: StudyTables) -> pd.DataFrame:
-    """Per arm: number of seeds, mean and SD over seeds of the final metric and of the final teacher /
-    student probe accuracy."""
+    """Per arm: number of seeds, mean and SD over seeds of the final metric, its samples' class
+    accuracy and initial-weight fraction, and the final teacher / student probe accuracy."""
     per = _per_run(tb)
-    cols = [c for c in ("metric_value", "teacher_acc", "student_acc") if c in per.columns]
+    cols = [c for c in ("metric_value", "class_acc", "init_fraction", "teacher_acc", "student_acc")
+            if c in per.columns]
     agg = per.groupby("arm")[cols].agg(["mean", "std"])
     agg.columns = [f"{c}_{s}" for c, s in agg.columns]
     out = agg.assign(seeds=per.groupby("arm")["run"].nunique()).reset_index()
     out.attrs["metric"] = tb.quality["metric"].iloc[0] if not tb.quality.empty else "metric"
     return out
+
+
+def _readable(rows: pd.DataFrame) -> str:
+    """`` (class acc 0.71, init 0.25%)`` for an arm's runs (means), when measured: beside every fd."""
+    parts = []
+    if "class_acc" in rows.columns and rows["class_acc"].notna().any():
+        parts.append(f"class acc {rows['class_acc'].mean():.2f}")
+    if "init_fraction" in rows.columns and rows["init_fraction"].notna().any():
+        parts.append(f"init {100 * rows['init_fraction'].mean():.3g}%")
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def arm_decay(arm: str, default: float) -> float | None:
@@ -84,10 +98,11 @@ def ema_sensitivity(tb: StudyTables) -> list[str]:
         base_arm = "baseline" if arm == "sra" else f"baseline-ema{d:g}"
         base = per.loc[per["arm"] == base_arm, "metric_value"].dropna()
         if len(base):
-            vs = compare(r["metric_value"].dropna(), base)
+            vs = compare_arms(r.set_index("run")["metric_value"].dropna(),
+                              per[per["arm"] == base_arm].set_index("run")["metric_value"].dropna())
             rel = 100 * vs.diff / base.mean()
-            text += (f"{metric} {r['metric_value'].mean():.2f} vs `{base_arm}` {base.mean():.2f} "
-                     f"({rel:+.1f}%; {vs.text()})")
+            text += (f"{metric} {r['metric_value'].mean():.2f}{_readable(r)} vs `{base_arm}` {base.mean():.2f}"
+                     f"{_readable(per[per['arm'] == base_arm])} ({rel:+.1f}%; {vs.text()})")
         else:
             text += (f"{metric} {r['metric_value'].mean():.2f}, no baseline at EMA {d:g} (`{base_arm}`): the "
                      "decay is also the sampled EMA's, so this metric is not a test of the teacher")

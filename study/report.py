@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Collection, Sequence
 from pathlib import Path
+
+import pandas as pd
 
 from repdyn.core.files import atomic_write_text
 from repdyn.core.runtime import machine_description
@@ -29,12 +32,20 @@ def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collect
              + ".", f"Machine: {machine}.",
              f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
              "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
-             f"Verdicts are computed by `analysis/claims.py` from the tables in `{tables_dir}`; the rule for each "
-             "claim is stated below. Comparisons of arms (C3, C4, C6, C7) are made over training seeds: "
-             "**held** = the 95% interval is above zero, **did not hold** = it excludes the claimed effect, "
-             "**underpowered at this scale** = it contains both zero and the claimed effect, or there is one "
-             "seed per arm (the run-to-run spread is then unmeasured). This is a small-scale check: a claim "
-             "that is underpowered or does not hold here may still hold at ImageNet scale.", "",
+             f"Verdicts are computed by `repdyn.study.claims` from the tables in `{tables_dir}`; the rule for each "
+             "claim is stated below. Comparisons of arms (C3, C4, C6, C7) are made over training seeds, as a "
+             "paired t interval of the per-seed differences where the arms share their seeds (Welch where they "
+             "do not; each line says which): "
+             "**held** = the 95% interval is above zero and reaches the claimed effect, **held, smaller than "
+             "claimed** = it is above zero but entirely below the claimed effect, **did not hold** = it lies "
+             "below the claimed effect without clearing zero, **underpowered at this scale** = it contains both "
+             "zero and the claimed effect, or there is one seed per arm (the run-to-run spread is then "
+             "unmeasured). Generation claims (C5-C7) are judged only where the samples pass the maturity gate "
+             "(the sampled EMA holds < 1% of its initial weights and the baseline's conditional samples reach "
+             "a class accuracy >= 0.6 with SE < 2 points); otherwise **not testable at this scale**. A claim "
+             "whose design has no runs at this scale is **not run at this scale**; **inconclusive** = a control "
+             "or input the rule needs is missing. This is a small-scale check: a claim that is underpowered or "
+             "does not hold here may still hold at ImageNet scale.", "",
              "| claim | verdict | summary |", "|---|---|---|"]
     lines += [f"| {v.claim}: {CLAIMS[v.claim]} | **{v.verdict}** | {v.summary} |" for v in verdicts]
     lines.append("")
@@ -48,8 +59,15 @@ def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collect
     return "\n".join(lines) + "\n"
 
 
-def _fmt(mean: float, sd: float) -> str:
-    return "" if mean != mean else (f"{mean:.2f}" + ("" if sd != sd else f" +- {sd:.2f}"))
+def _fmt(mean: float, sd: float, scale: float = 1.0, spec: str = ".2f") -> str:
+    if math.isnan(mean):
+        return ""
+    return f"{scale * mean:{spec}}" + ("" if math.isnan(sd) else f" +- {scale * sd:{spec}}")
+
+
+def _cell(r: pd.Series, col: str, scale: float = 1.0, spec: str = ".2f") -> str:
+    """``mean +- SD`` of an arm-table column (blank when not measured)."""
+    return _fmt(r.get(f"{col}_mean", math.nan), r.get(f"{col}_std", math.nan), scale, spec)
 
 
 def _arms_section(tb: StudyTables) -> list[str]:
@@ -62,17 +80,22 @@ def _arms_section(tb: StudyTables) -> list[str]:
              "Mean +- SD over training seeds (SD blank with one seed). Teacher / student: the curves' cells "
              f"(student = online block {tb.cells.get('student_block')} at t={tb.cells.get('t_student')}, teacher = "
              f"EMA block {tb.cells.get('teacher_block')} at t={tb.cells.get('t_teacher')}).", "",
-             f"| arm | seeds | final {metric} | teacher acc (%) | student acc (%) |", "|---|---|---|---|---|"]
+             ("Beside every fd: the class accuracy of its conditional samples by the dataset's classifier (chance "
+              "0.10) and the share of its initial weights the sampled EMA still holds (decay ** step): an fd of "
+              "samples that ignore their labels, or of weights that are mostly initialisation, is not a "
+              "generation result."), "",
+             f"| arm | seeds | final {metric} | class acc | EMA init weights (%) | teacher acc (%) | student acc (%) |",
+             "|---|---|---|---|---|---|---|"]
     for _, r in arms.iterrows():
-        lines.append(f"| {r['arm']} | {r['seeds']} | {_fmt(r.get('metric_value_mean', float('nan')), r.get('metric_value_std', float('nan')))} | "
-                     f"{_fmt(r.get('teacher_acc_mean', float('nan')), r.get('teacher_acc_std', float('nan')))} | "
-                     f"{_fmt(r.get('student_acc_mean', float('nan')), r.get('student_acc_std', float('nan')))} |")
+        lines.append(f"| {r['arm']} | {r['seeds']} | {_cell(r, 'metric_value')} | {_cell(r, 'class_acc')} | "
+                     f"{_cell(r, 'init_fraction', 100, '.3g')} | {_cell(r, 'teacher_acc')} | {_cell(r, 'student_acc')} |")
     lines.append("")
     ema = ema_sensitivity(tb)
     if ema:
         lines += ["## SRA's teacher EMA (SRA App. F: the result depends on it)", "",
                   "Each SRA teacher (= EMA) decay against the baseline at the same decay (the decay is also that of the "
-                  "sampled EMA), Welch 95% interval over seeds; the verdicts above use the study's default decay.", ""]
+                  "sampled EMA), 95% interval over seeds (paired where the arms share seeds); the verdicts above "
+                  "use the study's default decay.", ""]
         lines += [f"- {e}" for e in ema] + [""]
     return lines
 

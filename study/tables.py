@@ -7,7 +7,9 @@ claim rules, figure recipes and report work on (none of them reads or writes a f
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -19,7 +21,34 @@ import pandas as pd
 
 from .paths import StudyPaths
 
-__all__ = ["StudyTables", "load_study_tables", "quality_table", "accuracy_grid", "depth_profiles"]
+__all__ = ["StudyTables", "load_study_tables", "quality_table", "accuracy_grid", "depth_profiles", "run_ema_decay",
+           "init_fraction", "class_acc_column"]
+
+_EMA_RUN = re.compile(r"-ema(?P<decay>[0-9.]+?)(?:-s\d+)?$")
+
+
+def run_ema_decay(run: str, default: float | None) -> float | None:
+    """The EMA decay a run trained with: ``<arm>-ema<d>`` (seeded or not) has ``d``, any other run the
+    study's ``default`` (``config['ema_decay']``)."""
+    m = _EMA_RUN.search(str(run))
+    return float(m.group("decay")) if m else default
+
+
+def init_fraction(decay: float | None, step: float) -> float:
+    """The share of its initial weights an EMA still holds after ``step`` updates: the product of the
+    per-step decays since step 0, ``decay ** step`` (the trainer's EMA starts as a copy of the
+    initial model and uses a constant decay). NaN when the decay is unknown."""
+    if decay is None or not math.isfinite(float(decay)) or not math.isfinite(float(step)):
+        return math.nan
+    return float(decay) ** float(step)
+
+
+def class_acc_column(ev: pd.DataFrame, data: str | None = None) -> str | None:
+    """The evaluation table's class-accuracy column (``cond_acc_<data>``: the share of conditional
+    samples the dataset's classifier reads as their label), or None when it has none."""
+    if data and f"cond_acc_{data}" in ev.columns:
+        return f"cond_acc_{data}"
+    return next((c for c in ev.columns if c.startswith("cond_acc_")), None)
 
 
 @dataclass
@@ -51,7 +80,10 @@ class StudyTables:
 
 def quality_table(tb: StudyTables) -> pd.DataFrame:
     """One row per evaluated checkpoint: teacher-cell probe accuracy, ``fd_<data>`` and its
-    bootstrap SE, step, run, and cumulative training time (from the run's logged steps/s)."""
+    bootstrap SE, step, run, cumulative training time (from the run's logged steps/s), and beside
+    every fd what makes it readable: ``class_acc`` (conditional samples' class accuracy by the
+    dataset's classifier, NaN when not measured), ``n_samples`` and ``init_fraction`` (the share of
+    its initialisation the sampled EMA still holds, :func:`init_fraction`)."""
     if tb.eval is None or tb.curves is None:
         return pd.DataFrame(columns=["checkpoint_sha", "accuracy", "run", "step", "train_seconds", "metric"])
     ev = tb.eval
@@ -60,7 +92,13 @@ def quality_table(tb: StudyTables) -> pd.DataFrame:
     ev = ev.rename(columns={"ckpt_sha": "checkpoint_sha"})
     if f"{metric}_se" not in ev.columns:
         ev[f"{metric}_se"] = np.nan
-    df = teach.merge(ev[["checkpoint_sha", metric, f"{metric}_se"]], on="checkpoint_sha", how="inner")
+    acc_col = class_acc_column(ev, tb.config.get("data"))
+    ev = ev.assign(class_acc=ev[acc_col] if acc_col else np.nan,
+                   n_samples=ev["n_samples"] if "n_samples" in ev.columns else np.nan)
+    df = teach.merge(ev[["checkpoint_sha", metric, f"{metric}_se", "class_acc", "n_samples"]], on="checkpoint_sha",
+                     how="inner")
+    default = tb.config.get("ema_decay")
+    df["init_fraction"] = [init_fraction(run_ema_decay(r, default), st) for r, st in zip(df["run"], df["step"])]
     times = []
     for run, step in zip(df["run"], df["step"]):
         m = tb.training.get(run)

@@ -55,8 +55,10 @@ def test_only_one_run_then_gather(smoke_study):
     assert run_study(run, "smoke", figures=figures, progress=False, log=lambda s: None, only="sra") is None
     with pytest.raises(ValueError, match="not a run of scale smoke"):
         run_study(run, "smoke", figures=figures, progress=False, log=lambda s: None, only="sra-s7")
-    names = [n for n, _, _ in SCALES["cpu-repro"].run_specs()]
-    assert {"baseline-s2", "sra-kt6-s1", "sra-ema0.9995-s0"} <= set(names) and len(names) == len(set(names))
+    names = [n for n, _, _ in SCALES["cpu-repro"].run_specs()]  # issue 21's plan: baseline vs SRA, 5 paired seeds
+    assert set(names) == {f"{a}-s{s}" for a in ("baseline", "sra") for s in range(5)} and len(names) == 10
+    names = [n for n, _, _ in SCALES["gpu"].run_specs()]
+    assert {"baseline-s2", "sra-kt11-s1", "sra-ema0.9995-s0"} <= set(names) and len(names) == len(set(names))
 
 
 @pytest.mark.parametrize("notebook", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
