@@ -9,7 +9,9 @@ stays fast.
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -30,16 +32,62 @@ def _root() -> None:
     """Train DiT/SiT diffusion transformers and probe their representations (block x timestep)."""
 
 
+def _error_line(e: BaseException) -> str:
+    """The one line of an expected error. An error re-raised by a DataLoader worker carries the
+    worker's traceback in its message: only its last line (the original message) is kept."""
+    msg = str(e).strip().strip('"') or type(e).__name__
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return msg
+
+
+def _not_writable_line(e: OSError) -> str | None:
+    """``error: ...`` text for an OSError that says a path cannot be written (read-only file system,
+    permission denied), naming the path; None for other OSErrors (those keep their traceback)."""
+    from repdyn.core.files import not_writable_reason
+
+    reason = not_writable_reason(e)
+    if reason is None:
+        return None
+    name = e.filename if e.filename is not None else e.filename2
+    if name is None:
+        return f"cannot write: {reason}; choose a writable --out / --cache location"
+    path = Path(os.fsdecode(name))
+    if reason == "permission denied" and path.exists() and not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    if not path.exists() and path.name.startswith(".") and path.suffix in (".tmp", ".lock"):
+        path = path.parent  # a temp or lock file beside the output: the folder is what is not writable
+    at = path
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    where = "" if at == path else f" at {at}"
+    return f"{path} is not writable ({reason}{where}): choose a writable location (--out / --cache) or fix its permissions"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
+
+
 def friendly_errors(fn):
-    """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback)."""
+    """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback): bad
+    values and missing files, and paths that cannot be written (read-only folder, permission denied).
+    Warnings print as one `warning: ...` line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError) as e:
-            msg = str(e).strip().strip('"') or type(e).__name__
-            typer.echo(f"error: {msg}", err=True)
+            typer.echo(f"error: {_error_line(e)}", err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as e:  # PermissionError, EROFS: one line naming the path; anything else is a bug
+            line = _not_writable_line(e)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -264,7 +312,8 @@ def sample(
     method: OptMethod = None, steps: OptSteps = 50, cfg_scale: OptCfg = 1.0, guidance_low: OptLow = 0.0,
     guidance_high: OptHigh = 1.0, legacy_cfg: OptLegacy = False, labels: OptLabels = None, seed: OptSampleSeed = 0,
     batch_size: Annotated[int, typer.Option(help="Samples per forward batch.")] = 64, device: OptDevice = "auto",
-    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
+    weights: OptWeights = "ema", family: OptFamily = None, time_convention: OptTime = None,
+    num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
     vae: Annotated[Optional[Path], typer.Option(help="Local AutoencoderKL folder that decodes a latent checkpoint's "
                                                 "samples (e.g. a copy of sd-vae-ft-ema).")] = None,
     overwrite: OptOverwrite = False, quiet: OptQuiet = False,
@@ -281,7 +330,7 @@ def sample(
                      sampler=_sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed,
                                       batch_size),
                      device=str(resolve_device(device)), progress=not quiet, overwrite=overwrite, vae=vae,
-                     num_heads=num_heads)
+                     num_heads=num_heads, time_convention=time_convention)
     _echo_notes(res.notes)
     typer.echo(f"{res.n} samples ({res.method}, {res.steps} steps) -> {res.grid}" + (f", {res.npz}" if res.npz else ""))
 
@@ -309,7 +358,8 @@ def eval_(
     ref: Annotated[Optional[Path], typer.Option(help="Reference images for the Inception metrics: an ADM evaluator "
                                                 ".npz (arr_0 reference batch) or an image folder (default: the "
                                                 "dataset's train split; latent models need one).")] = None,
-    weights: OptWeights = "ema", family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
+    weights: OptWeights = "ema", family: OptFamily = None, time_convention: OptTime = None,
+    num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, quiet: OptQuiet = False,
 ) -> None:
     """Generation metrics for checkpoint(s), one CSV row each, keyed by checkpoint and sampler settings.
 
@@ -329,9 +379,10 @@ def eval_(
         row = run_eval(ckpt, metrics_csv, weights=weights, family=family, trust=trust_checkpoint, sampler=sampler, n=n,
                        device=str(resolve_device(device)), data=data, inception_weights=inception_weights, n_ref=n_ref,
                        offline=offline, npz_path=npz, progress=not quiet, log=lambda m: typer.echo(m, err=True),
-                       vae=vae, reference=ref, num_heads=num_heads)
+                       vae=vae, reference=ref, num_heads=num_heads, time_convention=time_convention)
         if not row:  # a non-zero torchrun rank: rank 0 reports
             continue
+        _echo_notes(row.get("load_notes", []))
         shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
                                                                                                "precision", "recall")}
         typer.echo(f"{Path(ckpt).name} step {row['step']}: "

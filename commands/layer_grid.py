@@ -29,7 +29,8 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import atomic_write_text, save_figure, write_table
 from repdyn.core.runtime import init_distributed, resolve_device
 
-from repdyn.commands.common import check_weights, checkpoint_tag, claim_output, release_output, releases_outputs
+from repdyn.commands.common import (check_weights, checkpoint_tag, claim_output, model_inputs, release_output,
+                                    releases_outputs)
 
 __all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
 
@@ -92,8 +93,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
                            "blocks": blocks, "ts": ts, "label": label, "probe": probe, "n_train": n_train,
                            "n_test": n_test, "pooling": pooling, "seed": seed, "holdout": holdout,
                            "time_convention": ck.time_convention}, overwrite)
-    dtrain = make_dataset(data, "train", root=data_root)
-    dtest = make_dataset(data, "test", root=data_root)
+    dtrain = make_dataset(data, "train", root=data_root, **model_inputs(ck))  # channels follow the model
+    dtest = make_dataset(data, "test", root=data_root, **model_inputs(ck))
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     common = dict(blocks=blocks, ts=ts or None, label_policy=label, pooling=pooling, batch_size=batch_size,
                   seed=seed, device=dev, cache=cache, progress=progress)
