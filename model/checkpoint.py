@@ -141,26 +141,39 @@ def _weights_only_globals() -> frozenset[str]:
     return frozenset(names)
 
 
+_STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING")
+
+
 def pickled_globals(path: str | os.PathLike) -> list[str] | None:
     """The ``module.name`` globals a ``torch.save`` zip file's pickle refers to, read without
-    unpickling anything (None where the file is not a readable torch zip)."""
+    unpickling anything; None where the file is not a readable torch zip or a global cannot be
+    named (only used to word messages and warnings: ``torch.load`` decides what loads)."""
     try:
         with zipfile.ZipFile(path) as z:
             member = next(n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
             data = z.read(member)
-        found, strings, memo = [], [], {}
+        found: set[str] = set()
+        pushed: list[str | None] = []  # what recent opcodes pushed (strings; None for anything else)
+        memo: dict[int, str | None] = {}
         for op, arg, _ in pickletools.genops(data):
-            if op.name == "GLOBAL":
-                found.append(str(arg).replace(" ", ".", 1))
-            elif op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
-                strings.append(str(arg))
-            elif op.name in ("MEMOIZE", "BINPUT", "LONG_BINPUT", "PUT") and strings:
-                memo[len(memo) if op.name == "MEMOIZE" else arg] = strings[-1]
-            elif op.name in ("BINGET", "LONG_BINGET", "GET") and arg in memo:
-                strings.append(memo[arg])
-            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
-                found.append(f"{strings[-2]}.{strings[-1]}")
-        return sorted(set(found))
+            name = op.name
+            if name == "GLOBAL":
+                found.add(str(arg).replace(" ", ".", 1))
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":  # protocol 4+: module and name are the two strings below
+                if len(pushed) < 2 or pushed[-2] is None or pushed[-1] is None:
+                    return None
+                found.add(f"{pushed[-2]}.{pushed[-1]}")
+                pushed[-2:] = [None]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            else:
+                pushed.append(str(arg) if name in _STRING_OPS else None)
+        return sorted(found)
     except Exception:  # noqa: BLE001 - legacy/tar formats or a damaged zip: torch.load will judge
         return None
 
@@ -194,19 +207,17 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
                          "pass a .pt/.pth file written by torch.save")
     names = pickled_globals(path)
     code = _pickled_code(names) if names else []
-    if code and not trust:
-        raise _code_refused(path, code)
-    if code:
+    if code and trust:
         warnings.warn(f"{path} contains pickled code ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "
                       "loading it runs that code (--trust-checkpoint)", PickledCodeWarning, stacklevel=2)
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
         m = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
-        if not trust and m:
-            name = m.group(1).rstrip(".")
-            if _pickled_code([name]):  # a legacy-format file the zip scan could not read
-                raise _code_refused(path, [name]) from None
+        if not trust and (m or code):
+            refused = code or _pickled_code([m.group(1).rstrip(".")])  # the scan, else torch's first refusal
+            if refused:
+                raise _code_refused(path, refused) from None
             raise ValueError(
                 f"{path} contains pickled Python objects (e.g. an argparse.Namespace, as official REPA/SRA "
                 "training checkpoints do); if you trust the file, pass --trust-checkpoint (weights_only=False)"

@@ -76,3 +76,34 @@ def tiny_sra_run(tmp_path_factory) -> Path:
         torch.set_num_threads(old)
     assert len(list((out / "checkpoints").glob("*.pt"))) == 3
     return out
+
+
+@pytest.fixture
+def read_only_dir(tmp_path, monkeypatch):
+    """A folder nothing can be written in, named ``ro``. Not root: a real ``chmod 0555`` folder. Root
+    ignores file modes, so there the read-only file system is simulated: ``os.mkdir`` / ``os.open``
+    (which ``Path.mkdir``, ``tempfile.mkstemp`` and the output locks go through) raise
+    ``OSError(EROFS)`` for any path inside it, as a read-only mount would."""
+    import errno
+    import os
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    if os.geteuid() != 0:
+        ro.chmod(0o555)
+        yield ro
+        ro.chmod(0o755)
+        return
+    inside = str(ro.resolve())
+
+    def guard(real):
+        def wrapped(path, *args, **kwargs):
+            p = os.path.abspath(os.fsdecode(path)) if not isinstance(path, int) else ""
+            if p == inside or p.startswith(inside + os.sep):
+                raise OSError(errno.EROFS, "Read-only file system", os.fsdecode(path))
+            return real(path, *args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(os, "mkdir", guard(os.mkdir))
+    monkeypatch.setattr(os, "open", guard(os.open))
+    yield ro
