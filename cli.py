@@ -9,6 +9,7 @@ stays fast.
 from __future__ import annotations
 
 import functools
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -26,26 +27,67 @@ app = typer.Typer(
 )
 
 
-def _one_line_warning(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
-
-
 @app.callback()
 def _root() -> None:
     """Train DiT/SiT diffusion transformers and probe their representations (block x timestep)."""
-    warnings.formatwarning = _one_line_warning  # users read `warning: ...`, not a source location
+
+
+def _error_line(e: BaseException) -> str:
+    """The one line of an expected error. An error re-raised by a DataLoader worker carries the
+    worker's traceback in its message: only its last line (the original message) is kept."""
+    msg = str(e).strip().strip('"') or type(e).__name__
+    if "Original Traceback" in msg:
+        last = msg.strip().splitlines()[-1]
+        msg = last.split(": ", 1)[1] if ": " in last and last.split(": ", 1)[0].endswith("Error") else last
+    return msg
+
+
+def _not_writable_line(e: OSError) -> str | None:
+    """``error: ...`` text for an OSError that says a path cannot be written (read-only file system,
+    permission denied), naming the path; None for other OSErrors (those keep their traceback)."""
+    from repdyn.core.files import not_writable_reason
+
+    reason = not_writable_reason(e)
+    if reason is None:
+        return None
+    name = e.filename if e.filename is not None else e.filename2
+    if name is None:
+        return f"cannot write: {reason}; choose a writable --out / --cache location"
+    path = Path(os.fsdecode(name))
+    if reason == "permission denied" and path.exists() and not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    if not path.exists() and path.name.startswith(".") and path.suffix in (".tmp", ".lock"):
+        path = path.parent  # a temp or lock file beside the output: the folder is what is not writable
+    at = path
+    while not at.exists() and at != at.parent:
+        at = at.parent
+    where = "" if at == path else f" at {at}"
+    return f"{path} is not writable ({reason}{where}): choose a writable location (--out / --cache) or fix its permissions"
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    typer.echo(f"warning: {message}", err=True)
 
 
 def friendly_errors(fn):
-    """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback)."""
+    """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback): bad
+    values and missing files, and paths that cannot be written (read-only folder, permission denied).
+    Warnings print as one `warning: ...` line."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = _one_line_warning
+                return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError) as e:
-            msg = str(e).strip().strip('"') or type(e).__name__
-            typer.echo(f"error: {msg}", err=True)
+            typer.echo(f"error: {_error_line(e)}", err=True)
+            raise typer.Exit(code=2) from None
+        except OSError as e:  # PermissionError, EROFS: one line naming the path; anything else is a bug
+            line = _not_writable_line(e)
+            if line is None:
+                raise
+            typer.echo(f"error: {line}", err=True)
             raise typer.Exit(code=2) from None
 
     return wrapper
@@ -345,6 +387,7 @@ def eval_(
                        vae=vae, reference=ref, num_heads=num_heads, time_convention=time_convention)
         if not row:  # a non-zero torchrun rank: rank 0 reports
             continue
+        _echo_notes(row.get("load_notes", []))
         shown = {k: v for k, v in row.items() if k.startswith(("fd_", "cond_acc_")) or k in ("fid", "is", "kid",
                                                                                                "precision", "recall")}
         typer.echo(f"{Path(ckpt).name} step {row['step']}: "

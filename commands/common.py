@@ -23,9 +23,10 @@ from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_t
 from repdyn.core.timesteps import format_t
 from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
 from repdyn.datasets.sources import make_dataset
-from repdyn.core.files import FOLDER_LOCK, atomic_write_text, held_folders, lock_folder, save_figure, unlock_folder
+from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, held_folders, lock_folder,
+                               save_figure, unlock_folder)
 
-__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
+__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "model_inputs", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
            "DEFAULT_CACHE", "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
            "checkpoint_tag"]
@@ -117,6 +118,7 @@ def claim_output(path: Path, identity: dict[str, Any], overwrite: bool = False) 
     """
     if path.exists() and not path.is_dir():
         raise ValueError(f"--out {path} is a file; give a folder")
+    check_writable(path, "--out")  # a read-only folder fails here, in one line, before any work
     path.mkdir(parents=True, exist_ok=True)
     lock_folder(path)  # the pid lock every command shares, train included (core/files.py)
     owner = path / OWNER_FILE
@@ -171,9 +173,17 @@ def load_for_analysis(path: str | os.PathLike, weights: str, spec: FeatureSpec) 
                            time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
 
 
+def model_inputs(ck: LoadedCheckpoint) -> dict[str, int]:
+    """What the checkpoint's network takes, as :func:`make_dataset` keywords: channels follow the model
+    (a grayscale folder for a one-channel model, RGB for three) and so does a folder's image size."""
+    cfg = ck.model.config
+    return {"channels": int(cfg.in_channels), "image_size": int(cfg.input_size)}
+
+
 def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):
-    """The dataset a command analyses: ``--data`` when given, else the one the run trained on."""
-    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split)
+    """The dataset a command analyses: ``--data`` when given, else the one the run trained on, in the
+    checkpoint's channels (:func:`model_inputs`)."""
+    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split, **model_inputs(ck))
 
 
 def load_features(ck: LoadedCheckpoint, spec: FeatureSpec, *, blocks: Sequence[int] | None = None,

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from repdyn.core.files import check_writable
 from repdyn.core.runtime import shard_bounds
 from repdyn.model import samplers
 from repdyn.model.checkpoint import load_checkpoint
@@ -55,6 +56,11 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
     rank, world = init_distributed(device)
     ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust,
                          time_convention=time_convention)
+    metrics_csv = Path(metrics_csv) if metrics_csv is not None else ck.run_dir / "eval_metrics.csv"
+    if rank == 0:  # outputs checked before sampling: a read-only folder fails in seconds
+        check_writable(metrics_csv, "--metrics-csv")
+        if kwargs.get("npz_path") is not None:
+            check_writable(kwargs["npz_path"], "--npz")
     kwargs.update(sampler.kwargs(ck.family) if sampler else {})
     if vae is not None:
         kwargs["vae"] = load_vae(vae, device)
@@ -70,7 +76,7 @@ def run_eval(ckpt_path: str | os.PathLike, metrics_csv: str | os.PathLike | None
     row = evaluate_checkpoint(ck, **kwargs)
     if ck.load_notes():
         row["checkpoint_load"] = "; ".join(ck.load_notes())  # what the loader ignored or inferred
-    metrics_csv = Path(metrics_csv) if metrics_csv is not None else ck.run_dir / "eval_metrics.csv"
     append_metrics_row(metrics_csv, row)
     row["metrics_csv"] = str(metrics_csv)
+    row["load_notes"] = ck.load_notes()  # printed by the CLI (not a table column)
     return row

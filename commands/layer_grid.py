@@ -29,7 +29,8 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import atomic_write_text, save_figure, write_table
 from repdyn.core.runtime import init_distributed, resolve_device
 
-from repdyn.commands.common import check_weights, checkpoint_tag, claim_output, release_output, releases_outputs
+from repdyn.commands.common import (check_weights, checkpoint_tag, claim_output, model_inputs, release_output,
+                                    releases_outputs)
 
 __all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
 
@@ -87,8 +88,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
     out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe, ck.sha)
-    dtrain = make_dataset(data, "train", root=data_root)
-    dtest = make_dataset(data, "test", root=data_root)
+    dtrain = make_dataset(data, "train", root=data_root, **model_inputs(ck))  # channels follow the model
+    dtest = make_dataset(data, "test", root=data_root, **model_inputs(ck))
     n_train = check_probe_sizes(n_train, len(dtrain), dtrain.num_classes)
     if rank == 0:  # claimed before any extraction: a wrong --out fails in seconds, not after the fits
         claim_output(out, {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data,

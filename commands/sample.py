@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from repdyn.model import samplers
+from repdyn.core.files import check_writable
 from repdyn.model.checkpoint import load_checkpoint
 from repdyn.evaluation.images import save_grid, save_npz, to_uint8
 from repdyn.evaluation.vae import check_vae, load_vae, to_pixels
@@ -52,11 +53,13 @@ def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int =
                trust: bool = False, sampler: SamplerSettings | None = None, device: str = "cpu",
                progress: bool = True, overwrite: bool = False, vae: str | os.PathLike | None = None,
                num_heads: int | None = None, time_convention: str | None = None) -> SampleResult:
-    """Existing ``out`` / ``npz`` files are replaced only with ``overwrite`` (checked before sampling).
-    Latent checkpoints are decoded with the AutoencoderKL in folder ``vae``."""
-    for target in (out, npz):
+    """Existing ``out`` / ``npz`` files are replaced only with ``overwrite``, and both must be writable
+    (checked before sampling). Latent checkpoints are decoded with the AutoencoderKL in folder ``vae``."""
+    for target, flag in ((out, "--out"), (npz, "--npz")):
         if target is not None and Path(target).exists() and not overwrite:
             raise ValueError(f"{target} exists; pass --overwrite to replace it or choose another path")
+        if target is not None:
+            check_writable(target, flag)
     s = sampler or SamplerSettings()
     ck = load_checkpoint(ckpt_path, weights=weights, family=family, num_heads=num_heads, trust=trust,
                          time_convention=time_convention)

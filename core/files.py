@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import io
@@ -27,7 +28,7 @@ from typing import Any
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "write_table", "write_npz", "save_figure",
            "save_torch", "sha256_file", "current_umask", "exclusive_lock", "pid_alive", "FOLDER_LOCK", "lock_folder",
-           "unlock_folder", "held_folders"]
+           "unlock_folder", "held_folders", "check_writable", "not_writable_reason"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -199,3 +200,36 @@ def save_torch(obj: Any, path: str | os.PathLike) -> Path:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
     return Path(path)
+
+
+def not_writable_reason(e: OSError) -> str | None:
+    """``e``'s cause in words if it says a place cannot be written (``read-only file system``,
+    ``permission denied``), else None."""
+    if e.errno == errno.EROFS:
+        return "read-only file system"
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return None
+
+
+def check_writable(path: str | os.PathLike, what: str = "") -> None:
+    """Fail early, in one line, if ``path`` (a file or folder to be written; it need not exist yet)
+    cannot be written: a temp file is created and removed in its nearest existing folder. ``what``
+    names it in the message (e.g. ``--out``). Nothing is created."""
+    target = Path(path)
+    folder = target
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    label = f"{what} {target}" if what else str(target)
+    if not folder.is_dir():
+        if folder != target:  # a file where a folder has to be
+            raise ValueError(f"{label} cannot be created: {folder} is a file, not a folder")
+        folder = folder.parent
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".repdyn-write-test.")
+    except OSError as e:
+        reason = not_writable_reason(e) or e.strerror or type(e).__name__
+        where = "" if folder == target else f" at {folder}"
+        raise ValueError(f"{label} is not writable ({reason}{where}): choose a writable location") from None
+    os.close(fd)
+    os.unlink(tmp)

@@ -6,7 +6,8 @@ Specs accepted by :func:`make_dataset`:
   28x28 padded to 32x32, 1 channel, pixels in [-1, 1];
 * ``digits`` — scikit-learn's 8x8 digits, a tiny fallback (fixed 80/20 split);
 * ``folder:PATH`` — an image folder with one sub-folder per class (``PATH/train`` and
-  ``PATH/test`` if present, else a fixed 90/10 split), resized to ``image_size``;
+  ``PATH/test`` if present, else a fixed 90/10 split), resized to ``image_size``; read as RGB, or as
+  grayscale with ``channels=1`` (channels follow the model: PIL converts grayscale <-> RGB);
 * ``latents:PATH`` — pre-computed SD-VAE moments in the REPA/SRA layout (``PATH/vae-sd/**.npy``
   of shape (8, h, w) = [mean, std], labels in ``PATH/vae-sd/dataset.json``; a test split in
   ``PATH/test/vae-sd``); each access draws a fresh posterior sample ``(mean + std * eps) * 0.18215``.
@@ -15,6 +16,11 @@ A folder without a test split is never reused as its own test split: ``train`` a
 disjoint, seeded 90/10 cut of it (:data:`HELDOUT_RULE`), recorded in ``dataset.split_rule`` and
 warned about, since it is not an official split. The trainer of a latents folder may take every
 file (``holdout_cut=False``: the papers train on all of ImageNet's train latents); probes never do.
+
+``channels`` (from the checkpoint being probed): image datasets are converted to that many channels
+(1 = grayscale, 3 = RGB; Fashion-MNIST and digits repeat their one channel for an RGB model); data
+that cannot be converted (latents for a pixel model, images for a latent model) is a one-line error.
+A file that cannot be read (a corrupt image, a latent of another shape) is a one-line error naming it.
 
 Datasets return *raw* items; :meth:`finalize` turns a collated batch into model inputs on the
 training device. Everything random (posterior draws) happens there, from the trainer's generator,
@@ -68,9 +74,14 @@ class ImageArrayDataset(Dataset):
     latent_scale: float | None = None
 
     def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray, class_names: list[str],
-                 max_value: float = 255.0):
+                 max_value: float = 255.0, channels: int | None = None):
         if len(images) == 0:
             raise ValueError(f"dataset {name!r} split {split!r} is empty")
+        if channels is not None and channels != images.shape[1]:
+            if images.shape[1] == 1 and channels == 3:  # grayscale -> RGB (what PIL's convert("RGB") gives)
+                images = np.repeat(images, 3, axis=1)
+            else:
+                raise ValueError(_channels_error(name, f"{images.shape[1]} channel(s)", channels))
         self.name, self.split = name, split
         self.images = torch.from_numpy(np.ascontiguousarray(images))
         self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64))
@@ -92,6 +103,13 @@ class ImageArrayDataset(Dataset):
 
     def finalize(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         return x
+
+
+def _channels_error(name: str, have: str, want: int) -> str:
+    """One line: data ``name`` (with ``have`` channels) cannot feed a model of ``want`` channels."""
+    hint = ("a pixel model needs images (fashion-mnist, digits or folder:PATH)" if want in (1, 3)
+            else "a latent model needs latents:PATH (probe encode makes them)")
+    return f"data {name} has {have} and cannot be converted to the {want} channel(s) the model takes: {hint}"
 
 
 # -- Fashion-MNIST ---------------------------------------------------------------------------------
@@ -118,7 +136,8 @@ def _find_idx(root: Path, stem: str) -> Path | None:
     return None
 
 
-def load_fashion_mnist(split: str, root: str | os.PathLike | None = None, pad_to: int = 32) -> ImageArrayDataset:
+def load_fashion_mnist(split: str, root: str | os.PathLike | None = None, pad_to: int = 32,
+                       channels: int | None = None) -> ImageArrayDataset:
     root = Path(root or os.environ.get("REPDYN_FASHION_MNIST", FASHION_MNIST_DIR))
     prefix = "train" if split == "train" else "t10k"
     img_path = _find_idx(root, f"{prefix}-images-idx3-ubyte")
@@ -135,10 +154,10 @@ def load_fashion_mnist(split: str, root: str | os.PathLike | None = None, pad_to
         raise ValueError(f"Fashion-MNIST {split}: {len(images)} images but {len(labels)} labels")
     pad = (pad_to - images.shape[-1]) // 2
     images = np.pad(images, ((0, 0), (pad, pad), (pad, pad)))[:, None]
-    return ImageArrayDataset("fashion-mnist", split, images, labels, FASHION_MNIST_CLASSES)
+    return ImageArrayDataset("fashion-mnist", split, images, labels, FASHION_MNIST_CLASSES, channels=channels)
 
 
-def load_digits_dataset(split: str) -> ImageArrayDataset:
+def load_digits_dataset(split: str, channels: int | None = None) -> ImageArrayDataset:
     from sklearn.datasets import load_digits
 
     d = load_digits()
@@ -146,7 +165,8 @@ def load_digits_dataset(split: str) -> ImageArrayDataset:
     cut = int(0.8 * len(perm))
     idx = perm[:cut] if split == "train" else perm[cut:]
     images = d.images[idx].astype(np.uint8)[:, None]  # values 0..16
-    return ImageArrayDataset("digits", split, images, d.target[idx], [str(i) for i in range(10)], max_value=16.0)
+    return ImageArrayDataset("digits", split, images, d.target[idx], [str(i) for i in range(10)], max_value=16.0,
+                             channels=channels)
 
 
 # -- Image folder ---------------------------------------------------------------------------------
@@ -155,12 +175,15 @@ IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
 class ImageFolderDataset(Dataset):
-    """``root/<class>/<image>``; centre-cropped and resized to ``image_size``, RGB or grayscale."""
+    """``root/<class>/<image>``; centre-cropped and resized to ``image_size``, RGB (``channels=3``) or
+    grayscale (``channels=1``) whatever the files are (PIL converts)."""
 
     latent_scale: float | None = None
 
     def __init__(self, root: str | os.PathLike, split: str, image_size: int = 32, channels: int = 3):
         root = Path(root)
+        if channels not in (1, 3):
+            raise ValueError(_channels_error(f"folder:{root}", "images (1 or 3 channels)", channels))
         if not root.is_dir():
             raise FileNotFoundError(f"image folder {root} does not exist")
         base = root / split if (root / "train").is_dir() else root
@@ -193,7 +216,12 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         path, label = self.files[i]
-        img = Image.open(path).convert("RGB" if self.channels == 3 else "L")
+        try:
+            with Image.open(path) as f:
+                img = f.convert("RGB" if self.channels == 3 else "L")
+        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+            why = "not an image PIL can read" if isinstance(e, Image.UnidentifiedImageError) else _first_line(e)
+            raise ValueError(f"cannot read image {path} ({why}): remove or replace the file") from None
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
@@ -210,7 +238,23 @@ class ImageFolderDataset(Dataset):
         return x
 
 
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 # -- Pre-computed latents (REPA / SRA layout) -------------------------------------------------------
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """One latent file; a one-line error naming it if it is not a readable ``.npy`` array."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(6) != b"\x93NUMPY":
+                raise ValueError("not a .npy file")
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:  # unreadable, not .npy, truncated or pickled
+        raise ValueError(f"cannot read latent {path} ({_first_line(e)}): re-encode it or remove it") from None
 
 
 class LatentsDataset(Dataset):
@@ -242,7 +286,7 @@ class LatentsDataset(Dataset):
             raise ValueError(f"{len(missing)} latent files have no label in dataset.json, e.g. {missing[0]}")
         if not files:
             raise ValueError(f"no .npy latents under {feat_dir}")
-        first = np.load(files[0])
+        first = _load_npy(files[0])
         if first.ndim != 3 or first.shape[0] % 2:
             raise ValueError(f"{files[0]} has shape {first.shape}; expected (2C, h, w) = [mean, std] moments")
         self.name, self.split = f"latents:{root}", split
@@ -263,12 +307,17 @@ class LatentsDataset(Dataset):
         self.vae_info = meta.get("vae")  # written by probe encode: path, scale, config_sha
         self.channels = first.shape[0] // 2
         self.image_size = first.shape[-1]
+        self.moment_shape = tuple(first.shape)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int):
-        return torch.from_numpy(np.load(self.files[i]).astype(np.float32)), self.labels[i]
+        arr = _load_npy(self.files[i])
+        if arr.shape != self.moment_shape:
+            raise ValueError(f"latent {self.files[i]} has shape {arr.shape}, expected {self.moment_shape} like the "
+                             f"other files of {self.name}: re-encode it or remove it (and its dataset.json entry)")
+        return torch.from_numpy(arr.astype(np.float32)), self.labels[i]
 
     def get_batch(self, idx: torch.Tensor):
         items = [self[int(i)] for i in idx]
@@ -281,19 +330,25 @@ class LatentsDataset(Dataset):
 
 
 def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = 32,
-                 holdout_cut: bool = True):
+                 holdout_cut: bool = True, channels: int | None = None):
     """Build a dataset from a spec string (see module docstring). ``holdout_cut=False`` (training
-    only): a latents folder without a test split gives every file as ``train``."""
+    only): a latents folder without a test split gives every file as ``train``. ``channels``: what
+    the model takes (from its checkpoint); images are converted to it (1 grayscale, 3 RGB), None
+    keeps each source's own (folders: RGB)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     if spec == "fashion-mnist":
-        return load_fashion_mnist(split, root)
+        return load_fashion_mnist(split, root, channels=channels)
     if spec == "digits":
-        return load_digits_dataset(split)
+        return load_digits_dataset(split, channels=channels)
     if spec.startswith("folder:"):
-        return ImageFolderDataset(spec.split(":", 1)[1], split, image_size=image_size)
+        return ImageFolderDataset(spec.split(":", 1)[1], split, image_size=image_size,
+                                  channels=3 if channels is None else channels)
     if spec.startswith("latents:"):
-        return LatentsDataset(spec.split(":", 1)[1], split, holdout_cut=holdout_cut)
+        ds = LatentsDataset(spec.split(":", 1)[1], split, holdout_cut=holdout_cut)
+        if channels is not None and channels != ds.channels:
+            raise ValueError(_channels_error(ds.name, f"{ds.channels} latent channel(s)", channels))
+        return ds
     raise ValueError(f"unknown dataset {spec!r}; use one of {dataset_names()}")
 
 

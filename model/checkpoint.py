@@ -18,8 +18,10 @@ of it in one line per fact.
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -36,7 +38,7 @@ from repdyn.model.objectives import Objective, make_objective
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint", "list_checkpoints",
            "latest_checkpoint", "file_sha", "run_dir_of", "infer_model_config", "rename_official_keys",
-           "TRAINING_ONLY_HEADS"]
+           "TRAINING_ONLY_HEADS", "PickledCodeWarning", "pickled_globals"]
 
 CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
@@ -109,9 +111,86 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
+class PickledCodeWarning(UserWarning):
+    """A checkpoint loaded with ``trust=True`` pickles code (functions or classes beyond plain data)."""
+
+
+# Pickled data classes (not code) that published training checkpoints carry: refused without trust, with
+# the "pickled Python objects" message; anything else beyond torch's weights-only set is "pickled code".
+_PICKLED_DATA = ("argparse.Namespace", "numpy.", "collections.", "pathlib.", "datetime.", "builtins.slice",
+                 "builtins.range", "builtins.frozenset", "builtins.set", "builtins.complex", "builtins.bytearray")
+
+
+@functools.lru_cache(maxsize=1)
+def _weights_only_globals() -> frozenset[str]:
+    """``module.name`` of what ``torch.load(weights_only=True)`` accepts (torch's allow-list)."""
+    try:
+        from torch import _weights_only_unpickler as wou
+
+        names = set(wou._get_allowed_globals())
+    except Exception:  # noqa: BLE001 - a private API: fall back to torch's own namespace
+        names = set()
+    for obj in getattr(torch.serialization, "get_safe_globals", lambda: [])():
+        obj = obj[0] if isinstance(obj, tuple) else obj
+        names.add(f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}")
+    return frozenset(names)
+
+
+_STRING_OPS = ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING", "BINSTRING", "STRING")
+
+
+def pickled_globals(path: str | os.PathLike) -> list[str] | None:
+    """The ``module.name`` globals a ``torch.save`` zip file's pickle refers to, read without
+    unpickling anything; None where the file is not a readable torch zip or a global cannot be
+    named (only used to word messages and warnings: ``torch.load`` decides what loads)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            member = next(n for n in z.namelist() if n == "data.pkl" or n.endswith("/data.pkl"))
+            data = z.read(member)
+        found: set[str] = set()
+        pushed: list[str | None] = []  # what recent opcodes pushed (strings; None for anything else)
+        memo: dict[int, str | None] = {}
+        for op, arg, _ in pickletools.genops(data):
+            name = op.name
+            if name == "GLOBAL":
+                found.add(str(arg).replace(" ", ".", 1))
+                pushed.append(None)
+            elif name == "STACK_GLOBAL":  # protocol 4+: module and name are the two strings below
+                if len(pushed) < 2 or pushed[-2] is None or pushed[-1] is None:
+                    return None
+                found.add(f"{pushed[-2]}.{pushed[-1]}")
+                pushed[-2:] = [None]
+            elif name == "MEMOIZE":
+                memo[len(memo)] = pushed[-1] if pushed else None
+            elif name in ("PUT", "BINPUT", "LONG_BINPUT"):
+                memo[int(arg)] = pushed[-1] if pushed else None
+            elif name in ("GET", "BINGET", "LONG_BINGET"):
+                pushed.append(memo.get(int(arg)))
+            else:
+                pushed.append(str(arg) if name in _STRING_OPS else None)
+        return sorted(found)
+    except Exception:  # noqa: BLE001 - legacy/tar formats or a damaged zip: torch.load will judge
+        return None
+
+
+def _pickled_code(names: list[str]) -> list[str]:
+    """The globals of ``names`` that are code: neither torch's weights-only set nor plain data."""
+    allowed = _weights_only_globals()
+    return [n for n in names if n not in allowed and not n.startswith(_PICKLED_DATA)
+            and not (len(allowed) < 10 and n.startswith("torch."))]  # torch's private allow-list unavailable
+
+
+def _code_refused(path: Path, code: list[str]) -> ValueError:
+    more = ", ..." if len(code) > 3 else ""
+    return ValueError(f"{path}: this file contains pickled code ({', '.join(code[:3])}{more}); refused (pass "
+                      "--trust-checkpoint only if you trust it)")
+
+
 def read_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load`` with clear one-line errors. ``trust=True`` allows pickled objects (official
-    training checkpoints store an ``argparse.Namespace``) — only for files you trust."""
+    training checkpoints store an ``argparse.Namespace``) — only for files you trust. A file that
+    pickles code (a ``__reduce__`` calling a function) is refused without ``trust`` and loaded with
+    a :class:`PickledCodeWarning` with it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -121,10 +200,19 @@ def read_checkpoint(path: str | os.PathLike, trust: bool = False, map_location: 
     if reason is not None:
         raise ValueError(f"{path} is not a PyTorch checkpoint (unreadable by torch.load: {reason}); "
                          "pass a .pt/.pth file written by torch.save")
+    names = pickled_globals(path)
+    code = _pickled_code(names) if names else []
+    if code and trust:
+        warnings.warn(f"{path} contains pickled code ({', '.join(code[:3])}{', ...' if len(code) > 3 else ''}): "
+                      "loading it runs that code (--trust-checkpoint)", PickledCodeWarning, stacklevel=2)
     try:
         return torch.load(path, map_location=map_location, weights_only=not trust)
     except pickle.UnpicklingError as e:
-        if not trust and "Unsupported global" in str(e):
+        m = re.search(r"unsupported global:? (?:GLOBAL )?([\w.]+)", str(e), re.IGNORECASE)
+        if not trust and (m or code):
+            refused = code or _pickled_code([m.group(1).rstrip(".")])  # the scan, else torch's first refusal
+            if refused:
+                raise _code_refused(path, refused) from None
             raise ValueError(
                 f"{path} contains pickled Python objects (e.g. an argparse.Namespace, as official REPA/SRA "
                 "training checkpoints do); if you trust the file, pass --trust-checkpoint (weights_only=False)"
@@ -166,6 +254,8 @@ class LoadedCheckpoint:
     ignored_keys: list[str] = field(default_factory=list)
     # What the loader decided itself for a foreign file: name -> "value (how)"; {} for ours.
     inferred: dict[str, str] = field(default_factory=dict)
+    # Other facts the user should see, one line each (e.g. --weights model on a one-set release).
+    notes: list[str] = field(default_factory=list)
 
     def load_notes(self) -> list[str]:
         """One line per ignored key group and per inferred fact (empty for our own checkpoints), e.g.
@@ -188,7 +278,7 @@ class LoadedCheckpoint:
                 notes.append(f"inferred {name} {value} {how[:-1]}")
             else:
                 notes.append(f"inferred {name} {text}")
-        return notes
+        return notes + list(self.notes)
 
     @property
     def family(self) -> str:
@@ -332,6 +422,29 @@ def infer_model_config(sd: dict, family: str, num_heads: int | None = None, *, a
     return cfg
 
 
+_CORE_KEYS = ("x_embedder.proj.weight", "pos_embed", "y_embedder.embedding_table.weight", "final_layer.linear.weight",
+              "blocks.0.mlp.fc1.weight")
+
+
+def _check_layout(sd: dict, path: Path) -> None:
+    """A one-line error for a state dict that is not a DiT/SiT at all (a ResNet, a VAE, ...), checked
+    before anything is asked about it (--family, --num-heads)."""
+    missing = [k for k in _CORE_KEYS if k not in sd]
+    if missing:
+        first = ", ".join(list(sd)[:3]) + (", ..." if len(sd) > 3 else "")
+        raise ValueError(f"{path.name} is not a DiT/SiT state dict: it has no {missing[0]} "
+                         f"({len(missing)} of the {len(_CORE_KEYS)} DiT/SiT core keys missing; its keys: "
+                         f"{first or 'none'})")
+
+
+def _family_from_args(args: Any) -> tuple[str | None, str]:
+    """DiT or SiT from the file's ``args.model`` name (e.g. 'SiT-XL/2'), which settles it."""
+    name = _namespace_get(args, "model")
+    if isinstance(name, str) and (m := re.match(r"\s*(dit|sit)[-_/]", name, re.IGNORECASE)):
+        return m.group(1).lower(), f"args.model {name!r}"
+    return None, ""
+
+
 def _learns_sigma(sd: dict) -> bool:
     try:
         proj, final = sd["x_embedder.proj.weight"], sd["final_layer.linear.weight"]
@@ -342,9 +455,9 @@ def _learns_sigma(sd: dict) -> bool:
 
 def _infer_family(sd: dict, args: Any) -> tuple[str | None, str]:
     """DiT or SiT from the training args or from keys that only one family's official code has."""
-    name = _namespace_get(args, "model")
-    if isinstance(name, str) and (m := re.match(r"\s*(dit|sit)[-_/]", name, re.IGNORECASE)):
-        return m.group(1).lower(), f"from args.model {name!r}"
+    fam, how = _family_from_args(args)
+    if fam is not None:
+        return fam, f"from {how}"
     if _namespace_get(args, "path_type") is not None:
         return "sit", "from args.path_type"  # REPA / SRA / DiverseDiT / SiT args carry the interpolant
     if any(k.startswith(_OFFICIAL_SKIP_PREFIXES) for k in sd):
@@ -397,10 +510,16 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     inferred: dict[str, str] = {}
+    load_notes: list[str] = []
+    if family is not None and family not in ("dit", "sit"):
+        raise ValueError(f"--family must be dit or sit, got {family!r}")
 
     if "meta" in obj and "config" in obj and "model" in obj:  # ours
         foreign = False
         meta = dict(obj["meta"])
+        if family is not None and meta.get("family") not in (None, family):
+            raise ValueError(f"--family {family} contradicts {path.name}: it is a {meta['family']} checkpoint "
+                             "(recorded by the trainer); drop --family")
         cfg = ModelConfig.from_dict(meta["model_config"])
         if weights not in obj:
             raise ValueError(f"{path} has no {weights!r} weights; available: model, ema")
@@ -418,6 +537,10 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
             sd = _strip_prefixes(obj)  # a raw release is a single set of weights (the EMA, for DiT/SiT)
         if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
             raise ValueError(f"{path} is not a state dict or a {{'model', 'ema', ...}} checkpoint dict")
+        _check_layout(rename_official_keys(sd)[0], path)  # a ResNet is refused before --family is asked for
+        if not is_wrapped and weights == "model":
+            load_notes.append(f"--weights model: {path.name} is a raw release with one weight set (the EMA, for "
+                              "DiT/SiT releases); using it, there are no separate online weights")
         args = obj.get("args") if is_wrapped else None
         step = obj.get("steps") if is_wrapped else None
         fam = family
@@ -426,8 +549,11 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
             if fam is None:
                 raise ValueError(f"cannot tell whether {path.name} is a DiT or a SiT checkpoint: pass --family dit|sit")
             inferred["family"] = f"{fam} ({how})"
-        elif fam not in ("dit", "sit"):
-            raise ValueError(f"family must be 'dit' or 'sit', got {fam!r}")
+        else:
+            said, how = _family_from_args(args)
+            if said is not None and said != fam:
+                raise ValueError(f"--family {fam} contradicts {path.name}: its {how} says {said}; drop --family "
+                                 f"(or pass --family {said})")
         drop = tuple(TRAINING_ONLY_HEADS)
         cfg = infer_model_config({k: v for k, v in sd.items() if not k.startswith(drop)}, fam, num_heads,
                                  args=args, how=inferred)
@@ -485,7 +611,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
                                learn_sigma=bool(meta.get("learn_sigma", True)),
                                num_timesteps=int(meta.get("num_timesteps", 1000)))
     ck = LoadedCheckpoint(model=model, weights=weights, meta=meta, config=config, objective=objective, path=path,
-                          sha=file_sha(path), step=step, ignored_keys=ignored, inferred=inferred)
+                          sha=file_sha(path), step=step, ignored_keys=ignored, inferred=inferred, notes=load_notes)
     warn_immature_ema(ck)
     return ck
 

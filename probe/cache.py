@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from repdyn.core.files import atomic_write_text, pid_alive, sha256_file
+from repdyn.core.files import atomic_write_text, check_writable, pid_alive, sha256_file
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
 
@@ -84,7 +84,8 @@ class CellWriter:
             self.abort()
             where = {k: self.fields.get(k) for k in ("block", "t", "weights")}
             raise ValueError(f"non-finite features (NaN/inf) in cell {where}: the model's activations overflowed; "
-                             "check the checkpoint (a diverged run?) or extract in fp32")
+                             "the checkpoint has probably diverged (check the loss in its run's metrics.csv, or "
+                             "probe an earlier checkpoint)")
         self._mm.flush()
         del self._mm
         digest = _file_digest(self.partial)
@@ -108,6 +109,7 @@ class FeatureCache:
         self.root = Path(root)
         self.cells_dir = self.root / "cells"
         self.manifest_path = self.root / "manifest.json"
+        check_writable(self.root, "feature cache (--cache)")  # before any extraction; --no-cache skips it
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._lock_path = self.root / ".lock"
         self._verified: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) checked this process

@@ -157,8 +157,9 @@ def test_corrupted_cells_are_recomputed_and_nan_is_refused(tmp_path):
         fresh.load({"k": 1})
     bad = fresh.writer({"k": 2}, (2, 2))
     bad.write(0, np.array([[1.0, np.nan], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match="non-finite") as e:
         bad.commit()
+    assert "metrics.csv" in str(e.value) and "fp32" not in str(e.value)  # hints name only what exists
     assert not fresh.has({"k": 2}) and not list((tmp_path / "c" / "cells").glob("*.partial.npy"))
 
 
@@ -193,10 +194,12 @@ def test_pca_of_a_latent_model_has_no_input_panel(tmp_path):
     cfg = resolve_config("sit-tiny", overrides=dict(model_overrides={"depth": 2, "hidden_size": 32}, data=data,
                                                     steps=2, batch_size=4, out=str(tmp_path / "run"), device="cpu",
                                                     ckpt_every=0, log_every=1))
-    with pytest.warns(UserWarning):
-        ck = train(cfg, quiet=True)
-        res = _run(["pca", ck, "--images", "0,1", "--out", tmp_path / "pca", "--no-cache", "--quiet"])
+    ck = train(cfg, quiet=True)
+    res = _run(["pca", ck, "--images", "0,1", "--out", tmp_path / "pca", "--no-cache", "--quiet"])
     assert res.exit_code == 0, res.output
+    warned = [ln for ln in res.output.splitlines() if ln.startswith("warning:")]  # the CLI's one-line warnings
+    split = [ln for ln in warned if "no test split" in ln]
+    assert len(split) == 1 and all("no test split" in ln or "random initialisation" in ln for ln in warned), res.output
     assert (tmp_path / "pca" / "pca.png").stat().st_size > 1000
 
 
@@ -211,3 +214,38 @@ def test_default_folders_name_every_setting(tiny_sit_ckpt, tmp_path, monkeypatch
     folders = sorted((tmp_path / "figures" / "similarity").iterdir())
     assert len(folders) == 3, folders  # the last command repeats the second: same folder, reused
     assert all(f.name.startswith(f"{tiny_sit_ckpt.parent.parent.name}-{tiny_sit_ckpt.stem}-") for f in folders)
+
+
+@pytest.mark.parametrize("command, where", [
+    ("layer-grid", "--out"), ("layer-grid", "--cache"), ("similarity", "--out"), ("similarity", "--cache"),
+    ("sample", "--out"), ("sample", "--npz"), ("eval", "--metrics-csv"), ("eval", "--npz"), ("train", "--out"),
+])
+def test_read_only_output_is_one_line_naming_the_path(tiny_sit_ckpt, tmp_path, read_only_dir, command, where):
+    """``read_only_dir`` is a chmod 0555 folder when not root; as root (chmod does not stop root) a
+    read-only file system is simulated by making os.mkdir / os.open raise EROFS inside it."""
+    target = read_only_dir / ("out.png" if command == "sample" and where == "--out" else
+                              "x.npz" if where == "--npz" else "m.csv" if where == "--metrics-csv" else "sub")
+    default = {"--out": tmp_path / "out", "--cache": tmp_path / "cache"}
+    if command == "sample":
+        default["--out"] = tmp_path / "s.png"
+    default[where] = target
+    args = {
+        "layer-grid": ["layer-grid", tiny_sit_ckpt, *GRID, "--out", default["--out"], "--cache", default["--cache"]],
+        "similarity": ["similarity", tiny_sit_ckpt, "--other-weights", "model", "--n", "8", "--quiet",
+                       "--out", default["--out"], "--cache", default["--cache"]],
+        "sample": ["sample", tiny_sit_ckpt, "--n", "2", "--steps", "2", "--quiet", "--out", default["--out"]],
+        "eval": ["eval", tiny_sit_ckpt, "--n", "2", "--steps", "2", "--quiet", "--no-offline-metrics",
+                 "--metrics-csv", tmp_path / "m.csv"],
+        "train": ["train", "--preset", "sit-tiny", "--steps", "1", "--batch-size", "8", "--device", "cpu",
+                  "--quiet", "--set", "model_overrides.depth=2", "--out", target],
+    }[command]
+    if command == "eval":
+        args += [where, target] if where == "--npz" else []
+        args[args.index("--metrics-csv") + 1] = target if where == "--metrics-csv" else tmp_path / "m.csv"
+    if command == "sample" and where == "--npz":
+        args += ["--npz", target]
+    line = _error_line(_run(args))
+    assert str(read_only_dir) in line and "not writable" in line, line
+    assert "read-only file system" in line or "permission denied" in line, line
+    assert not (tmp_path / "cache" / "cells").exists() or not list((tmp_path / "cache" / "cells").iterdir())
+    assert not (tmp_path / "s.png").exists() and not (tmp_path / "m.csv").exists()

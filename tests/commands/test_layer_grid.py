@@ -52,3 +52,31 @@ def test_layer_grid_bad_input_one_line_error(tiny_sit_ckpt, tmp_path, extra, mes
     lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
     assert not (out / "layer_grid.csv").exists()
+
+
+def _gray_folder(root, n: int = 12, corrupt: bool = False):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c in range(2):
+            (root / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (12, 12), 60 + 120 * c + i).save(root / split / f"c{c}" / f"{i}.png")
+    if corrupt:
+        (root / "train" / "c1" / "3.png").write_bytes(b"not an image")
+
+
+def test_layer_grid_probes_a_grayscale_folder_with_a_one_channel_model(tiny_sit_ckpt, tmp_path):
+    """Channels follow the checkpoint: the Fashion-MNIST model (1 channel, 32 px) reads the folder as
+    grayscale at 32 px; a corrupt image in it (all 24 train images are read) is one line naming the file."""
+    _gray_folder(tmp_path / "gray")
+    args = ["layer-grid", str(tiny_sit_ckpt), "--n-train", "24", "--n-test", "10", "--t", "0.5", "--blocks", "1",
+            "--probe", "ridge", "--no-cache", "--quiet", "--device", "cpu"]
+    res = runner.invoke(app, [*args, "--data", f"folder:{tmp_path / 'gray'}", "--out", str(tmp_path / "ok")])
+    assert res.exit_code == 0, res.output
+    assert len(pd.read_csv(tmp_path / "ok" / "layer_grid.csv")) == 1
+    _gray_folder(tmp_path / "bad", corrupt=True)
+    res = runner.invoke(app, [*args, "--data", f"folder:{tmp_path / 'bad'}", "--out", str(tmp_path / "bad_out")])
+    assert res.exit_code == 2, res.output
+    lines = [ln for ln in res.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot read image") and "c1/3.png" in lines[0], res.output

@@ -8,7 +8,8 @@ import stat
 import pandas as pd
 import pytest
 
-from repdyn.core.files import atomic_path, atomic_write_text, save_figure, write_npz, write_table
+from repdyn.core.files import (atomic_path, atomic_write_text, check_writable, not_writable_reason, save_figure,
+                               write_npz, write_table)
 
 
 @pytest.fixture
@@ -41,3 +42,25 @@ def test_failed_write_leaves_the_old_file(tmp_path):
         tmp.write_text("half")
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["t.csv"]
+
+
+def test_check_writable_names_the_path_and_creates_nothing(tmp_path, read_only_dir):
+    """``read_only_dir``: chmod 0555 when not root, a simulated read-only file system as root."""
+    check_writable(tmp_path / "new" / "deeper", "--out")  # a writable parent: fine, and nothing is created
+    assert not (tmp_path / "new").exists()
+    for target in (read_only_dir, read_only_dir / "sub" / "out.png"):
+        with pytest.raises(ValueError, match=rf"--out {target} is not writable \((read-only file system|permission "
+                                             rf"denied)( at {read_only_dir})?\): choose a writable location"):
+            check_writable(target, "--out")
+    assert list(read_only_dir.iterdir()) == []
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        check_writable(tmp_path / "file" / "sub", "--out")
+
+
+def test_not_writable_reason():
+    import errno
+
+    assert not_writable_reason(OSError(errno.EROFS, "x")) == "read-only file system"
+    assert not_writable_reason(PermissionError(errno.EACCES, "x")) == "permission denied"
+    assert not_writable_reason(OSError(errno.ENOENT, "x")) is None

@@ -147,3 +147,60 @@ def test_sampler_resumes_mid_epoch_and_shards():
     assert torch.equal(torch.cat([next(r0), next(r1)]), first[0])  # two ranks = one global batch
     with pytest.raises(ValueError, match="larger than the dataset"):
         ResumableBatchSampler(10, 8, world_size=2)
+
+
+def _folder(root, mode: str, n: int = 2, corrupt: str | None = None):
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for c, value in (("cat", 200), ("dog", 50)):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.new(mode, (12, 12), value if mode == "L" else (value, 0, 255)).save(root / split / c / f"{i}.png")
+    if corrupt:
+        (root / corrupt).write_bytes(b"this is not a png")
+
+
+def test_corrupt_image_is_one_line_naming_the_file(tmp_path):
+    _folder(tmp_path, "RGB", corrupt="train/dog/1.png")
+    ds = make_dataset(f"folder:{tmp_path}", "train", image_size=8)
+    with pytest.raises(ValueError, match=r"cannot read image .*dog/1\.png \(not an image PIL can read\)") as e:
+        ds.get_batch(torch.arange(len(ds)))
+    assert "\n" not in str(e.value)
+
+
+def test_folder_channels_follow_the_model(tmp_path):
+    """A grayscale folder feeds a one-channel model and an RGB one; RGB images convert to grayscale."""
+    _folder(tmp_path / "gray", "L")
+    _folder(tmp_path / "rgb", "RGB")
+    x1, _ = make_dataset(f"folder:{tmp_path / 'gray'}", "test", image_size=8, channels=1)[0]
+    assert x1.shape == (1, 8, 8) and x1.mean() == pytest.approx(200 / 127.5 - 1, abs=1e-6)
+    x3, _ = make_dataset(f"folder:{tmp_path / 'gray'}", "test", image_size=8, channels=3)[0]
+    assert x3.shape == (3, 8, 8) and torch.equal(x3[0], x3[1]) and torch.equal(x3[0], x1[0])
+    ds = make_dataset(f"folder:{tmp_path / 'rgb'}", "test", image_size=8, channels=1)
+    assert ds.channels == 1 and ds.get_batch(torch.arange(4))[0].shape == (4, 1, 8, 8)
+    assert make_dataset(f"folder:{tmp_path / 'rgb'}", "test").channels == 3  # no model: RGB, as before
+    with pytest.raises(ValueError, match="cannot be converted to the 4 channel.*latents:PATH"):
+        make_dataset(f"folder:{tmp_path / 'rgb'}", "test", channels=4)
+
+
+def test_gray_arrays_repeat_for_rgb_models_and_latents_do_not_convert(tmp_path):
+    tr1, tr3 = make_dataset("digits", "test"), make_dataset("digits", "test", channels=3)
+    assert tr3.channels == 3 and torch.equal(tr3[0][0][2], tr1[0][0][0])
+    with pytest.raises(ValueError, match="cannot be converted to the 4 channel"):
+        make_dataset("digits", "test", channels=4)
+    _latents(tmp_path / "vae-sd", 4)
+    assert make_dataset(f"latents:{tmp_path}", holdout_cut=False, channels=4).channels == 4
+    with pytest.raises(ValueError, match="4 latent channel.*cannot be converted to the 1 channel.*images"):
+        make_dataset(f"latents:{tmp_path}", holdout_cut=False, channels=1)
+
+
+def test_latent_of_another_shape_names_file_and_shapes(tmp_path):
+    _latents(tmp_path / "vae-sd", 4)
+    np.save(tmp_path / "vae-sd" / "00000" / "img00000002.npy", np.zeros((8, 2, 2), np.float32))
+    ds = make_dataset(f"latents:{tmp_path}", holdout_cut=False)
+    with pytest.raises(ValueError, match=r"img00000002\.npy has shape \(8, 2, 2\), expected \(8, 4, 4\)"):
+        ds.get_batch(torch.arange(4))
+    (tmp_path / "vae-sd" / "00000" / "img00000002.npy").write_bytes(b"junk")
+    with pytest.raises(ValueError, match=r"cannot read latent .*img00000002\.npy \(not a \.npy file\)"):
+        ds.get_batch(torch.arange(4))

@@ -1,11 +1,13 @@
 """Checkpoint loading: ours, published layouts (raw DiT/SiT, REPA/SRA dicts), bad files."""
 
 import argparse
+import os
+import warnings
 
 import pytest
 import torch
 
-from repdyn.model.checkpoint import load_checkpoint, save_checkpoint
+from repdyn.model.checkpoint import PickledCodeWarning, load_checkpoint, pickled_globals, save_checkpoint
 from repdyn.model.backbone import build_model
 
 
@@ -41,9 +43,11 @@ def test_repa_sra_dict_reports_extra_keys(tmp_path):
     ema = {f"module.{k}": v for k, v in sd.items()}  # DDP prefix, as some releases have
     p = tmp_path / "sra.pt"
     torch.save({"model": sd, "ema": ema, "opt": {}, "args": argparse.Namespace(path_type="linear"), "steps": 7}, p)
-    with pytest.raises(ValueError, match="--trust-checkpoint"):
+    with pytest.raises(ValueError, match="pickled Python objects .*--trust-checkpoint"):
         load_checkpoint(p)
-    ck = load_checkpoint(p, trust=True)  # args carries path_type -> SiT, REPA convention
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PickledCodeWarning)  # a Namespace is data, not code: no warning
+        ck = load_checkpoint(p, trust=True)  # args carries path_type -> SiT, REPA convention
     assert ck.meta["family"] == "sit" and ck.meta["time_convention"] == "flow-t1-noise"
     assert ck.ignored_keys == ["projectors.0.0.weight"] and ck.step == 7
     assert ck.model.ap_head is not None
@@ -105,6 +109,8 @@ def test_our_long_skip_checkpoint_loads_without_notes(tmp_path):
     save_checkpoint({"model": sd, "ema": sd, "opt": {}, "steps": 10, "epoch": 0, "config": {}, "meta": meta}, p)
     ck = load_checkpoint(p)
     assert ck.inferred == {} and ck.load_notes() == [] and ck.ignored_keys == []
+    with pytest.raises(ValueError, match="--family dit contradicts 0000010.pt: it is a sit checkpoint"):
+        load_checkpoint(p, family="dit")
     x, t, y = torch.randn(2, 1, 16, 16), torch.rand(2), torch.tensor([0, 2])
     torch.testing.assert_close(ck.model(x, t, y), m.eval()(x, t, y))
 
@@ -133,3 +139,54 @@ def test_an_ema_that_is_mostly_its_initialisation_warns(tmp_path, decay, steps, 
         assert ema_init_fraction(ck) == pytest.approx(decay ** steps)
     if warns:
         assert f"{decay ** steps:.0%}" in str(hits[0].message) and "--weights model" in str(hits[0].message)
+
+
+class _RunsCode:
+    """Pickles as a call of os.path.join: harmless here, but code all the same."""
+
+    def __reduce__(self):
+        return (os.path.join, ("a", "b"))
+
+
+@pytest.mark.parametrize("protocol", [2, 4])  # GLOBAL (torch's default) and STACK_GLOBAL opcodes
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's note on protocol 4
+def test_pickled_code_is_refused_by_name_and_warned_about_when_trusted(tmp_path, protocol):
+    sd = _official_sd("SiT-S/4")
+    p = tmp_path / "code.pt"
+    torch.save({"model": sd, "ema": sd, "extra": _RunsCode()}, p, pickle_protocol=protocol)
+    assert "posixpath.join" in pickled_globals(p) or "ntpath.join" in pickled_globals(p)
+    with pytest.raises(ValueError, match=r"this file contains pickled code \(\w+path\.join\); refused \(pass "
+                                         r"--trust-checkpoint only if you trust it\)") as e:
+        load_checkpoint(p, family="sit")
+    assert "unreadable" not in str(e.value) and "\n" not in str(e.value)
+    with pytest.warns(PickledCodeWarning, match="contains pickled code .*join"):
+        ck = load_checkpoint(p, family="sit", trust=True)
+    assert ck.family == "sit"
+
+
+def test_non_dit_state_dict_is_refused_before_family_is_asked(tmp_path):
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))  # a ResNet's first layers
+    p = tmp_path / "resnet.pt"
+    torch.save(net.state_dict(), p)
+    for family in (None, "sit"):
+        with pytest.raises(ValueError, match=r"resnet\.pt is not a DiT/SiT state dict: it has no "
+                                             r"x_embedder\.proj\.weight .*its keys: 0\.weight"):
+            load_checkpoint(p, family=family)
+
+
+def test_family_flag_contradicting_the_file_is_an_error(tmp_path):
+    sd = _official_sd("SiT-S/4")
+    p = tmp_path / "sit.pt"
+    torch.save({"model": sd, "ema": sd, "args": {"model": "SiT-XL/2"}}, p)  # a plain dict: weights-only readable
+    with pytest.raises(ValueError, match=r"--family dit contradicts sit\.pt: its args.model 'SiT-XL/2' says sit"):
+        load_checkpoint(p, family="dit")
+    assert load_checkpoint(p, family="sit").family == "sit"
+    assert load_checkpoint(p).inferred["family"].startswith("sit (from args.model")
+
+
+def test_weights_model_on_a_raw_release_is_noted(tmp_path):
+    p = tmp_path / "raw.pt"
+    torch.save(_official_sd("SiT-S/4"), p)
+    notes = load_checkpoint(p, family="sit", weights="model").load_notes()
+    assert any(n.startswith("--weights model: raw.pt is a raw release with one weight set") for n in notes)
+    assert not any("--weights model" in n for n in load_checkpoint(p, family="sit").load_notes())
