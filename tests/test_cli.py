@@ -5,8 +5,8 @@ from typer.testing import CliRunner
 
 from repdyn.cli import app
 
-COMMANDS = ["train", "layer-grid", "sample", "eval", "encode", "similarity", "diversity", "pca", "umap", "attribute",
-            "curves", "correlate", "demo"]
+COMMANDS = ["train", "layer-grid", "sample", "eval", "encode", "similarity", "diversity", "pca", "umap", "align",
+            "spatial", "attribute", "curves", "correlate", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
