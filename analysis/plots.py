@@ -517,7 +517,7 @@ def cell_metric_heatmaps(df: pd.DataFrame, metrics: Sequence[str], title: str, m
         sub = df[df["metric"] == m]
         grid = sub.pivot_table(index="block", columns="t", values=value, aggfunc="mean").reindex(index=blocks, columns=ts)
         data = grid.to_numpy(dtype=float)
-        sns.heatmap(pd.DataFrame(data, index=blocks, columns=cols), ax=ax, annot=nb * nt <= 200, fmt=".2f",
+        sns.heatmap(pd.DataFrame(data, index=blocks, columns=cols), ax=ax, annot=nb * nt <= 200, fmt=".3g",
                     cmap="viridis", cbar_kws={"label": (labels or {}).get(m, m)}, annot_kws={"fontsize": 7},
                     linewidths=0.4, linecolor="white")
         ax.set_title((labels or {}).get(m, m), fontsize=10)
