@@ -424,7 +424,7 @@ def encode(
 
 
 # ----------------------------------------------------------------------------------------------
-# similarity, diversity, pca, umap, attribute, curves, correlate
+# similarity, diversity, pca, umap, align, spatial, attribute, curves, correlate
 # ----------------------------------------------------------------------------------------------
 
 
@@ -433,8 +433,8 @@ def _out_opt(kind: str):
                                                   "run, checkpoint, its hash, weights and a hash of the settings).")]
 
 
-OutSimilarity, OutDiversity, OutPca, OutUmap, OutAttribution = (
-    _out_opt(k) for k in ("similarity", "diversity", "pca", "umap", "attribution"))
+OutSimilarity, OutDiversity, OutPca, OutUmap, OutAttribution, OutAlign, OutSpatial = (
+    _out_opt(k) for k in ("similarity", "diversity", "pca", "umap", "attribution", "align", "spatial"))
 
 
 @app.command()
@@ -552,6 +552,63 @@ def umap(
     _echo_files(run_umap(ckpt, spec, weights=weights, cells=cells, aligned_block=aligned_block, ts=_parse_ts(t),
                          n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=pdf,
                          overwrite=overwrite))
+
+
+@app.command()
+@friendly_errors
+def align(
+    ckpt: OptCkpt,
+    encoder: Annotated[str, typer.Option(help="embedded (a small ViT trained once on the dataset, cached) | "
+                                         "dinov2-vits14:PATH (vitb14, vitl14, vitg14, -reg) | timm:NAME:PATH | "
+                                         "features:PATH (.npy/.npz/.safetensors). Local files only.")] = "embedded",
+    weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
+    n: Annotated[int, typer.Option(help="Images (rows of every cell; more than --topk).")] = 512,
+    tokens: Annotated[bool, typer.Option("--tokens", help="Each image is its patch tokens concatenated (cells and "
+                                         "encoder) instead of mean-pooled cells vs the encoder's pooled "
+                                         "vector.")] = False,
+    metrics: Annotated[Optional[list[str]], typer.Option(help="cknna, mutual_knn, cycle_knn, unbiased_cka "
+                                                         "(default: cknna,mutual_knn).")] = None,
+    topk: Annotated[int, typer.Option(help="Neighbours of the kNN metrics (platonic-rep: 10).")] = 10,
+    data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
+    batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutAlign = None,
+    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+) -> None:
+    """kNN alignment (CKNNA, mutual kNN) of every (block, t) cell with an external encoder: alignment.csv/.png.
+
+    Examples: `probe align ckpt.pt --t 0.1,0.5,0.9`,
+    `probe align ckpt.pt --encoder dinov2-vits14:weights/dinov2_vits14_pretrain.pth --metrics cknna`.
+    """
+    from repdyn.commands.align import run_align
+
+    spec = _spec(data, split, n, label, "tokens" if tokens else "mean", seed, batch_size, device, cache, no_cache,
+                 family, time_convention, trust_checkpoint, quiet, num_heads)
+    _echo_files(run_align(ckpt, spec, encoder=encoder, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t),
+                          metrics=metrics, topk=topk, out=out, pdf=pdf, overwrite=overwrite))
+
+
+@app.command()
+@friendly_errors
+def spatial(
+    ckpt: OptCkpt, weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
+    n: Annotated[int, typer.Option(help="Images (token features: keep it modest).")] = 128,
+    far_dist: Annotated[int, typer.Option(help="LDS: distant pairs are >= this many patches apart (iREPA 6).")] = 6,
+    dmax: Annotated[int, typer.Option(help="CDS: fit the cosine decay over distances 1..dmax (iREPA 8).")] = 8,
+    data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
+    batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutSpatial = None,
+    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+) -> None:
+    """Spatial structure of patch tokens (iREPA LDS, CDS, RMSC) per (block, t) cell: spatial.csv/.png.
+
+    Example: `probe spatial ckpt.pt --t 0.1,0.5,0.9 --n 128`.
+    """
+    from repdyn.commands.spatial import run_spatial
+
+    spec = _spec(data, split, n, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
+                 trust_checkpoint, quiet, num_heads)
+    _echo_files(run_spatial(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t),
+                            far_dist=far_dist, dmax=dmax, out=out, pdf=pdf, overwrite=overwrite))
 
 
 @app.command()

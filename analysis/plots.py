@@ -31,6 +31,7 @@ __all__ = [
     "describe",
     "heatmap",
     "layer_grid_heatmap",
+    "cell_metric_heatmaps",
     "plot_similarity_curves",
     "plot_cka_grid",
     "plot_cka_panels",
@@ -492,6 +493,43 @@ def layer_grid_heatmap(df: pd.DataFrame, title: str | None = None, value: str = 
     best = np.unravel_index(np.nanargmax(data), data.shape)
     ax.add_patch(plt.Rectangle((best[1], best[0]), 1, 1, fill=False, edgecolor="red", lw=1.8))
     fig.tight_layout()
+    return fig
+
+
+def cell_metric_heatmaps(df: pd.DataFrame, metrics: Sequence[str], title: str, meta: Mapping[str, Any] | None = None,
+                         value: str = "value", best: Mapping[str, str] | None = None,
+                         labels: Mapping[str, str] | None = None) -> plt.Figure:
+    """One heatmap per metric of a tidy (block, t, log_snr, metric, value) table: blocks (rows, 1 at
+    the top) x t (columns, clean -> noisy, log-SNR under each t), each panel on its own colour scale
+    with its best cell boxed in red (``best[metric]``: ``"max"`` (default) or ``"min"``). Serves
+    ``probe align`` and ``probe spatial``."""
+    if df.empty:
+        raise ValueError("no rows to plot")
+    metrics = list(metrics)
+    ts = sorted(df["t"].unique(), key=float)
+    blocks = sorted(df["block"].unique())
+    lsnr = df.drop_duplicates("t").set_index("t")["log_snr"] if "log_snr" in df.columns else None
+    cols = [f"{format_t(t)}\n{_fmt_lsnr(float(lsnr[t]))}" if lsnr is not None else format_t(t) for t in ts]
+    nb, nt = len(blocks), len(ts)
+    w, h = 1.6 + 0.75 * nt, 1.9 + 0.42 * nb
+    fig, axes = plt.subplots(1, len(metrics), figsize=(w * len(metrics), h + 0.6), squeeze=False, layout="constrained")
+    for ax, m in zip(axes[0], metrics):
+        sub = df[df["metric"] == m]
+        grid = sub.pivot_table(index="block", columns="t", values=value, aggfunc="mean").reindex(index=blocks, columns=ts)
+        data = grid.to_numpy(dtype=float)
+        sns.heatmap(pd.DataFrame(data, index=blocks, columns=cols), ax=ax, annot=nb * nt <= 200, fmt=".3g",
+                    cmap="viridis", cbar_kws={"label": (labels or {}).get(m, m)}, annot_kws={"fontsize": 7},
+                    linewidths=0.4, linecolor="white")
+        ax.set_title((labels or {}).get(m, m), fontsize=10)
+        ax.set_xlabel("t (larger = noisier) / log-SNR")
+        ax.set_ylabel("block (1-based output)")
+        ax.tick_params(axis="x", labelsize=8, rotation=0)
+        ax.tick_params(axis="y", rotation=0)
+        if np.isfinite(data).any():
+            pick = np.nanargmin if (best or {}).get(m, "max") == "min" else np.nanargmax
+            r, c = np.unravel_index(pick(data), data.shape)
+            ax.add_patch(plt.Rectangle((c, r), 1, 1, fill=False, edgecolor="red", lw=1.8))
+    _titles(fig, title + "  (red box: best cell)", meta)
     return fig
 
 

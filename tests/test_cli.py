@@ -69,8 +69,8 @@ def test_warnings_are_one_line():
     assert res.exit_code == 0
     assert _lines(res) == ["warning: evil.pt contains pickled code (posix.system): loading it runs that code", "done"]
 
-COMMANDS = ["train", "layer-grid", "sample", "eval", "encode", "similarity", "diversity", "pca", "umap", "attribute",
-            "curves", "correlate", "demo"]
+COMMANDS = ["train", "layer-grid", "sample", "eval", "encode", "similarity", "diversity", "pca", "umap", "align",
+            "spatial", "attribute", "curves", "correlate", "demo"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
