@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from repdyn.datasets.sources import FASHION_MNIST_CLASSES
 from repdyn.model import samplers
 from repdyn.core.files import check_writable
 from repdyn.model.checkpoint import load_checkpoint
@@ -71,6 +72,8 @@ def run_sample(ckpt_path: str | os.PathLike, out: str | os.PathLike, *, n: int =
     images = to_pixels(samplers.sample(ck, None, n=n, device=device, progress=progress, **kw), ck.meta, decoder)
     u8 = to_uint8(images)
     y = samplers.resolve_labels(s.labels, n, int(ck.meta.get("num_classes") or 1), s.seed)
-    grid = save_grid(out, u8)
+    num_classes = int(ck.meta.get("num_classes") or 1)
+    names = dict(enumerate(FASHION_MNIST_CLASSES)) if ck.data == "fashion-mnist" else {}
+    grid = save_grid(out, u8, labels=y, label_names={**names, num_classes: "null"})
     return SampleResult(grid, save_npz(npz, u8, y) if npz is not None else None, n, kw["method"], s.steps,
                         ck.load_notes())

@@ -62,19 +62,33 @@ def save_npz(path: str | os.PathLike, images: torch.Tensor | np.ndarray, labels:
     return path
 
 
-def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> Path:
-    """Write uint8 images (N, C, H, W) as one PNG grid (black padding)."""
-    from PIL import Image
+def save_grid(path: str | os.PathLike, images: torch.Tensor, nrow: int | None = None, pad: int = 2,
+              labels: Any = None, label_names: dict[int, str] | None = None) -> Path:
+    """Write uint8 images (N, C, H, W) as one PNG grid (black padding). With ``labels`` (N,), each tile
+    gets its conditioning class written in a strip above it (``label_names`` maps a class to its text;
+    the null class of unconditional samples reads "null"), so a reader sees whether samples follow
+    their labels."""
+    from PIL import Image, ImageDraw
 
     images = torch.as_tensor(images)
     n, c, h, w = images.shape
     nrow = nrow or max(1, int(np.ceil(np.sqrt(n))))
     rows = int(np.ceil(n / nrow))
-    grid = np.zeros((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), dtype=np.uint8)
+    strip = 11 if labels is not None else 0
+    cell_w = max(w, 30) if labels is not None else w  # room for a short class name
+    grid = np.zeros((rows * (h + strip + pad) + pad, nrow * (cell_w + pad) + pad, c), dtype=np.uint8)
     for i, img in enumerate(images.permute(0, 2, 3, 1).numpy()):
         r, col = divmod(i, nrow)
-        grid[pad + r * (h + pad): pad + r * (h + pad) + h, pad + col * (w + pad): pad + col * (w + pad) + w] = img
+        top, left = pad + r * (h + strip + pad) + strip, pad + col * (cell_w + pad) + (cell_w - w) // 2
+        grid[top: top + h, left: left + w] = img
     pil = Image.fromarray(grid[..., 0] if c == 1 else grid, mode="L" if c == 1 else "RGB")
+    if labels is not None:
+        draw = ImageDraw.Draw(pil)
+        for i, y in enumerate(np.asarray(labels).tolist()[:n]):
+            r, col = divmod(i, nrow)
+            text = (label_names or {}).get(int(y), str(int(y)))[: max(3, cell_w // 6)]
+            draw.text((pad + col * (cell_w + pad), pad + r * (h + strip + pad) - 1), text,
+                      fill=255 if c == 1 else (255, 255, 255))
     path = Path(path)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")

@@ -316,3 +316,17 @@ def test_sharded_generation_gives_the_same_images_as_one_rank(tiny_ckpt, tmp_pat
         np.testing.assert_array_equal(a["arr_0"], b["arr_0"])
         np.testing.assert_array_equal(a["arr_1"], b["arr_1"])
     assert one["n_samples"] == 10
+
+
+def test_sample_grid_writes_each_tile_label(tmp_path):
+    """With labels, every tile gets a strip above it with its class (a reader sees whether samples
+    follow their labels); the tiles themselves are unchanged."""
+    from PIL import Image
+
+    u8 = torch.full((4, 1, 8, 8), 128, dtype=torch.uint8)
+    plain = np.asarray(Image.open(I.save_grid(tmp_path / "a.png", u8, nrow=2)))
+    named = np.asarray(Image.open(I.save_grid(tmp_path / "b.png", u8, nrow=2, labels=[0, 1, 2, 10],
+                                              label_names={10: "null"})))
+    assert named.shape[0] > plain.shape[0]  # a label strip per row
+    assert (named > 160).any() and not (plain > 160).any()  # the (antialiased) text is drawn
+    assert (named == 128).sum() == (plain == 128).sum() == 4 * 64  # every tile kept whole
