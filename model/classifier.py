@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from repdyn.core.files import save_torch
 from repdyn.model.frechet import feature_statistics
 
 __all__ = ["SmallCNN", "DatasetClassifier", "cache_root", "metric_name", "classifier_cache_path", "model_batches",
-           "train_classifier", "get_classifier", "CLASSIFIER_FORMAT"]
+           "train_classifier", "get_classifier", "fit_cross_entropy", "dataset_fingerprint",
+           "CLASSIFIER_FORMAT"]
 
 CLASSIFIER_FORMAT = 1
 
@@ -99,7 +100,9 @@ def model_batches(ds: Any, indices: np.ndarray, batch_size: int, generator: torc
         yield x.float(), torch.as_tensor(y).long()
 
 
-def _fingerprint(ds: Any) -> dict:
+def dataset_fingerprint(ds: Any) -> dict:
+    """What a cached dataset network was trained on (size, classes, channels, resolution): a cache
+    entry for another variant of the data is retrained, not reused."""
     return {"n": len(ds), "num_classes": int(ds.num_classes), "channels": int(ds.channels),
             "image_size": int(ds.image_size)}
 
@@ -119,25 +122,19 @@ def _embed_all(model: SmallCNN, ds: Any, indices: np.ndarray, batch_size: int, d
     return torch.cat(feats), torch.cat(logits), torch.cat(labels)
 
 
-def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | None = None, epochs: int = 2,
-                     batch_size: int = 128, lr: float = 2e-3, width: int = 16, seed: int = 0,
-                     device: str | torch.device = "cpu", max_ref: int = 60000,
-                     progress: bool = False) -> DatasetClassifier:
-    """Train :class:`SmallCNN` on ``train_ds`` (model-space inputs, so generated samples need no
-    conversion), report test accuracy, and store the train-split feature statistics."""
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    model = SmallCNN(int(train_ds.channels), int(train_ds.num_classes), width).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    n = len(train_ds)
-    total = epochs * ((n + batch_size - 1) // batch_size)
+def fit_cross_entropy(model: nn.Module, epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], *,
+                      epochs: int, steps_per_epoch: int, lr: float, weight_decay: float,
+                      device: torch.device, desc: str, progress: bool = False) -> None:
+    """Supervised training of a small dataset network (the classifier, the embedded encoder): AdamW
+    with a one-cycle lr over ``epochs`` passes of ``epoch_batches()`` (called once per epoch, so each
+    caller keeps its own data order and random stream); leaves the model in eval mode."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    total = epochs * steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, total))
-    g = torch.Generator().manual_seed(seed)
-    bar = tqdm(total=total, disable=not progress, desc=f"classifier {spec or train_ds.name}", unit="step")
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="step")
     for _ in range(epochs):
         model.train()
-        order = torch.randperm(n, generator=g).numpy()
-        for x, y in model_batches(train_ds, order, batch_size, g):
+        for x, y in epoch_batches():
             loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -147,6 +144,22 @@ def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | N
             bar.set_postfix(loss=f"{loss.item():.3f}")
     bar.close()
     model.eval()
+
+
+def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | None = None, epochs: int = 2,
+                     batch_size: int = 128, lr: float = 2e-3, width: int = 16, seed: int = 0,
+                     device: str | torch.device = "cpu", max_ref: int = 60000,
+                     progress: bool = False) -> DatasetClassifier:
+    """Train :class:`SmallCNN` on ``train_ds`` (model-space inputs, so generated samples need no
+    conversion), report test accuracy, and store the train-split feature statistics."""
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    model = SmallCNN(int(train_ds.channels), int(train_ds.num_classes), width).to(device)
+    n = len(train_ds)
+    g = torch.Generator().manual_seed(seed)
+    fit_cross_entropy(model, lambda: model_batches(train_ds, torch.randperm(n, generator=g).numpy(), batch_size, g),
+                      epochs=epochs, steps_per_epoch=(n + batch_size - 1) // batch_size, lr=lr, weight_decay=1e-4,
+                      device=device, desc=f"classifier {spec or train_ds.name}", progress=progress)
     acc = float("nan")
     if test_ds is not None:
         _, logits, y = _embed_all(model, test_ds, np.arange(len(test_ds)), 512, device)
@@ -156,7 +169,7 @@ def train_classifier(train_ds: Any, test_ds: Any | None = None, *, spec: str | N
     mu, sigma = feature_statistics(feats)
     spec = spec or getattr(train_ds, "name", "dataset")
     info = {"width": width, "epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size,
-            "n_ref": len(ref_idx), "fingerprint": _fingerprint(train_ds)}
+            "n_ref": len(ref_idx), "fingerprint": dataset_fingerprint(train_ds)}
     return DatasetClassifier(model.cpu(), spec, metric_name(spec), acc, mu, sigma, info)
 
 
@@ -191,7 +204,7 @@ def get_classifier(spec: str, *, train_if_missing: bool = True, device: str | to
     train_ds = make_dataset_fn(spec, split="train")
     if path.exists():
         clf = _load_classifier(path)
-        if clf.info.get("fingerprint") == _fingerprint(train_ds) and clf.dataset == spec:
+        if clf.info.get("fingerprint") == dataset_fingerprint(train_ds) and clf.dataset == spec:
             return clf
         if log:
             log(f"classifier cache {path} does not match dataset {spec!r}; retraining")

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 from repdyn.core.files import save_torch
 from repdyn.datasets.sources import make_dataset
 from repdyn.model.checkpoint import file_sha
-from repdyn.model.classifier import cache_root, metric_name, model_batches
+from repdyn.model.classifier import cache_root, dataset_fingerprint, fit_cross_entropy, metric_name, model_batches
 
 __all__ = ["Encoder", "TinyViT", "EmbeddedEncoder", "TimmEncoder", "PrecomputedFeatures", "EncodedFeatures",
            "DINOV2_MODELS", "ENCODER_FORMAT", "parse_encoder", "load_encoder", "get_embedded_encoder",
@@ -177,11 +177,6 @@ def embedded_cache_path(data: str) -> Path:
     return cache_root() / "encoders" / f"embedded-vit-{name}.pt"
 
 
-def _fingerprint(ds: Any) -> dict:
-    return {"n": len(ds), "num_classes": int(ds.num_classes), "channels": int(ds.channels),
-            "image_size": int(ds.image_size)}
-
-
 def train_embedded(train_ds: Any, test_ds: Any | None = None, *, epochs: int = 1, max_train: int = 20000,
                    batch_size: int = 64, lr: float = 4e-3, seed: int = EMBEDDED_SEED,
                    device: str | torch.device = "cpu", progress: bool = False) -> tuple[TinyViT, dict]:
@@ -192,21 +187,9 @@ def train_embedded(train_ds: Any, test_ds: Any | None = None, *, epochs: int = 1
     model = TinyViT(int(train_ds.channels), int(train_ds.num_classes), int(train_ds.image_size)).to(device)
     rng = np.random.default_rng(seed)
     subset = np.sort(rng.permutation(len(train_ds))[:max_train])
-    steps = epochs * math.ceil(len(subset) / batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=max(1, steps))
-    bar = tqdm(total=steps, disable=not progress, desc=f"embedded ViT {getattr(train_ds, 'name', '')}", unit="step")
-    for _ in range(epochs):
-        model.train()
-        for x, y in model_batches(train_ds, rng.permutation(subset), batch_size):
-            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            bar.update(1)
-    bar.close()
-    model.eval()
+    fit_cross_entropy(model, lambda: model_batches(train_ds, rng.permutation(subset), batch_size), epochs=epochs,
+                      steps_per_epoch=math.ceil(len(subset) / batch_size), lr=lr, weight_decay=0.05, device=device,
+                      desc=f"embedded ViT {getattr(train_ds, 'name', '')}", progress=progress)
     acc = float("nan")
     if test_ds is not None:
         hits = 0
@@ -216,7 +199,7 @@ def train_embedded(train_ds: Any, test_ds: Any | None = None, *, epochs: int = 1
         acc = hits / len(test_ds)
     info = {"arch": "TinyViT", "patch": 4, "dim": 64, "depth": 4, "heads": 4, "epochs": epochs, "n_train": len(subset),
             "seed": seed, "lr": lr, "batch_size": batch_size, "test_accuracy": acc,
-            "fingerprint": _fingerprint(train_ds)}
+            "fingerprint": dataset_fingerprint(train_ds)}
     return model.cpu(), info
 
 
@@ -244,7 +227,7 @@ def get_embedded_encoder(data: str, *, train_if_missing: bool = True, device: st
             raise ValueError(f"encoder cache {path} is unreadable ({type(e).__name__}); delete it to retrain") from None
         info = dict(state.get("info", {}))
         if (state.get("format") == ENCODER_FORMAT and state.get("dataset") == data
-                and info.get("fingerprint") == _fingerprint(train_ds)):
+                and info.get("fingerprint") == dataset_fingerprint(train_ds)):
             model = TinyViT(state["in_channels"], state["num_classes"], state["image_size"])
             model.load_state_dict(state["state_dict"])
             return EmbeddedEncoder(model, data, info, state["sha"], path)
