@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from repdyn.study import claims
+from repdyn.study.power import VERDICTS
 
 ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
@@ -35,7 +36,7 @@ def test_study_writes_report_covering_every_claim(smoke_study):
     for written in (report, run / "tables" / "eval_metrics.csv", run / "tables" / "layer_grid_baseline" / "layer_grid.csv"):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # readable as the umask says
     rows = [ln for ln in text.splitlines() if ln.startswith("| C")]
-    assert len(rows) == 7 and all(any(v in r for v in ("held", "did not hold", "inconclusive", "underpowered")) for r in rows)
+    assert len(rows) == 7 and all(any(f"**{v}**" in r for v in VERDICTS) for r in rows)
     for name in ("layer_grid_baseline.png", "teacher_vs_student.png", "probe_vs_quality.png", "quality_vs_time.png",
                  "sra_minus_baseline.png", "cka_blocks_by_run.png", "pca_sra.png"):
         assert (figures / name).stat().st_size > 5000, name
