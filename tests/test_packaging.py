@@ -72,3 +72,15 @@ def test_wheel_installs_one_namespace_that_imports_from_anywhere(tmp_path):
     assert int(_run([str(py), "-c", CHECK], elsewhere, env).strip()) > 40
     assert "layer-grid" in _run([str(py), "-m", "repdyn", "--help"], elsewhere, env)
     assert "layer-grid" in _run([str(venv / "bin" / "probe"), "--help"], elsewhere, env)
+
+
+def test_torchrun_runs_the_package_as_a_module(tmp_path):
+    """`torchrun -m repdyn ...` (the README's multi-GPU form) starts the CLI in every rank."""
+    from tests.launch import free_port
+
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                          "127.0.0.1", "--master_port", str(free_port()), "-m", "repdyn", "train", "--help"],
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.count("Usage:") == 2  # one help text per rank
