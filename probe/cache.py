@@ -25,17 +25,16 @@ instead of being silently reused.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
 import secrets
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 
-from repdyn.core.files import atomic_write_text, check_writable, pid_alive, sha256_file
+from repdyn.core.files import atomic_write_text, check_writable, exclusive_lock, pid_alive, sha256_file
 
 __all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
 
@@ -111,7 +110,6 @@ class FeatureCache:
         self.manifest_path = self.root / "manifest.json"
         check_writable(self.root, "feature cache (--cache)")  # before any extraction; --no-cache skips it
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_path = self.root / ".lock"
         self._verified: dict[str, tuple[int, int]] = {}  # key -> (size, mtime_ns) checked this process
         if self.manifest_path.exists():
             self._check_format(self._read_manifest())
@@ -146,17 +144,8 @@ class FeatureCache:
             raise ValueError(f"feature cache manifest {self.manifest_path} is not a JSON object")
         return m
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        with open(self._lock_path, "a") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
     def _register(self, key: str, fields: dict, shape: tuple[int, ...], digest: str) -> None:
-        with self._locked():
+        with exclusive_lock(self.manifest_path):  # read-modify-write of the manifest
             m = self._read_manifest()
             self._check_format(m)
             m.setdefault("cells", {})[key] = {"fields": fields, "shape": list(shape), "dtype": "float16",
