@@ -17,6 +17,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from repdyn.probe.cache import DEFAULT_CACHE  # light: numpy and the standard library
+
 app = typer.Typer(
     name="probe",
     help="Train DiT/SiT diffusion transformers (baseline, SRA, DiverseDiT) and probe their representations "
@@ -97,7 +99,6 @@ def friendly_errors(fn):
 # Shared options (declared once)
 # ----------------------------------------------------------------------------------------------
 
-_DEFAULT_CACHE = Path(".repdyn_cache/features")
 
 OptCkpt = Annotated[Path, typer.Argument(help="Checkpoint file (ours, or a published DiT/SiT/REPA/SRA file).")]
 OptData = Annotated[Optional[str], typer.Option(help="fashion-mnist | digits | folder:PATH | latents:PATH "
@@ -277,7 +278,7 @@ def layer_grid(
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: under layer_grid/, named by run, "
                                                 "checkpoint, its hash, weights, label and probe).")] = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Linear-probe accuracy for every (block, t) cell: writes layer_grid.csv, a heatmap PNG and the protocol.
@@ -452,7 +453,7 @@ def similarity(
     cka_method: Annotated[str, typer.Option(help="auto | gram | minibatch | feature (see cka_matrix).")] = "auto",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutSimilarity = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """CKA + cosine over the (block, t) grid: cka.csv/.npz, full-grid, block x block and t x t heatmaps.
@@ -478,7 +479,7 @@ def diversity(
     pooling: Annotated[str, typer.Option(help="tokens (DiverseDiT's definition) | mean (per-image terms).")] = "tokens",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutDiversity = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """DiverseDiT's three terms for every block pair and t: diversity.csv, dispersion.csv, figures.
@@ -507,7 +508,7 @@ def pca(
                                        "(SRA's per-cell PCA).")] = "shared",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutPca = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Patch-token PCA as RGB maps (rows = blocks, columns = t), several images side by side: pca.png, pca.npz.
@@ -536,7 +537,7 @@ def umap(
     umap_seed: Annotated[Optional[int], typer.Option(help="UMAP random_state (seeded = single-threaded).")] = 0,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutUmap = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """UMAP of mean-pooled features for chosen cells, and AlignedUMAP across t for one block.
@@ -571,7 +572,7 @@ def align(
     topk: Annotated[int, typer.Option(help="Neighbours of the kNN metrics (platonic-rep: 10).")] = 10,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutAlign = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """kNN alignment (CKNNA, mutual kNN) of every (block, t) cell with an external encoder: alignment.csv/.png.
@@ -596,7 +597,7 @@ def spatial(
     dmax: Annotated[int, typer.Option(help="CDS: fit the cosine decay over distances 1..dmax (iREPA 8).")] = 8,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutSpatial = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Spatial structure of patch tokens (iREPA LDS, CDS, RMSC) per (block, t) cell: spatial.csv/.png.
@@ -626,7 +627,7 @@ def attribute(
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000,
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto", out: OutAttribution = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:
     """Captum attribution of a trained linear probe's class logit back to the input patches.
@@ -661,7 +662,7 @@ def curves(
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/curves).")] = None,
-    cache: OptCache = _DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
+    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
 ) -> None:
     """Training dynamics: student vs teacher probe accuracy, CKA and diversity for every checkpoint of a run.

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from repdyn.probe.cache import FeatureCache
+from repdyn.probe.cache import DEFAULT_CACHE, FeatureCache
 from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_ts
 from repdyn.core.timesteps import format_t
 from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
@@ -28,10 +28,9 @@ from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, h
 
 __all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "model_inputs", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
-           "DEFAULT_CACHE", "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
+           "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
            "checkpoint_tag"]
 
-DEFAULT_CACHE = Path(".repdyn_cache/features")
 
 
 @dataclass

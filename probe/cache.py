@@ -36,7 +36,9 @@ import numpy as np
 
 from repdyn.core.files import atomic_write_text, check_writable, exclusive_lock, pid_alive, sha256_file
 
-__all__ = ["FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
+__all__ = ["DEFAULT_CACHE", "FeatureCache", "CellWriter", "LazyFeatures", "cell_key", "CACHE_FORMAT", "CACHE_VERSION"]
+
+DEFAULT_CACHE = Path(".repdyn_cache/features")  # every command's --cache default: one cache shared by all
 
 CACHE_FORMAT = "repdyn-feature-cache"
 # v2: one per-sample noise scheme for extraction and sampling (repdyn.core.noise.NOISE_SCHEME, also in
