@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from repdyn.datasets.sources import IMAGE_EXTS
+from repdyn.datasets.sources import list_class_folders
 from repdyn.core.files import atomic_write_bytes, atomic_write_text
 from repdyn.core.runtime import init_distributed
 from repdyn.evaluation.vae import center_crop_arr, load_vae
@@ -48,11 +48,7 @@ def _split_dirs(src: Path, out: Path) -> list[tuple[Path, Path]]:
 
 
 def _listing(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
-    if not classes:
-        raise ValueError(f"{root} has no class sub-folders: expected {root}/<class_name>/<image files>")
-    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
-             if f.suffix.lower() in IMAGE_EXTS]
+    files, classes = list_class_folders(root)
     if not files:
         raise ValueError(f"no images under {root}")
     return files, classes

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["make_dataset", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset", "ResumableBatchSampler",
+__all__ = ["make_dataset", "list_class_folders", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset", "ResumableBatchSampler",
            "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names", "heldout_cut", "HELDOUT_RULE"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
@@ -174,6 +174,17 @@ def load_digits_dataset(split: str, channels: int | None = None) -> ImageArrayDa
 IMAGE_EXTS = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
 
 
+def list_class_folders(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
+    """(image file, class index) pairs of ``root/<class>/<image>`` (sorted, recursive) and the class
+    names; the label of a class is its index in the sorted folder names, as torchvision's ImageFolder."""
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+    if not classes:
+        raise ValueError(f"{root} has no class sub-folders: expected {root}/<class_name>/<image files>")
+    files = [(f, c) for c, name in enumerate(classes) for f in sorted((root / name).rglob("*"))
+             if f.suffix.lower() in IMAGE_EXTS]
+    return files, classes
+
+
 class ImageFolderDataset(Dataset):
     """``root/<class>/<image>``; centre-cropped and resized to ``image_size``, RGB (``channels=3``) or
     grayscale (``channels=1``) whatever the files are (PIL converts)."""
@@ -189,11 +200,7 @@ class ImageFolderDataset(Dataset):
         base = root / split if (root / "train").is_dir() else root
         if split == "test" and not (root / "test").is_dir() and (root / "train").is_dir():
             raise FileNotFoundError(f"{root} has train/ but no test/ folder")
-        classes = sorted(p.name for p in base.iterdir() if p.is_dir())
-        if not classes:
-            raise ValueError(f"{base} has no class sub-folders: expected {base}/<class_name>/<image files>")
-        files = [(f, c) for c, name in enumerate(classes) for f in sorted((base / name).rglob("*"))
-                 if f.suffix.lower() in IMAGE_EXTS]
+        files, classes = list_class_folders(base)
         self.split_rule = OFFICIAL_SPLIT
         if base is root:  # no explicit split: the disjoint seeded cut
             files = [files[i] for i in heldout_cut(len(files), split)]
