@@ -41,7 +41,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-__all__ = ["make_dataset", "list_class_folders", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset", "ResumableBatchSampler",
+__all__ = ["make_dataset", "list_class_folders", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset",
+           "ResumableBatchSampler",
            "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names", "heldout_cut", "HELDOUT_RULE"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
