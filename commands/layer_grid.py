@@ -112,7 +112,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     # (an older table in the same folder is removed first so it cannot pass for this run's).
     csv_path.unlink(missing_ok=True)
     proto["checkpoint_load"] = {"notes": ck.load_notes(), "ignored_keys": ck.ignored_keys, "inferred": ck.inferred}
-    save_figure(layer_grid_heatmap(df), png_path)
+    # a raw release has one weight set: its figure says so instead of "ema weights"
+    save_figure(layer_grid_heatmap(df.assign(weights="release") if ck.meta.get("raw_release") else df), png_path)
     atomic_write_text(proto_path, json.dumps(proto, indent=1, default=str))
     write_table(df, csv_path)
     release_output(out, [csv_path.name, png_path.name, proto_path.name], ck.load_notes())

@@ -579,6 +579,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
             "null_class": cfg.num_classes, "in_channels": cfg.in_channels, "input_size": cfg.input_size,
             "latent_scale": 0.18215 if cfg.in_channels == 4 else None, "data": None, "method": "unknown",
             "path": flow_path, "num_timesteps": 1000, "foreign": True,
+            "raw_release": not is_wrapped,  # one weight set: neither "ema" nor "model" describes it
             "model_config": cfg.to_dict(),
         }
         config = {}

@@ -189,4 +189,6 @@ def test_weights_model_on_a_raw_release_is_noted(tmp_path):
     torch.save(_official_sd("SiT-S/4"), p)
     notes = load_checkpoint(p, family="sit", weights="model").load_notes()
     assert any(n.startswith("--weights model: raw.pt is a raw release with one weight set") for n in notes)
-    assert not any("--weights model" in n for n in load_checkpoint(p, family="sit").load_notes())
+    ck = load_checkpoint(p, family="sit")
+    assert not any("--weights model" in n for n in ck.load_notes())
+    assert ck.meta["raw_release"]  # figures name its weights "release", not "ema"
