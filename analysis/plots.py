@@ -343,7 +343,7 @@ def plot_correlation(
     if np.isfinite(xa).sum() >= 2:
         slope, icpt = linear_fit(xa, ya)
         xs = np.linspace(np.nanmin(xa), np.nanmax(xa), 50)
-        ax.plot(xs, slope * xs + icpt, color="crimson", lw=1.5, label=f"fit: y = {slope:.3g} x + {icpt:.3g}", zorder=2)
+        ax.plot(xs, slope * xs + icpt, color="crimson", lw=1.5, label=f"fit: y = {slope:.3g} x {'-' if icpt < 0 else '+'} {abs(icpt):.3g}", zorder=2)
         ax.legend(loc="best", fontsize=8)
     if point_labels is not None:
         for xi, yi, lab in zip(xa, ya, point_labels):
