@@ -277,7 +277,8 @@ def layer_grid(
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000, seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: under layer_grid/, named by run, "
-                                                "checkpoint, its hash, weights, label and probe).")] = None,
+                                                "checkpoint, its hash, weights, label, probe and a hash of the "
+                                                "settings).")] = None,
     cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
 ) -> None:

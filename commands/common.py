@@ -243,17 +243,14 @@ def checkpoint_tag(ckpt: str | os.PathLike, sha: str | None = None) -> str:
     return f"{run_dir_of(ckpt).name}-{Path(ckpt).stem}-{(sha or file_sha(ckpt))[:8]}"
 
 
-def default_out(kind: str, ckpt: str | os.PathLike, weights: str, sha: str | None = None) -> Path:
-    """``figures/<kind>/<run>-<ckpt stem>-<sha8>-<weights>``: one folder per analysed checkpoint and weights."""
-    return Path("figures") / kind / f"{checkpoint_tag(ckpt, sha)}-{weights}"
-
-
-def _with_settings(folder: Path, identity: dict[str, Any]) -> Path:
-    """``<folder>-<settings hash8>``: a default folder names every setting that changes the result
-    (``--other``, ``--t``, ...), so two commands that differ only in a setting never share one."""
+def default_out(root: str | os.PathLike, ckpt: str | os.PathLike, weights: str, identity: dict[str, Any],
+                *parts: str, sha: str | None = None) -> Path:
+    """``<root>/<run>-<ckpt stem>-<sha8>-<weights>[-<parts>]-<settings hash8>``: one folder per analysed
+    checkpoint file, weights and every setting of ``identity`` that changes the result (``--t``,
+    ``--other``, ``--blocks``, ...), so two commands that differ only in a setting never share one."""
     settings = {k: v for k, v in _canonical(identity).items() if k not in ("checkpoint_sha", "weights")}
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    return folder.with_name(f"{folder.name}-{digest}")
+    return Path(root) / "-".join([checkpoint_tag(ckpt, sha), weights, *parts, digest])
 
 
 R = TypeVar("R", bound=Outputs)
@@ -268,7 +265,7 @@ def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, re
     unless ``overwrite`` (see :func:`claim_output`). ``Outputs.finish()`` releases the claim.
     """
     identity = {"command": kind, **(identity or {})}
-    path = Path(out) if out is not None else _with_settings(default_out(kind, ckpt, weights, sha), identity)
+    path = Path(out) if out is not None else default_out(Path("figures") / kind, ckpt, weights, identity, sha=sha)
     claim_output(path, identity, overwrite)
     return result(path)
 

@@ -29,10 +29,10 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import atomic_write_text, save_figure, write_table
 from repdyn.core.runtime import init_distributed, resolve_device
 
-from repdyn.commands.common import (check_weights, checkpoint_tag, claim_output, model_inputs, release_output,
+from repdyn.commands.common import (check_weights, claim_output, default_out, model_inputs, release_output,
                                     releases_outputs)
 
-__all__ = ["LayerGridResult", "run_layer_grid", "default_out"]
+__all__ = ["LayerGridResult", "run_layer_grid"]
 
 
 @dataclass
@@ -45,11 +45,6 @@ class LayerGridResult:
     protocol: Path | None
     probe_seconds: float | None = None
     notes: list[str] = field(default_factory=list)  # what the checkpoint loader ignored or inferred
-
-
-def default_out(checkpoint: Path, weights: str, label: str, probe: str, sha: str | None = None) -> Path:
-    """``layer_grid/<run>-<ckpt stem>-<sha8>-<weights>-<label>-<probe>``: unique per checkpoint file."""
-    return Path("layer_grid") / f"{checkpoint_tag(checkpoint, sha)}-{weights}-{label}-{probe}"
 
 
 @releases_outputs
@@ -87,15 +82,16 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     blocks = validate_blocks(blocks, ck.model.depth) if blocks else [0, *range(1, ck.model.depth + 1)]
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
-    out = Path(out_dir) if out_dir is not None else default_out(checkpoint, weights, label, probe, ck.sha)
     dtrain = make_dataset(data, "train", root=data_root, **model_inputs(ck))  # channels follow the model
     dtest = make_dataset(data, "test", root=data_root, **model_inputs(ck))
     n_train = check_probe_sizes(n_train, len(dtrain), dtrain.num_classes)
+    identity = {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data, "blocks": blocks,
+                "ts": ts, "label": label, "probe": probe, "n_train": n_train, "n_test": n_test, "pooling": pooling,
+                "seed": seed, "holdout": holdout, "time_convention": ck.time_convention}
+    out = Path(out_dir) if out_dir is not None else default_out("layer_grid", checkpoint, weights, identity, label,
+                                                                  probe, sha=ck.sha)
     if rank == 0:  # claimed before any extraction: a wrong --out fails in seconds, not after the fits
-        claim_output(out, {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data,
-                           "blocks": blocks, "ts": ts, "label": label, "probe": probe, "n_train": n_train,
-                           "n_test": n_test, "pooling": pooling, "seed": seed, "holdout": holdout,
-                           "time_convention": ck.time_convention}, overwrite)
+        claim_output(out, identity, overwrite)
     cache = FeatureCache(cache_dir) if cache_dir is not None else None
     common = dict(blocks=blocks, ts=ts or None, label_policy=label, pooling=pooling, batch_size=batch_size,
                   seed=seed, device=dev, cache=cache, progress=progress)
