@@ -17,6 +17,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from repdyn.core.messages import one_line_warning
 from repdyn.probe.cache import DEFAULT_CACHE  # light: numpy and the standard library
 
 app = typer.Typer(
@@ -67,10 +68,6 @@ def _not_writable_line(e: OSError) -> str | None:
     return f"{path} is not writable ({reason}{where}): choose a writable location (--out / --cache) or fix its permissions"
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    typer.echo(f"warning: {message}", err=True)
-
-
 def friendly_errors(fn):
     """Turn expected user errors into `error: ...` on one line and exit code 2 (no traceback): bad
     values and missing files, and paths that cannot be written (read-only folder, permission denied).
@@ -80,7 +77,7 @@ def friendly_errors(fn):
     def wrapper(*args, **kwargs):
         try:
             with warnings.catch_warnings():
-                warnings.showwarning = _one_line_warning
+                warnings.showwarning = one_line_warning
                 return fn(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError) as e:
             typer.echo(f"error: {_error_line(e)}", err=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from repdyn.core.files import atomic_write_text
+from repdyn.core.messages import one_line_warning
 
 from .paths import StudyPaths
 from .plan import Step, StudyActions, study_steps
@@ -64,6 +66,7 @@ def _run_one(job: tuple[StudyPaths, StudyConfig, StudyActions, str]) -> Timings:
     """One training run's steps in a worker process, on one thread."""
     paths, cfg, actions, name = job
     torch.set_num_threads(1)
+    warnings.showwarning = one_line_warning  # as the CLI prints them
     steps = [st for st in study_steps(cfg, paths, actions, progress=False) if st.run_name == name]
     return run_steps(steps, lambda msg: print(f"{msg} ({name})", flush=True))
 
