@@ -19,6 +19,7 @@ of it in one line per fact.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import pickle
 import pickletools
@@ -624,7 +625,16 @@ def ema_init_fraction(ck: LoadedCheckpoint) -> float | None:
     decay = ck.config.get("ema_decay")
     if ck.weights != "ema" or decay is None or ck.step is None:
         return None
-    return float(decay) ** int(ck.step)
+    return init_fraction(decay, ck.step)
+
+
+def init_fraction(decay: float | None, step: float) -> float:
+    """The share of its initial weights an EMA still holds after ``step`` updates: the product of the
+    per-step decays since step 0, ``decay ** step`` (the trainer's EMA starts as a copy of the
+    initial model and uses a constant decay). NaN when the decay is unknown."""
+    if decay is None or not math.isfinite(float(decay)) or not math.isfinite(float(step)):
+        return math.nan
+    return float(decay) ** float(step)
 
 
 MAX_INIT_FRACTION = 0.10  # above this, probes and samples of the EMA mostly describe the initialisation

@@ -30,7 +30,9 @@ import numpy as np
 import pandas as pd
 
 from .power import arm_of
-from .tables import StudyTables, class_acc_column, init_fraction, run_ema_decay
+from repdyn.model.checkpoint import init_fraction
+
+from .tables import StudyTables, class_acc_column, run_ema_decay
 
 __all__ = ["Maturity", "maturity", "binomial_se", "MAX_INIT_FRACTION", "MIN_CLASS_ACC", "MAX_CLASS_ACC_SE"]
 

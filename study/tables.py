@@ -7,7 +7,6 @@ claim rules, figure recipes and report work on (none of them reads or writes a f
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Iterable
@@ -19,10 +18,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from repdyn.model.checkpoint import init_fraction
+
 from .paths import StudyPaths
 
 __all__ = ["StudyTables", "load_study_tables", "quality_table", "accuracy_grid", "depth_profiles", "run_ema_decay",
-           "init_fraction", "class_acc_column"]
+           "class_acc_column"]
 
 _EMA_RUN = re.compile(r"-ema(?P<decay>[0-9.]+?)(?:-s\d+)?$")
 
@@ -32,15 +33,6 @@ def run_ema_decay(run: str, default: float | None) -> float | None:
     study's ``default`` (``config['ema_decay']``)."""
     m = _EMA_RUN.search(str(run))
     return float(m.group("decay")) if m else default
-
-
-def init_fraction(decay: float | None, step: float) -> float:
-    """The share of its initial weights an EMA still holds after ``step`` updates: the product of the
-    per-step decays since step 0, ``decay ** step`` (the trainer's EMA starts as a copy of the
-    initial model and uses a constant decay). NaN when the decay is unknown."""
-    if decay is None or not math.isfinite(float(decay)) or not math.isfinite(float(step)):
-        return math.nan
-    return float(decay) ** float(step)
 
 
 def class_acc_column(ev: pd.DataFrame, data: str | None = None) -> str | None:

@@ -247,7 +247,8 @@ def test_generation_claims_need_mature_samples(claim, why, kw):
 
 def test_maturity_gate_numbers():
     from repdyn.study.gate import binomial_se, maturity
-    from repdyn.study.tables import init_fraction, run_ema_decay
+    from repdyn.model.checkpoint import init_fraction
+    from repdyn.study.tables import run_ema_decay
 
     assert init_fraction(0.999, 6000) == pytest.approx(0.00247, rel=1e-2)
     assert run_ema_decay("baseline-ema0.9995-s1", 0.999) == 0.9995 and run_ema_decay("sra-s1", 0.999) == 0.999
