@@ -234,18 +234,21 @@ def train(
     device: Annotated[Optional[str], typer.Option(help="auto | cpu | cuda | cuda:N")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the model.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Run folder, or a checkpoint in <run>/checkpoints/, to resume that run from "
-                                                  "(exact); a checkpoint elsewhere needs --out (a new run from it).")] = None,
+                                                  "(exact); a checkpoint elsewhere needs --out (a new run from it: "
+                                                  "a published DiT/SiT/REPA/SRA file is fine-tuned).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override any field: --set sra.teacher_block=5 "
                                                       "--set model_overrides.depth=4 (repeatable).")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Start the run folder afresh (its checkpoints and "
                                             "records removed); with --resume of an older checkpoint, discard the "
                                             "later ones.")] = False,
+    family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
     quiet: OptQuiet = False,
 ) -> None:
     """Train a DiT or SiT (baseline, +SRA, +DiverseDiT or both); writes checkpoints and metrics.
 
     Examples: `probe train --preset sit-tiny --out runs/sit`,
     `probe train --preset dit-tiny --method sra --steps 3000`,
+    `probe train --resume SiT-XL-2-256.pt --out runs/ft --data latents:PATH --method sra` (fine-tune),
     `torchrun --nproc_per_node 8 -m repdyn train --preset sit-b2-imagenet --method sra`.
     """
     from repdyn.commands.train import run_train
@@ -253,7 +256,8 @@ def train(
     flags = dict(model=model, data=data, method=method, steps=steps, out=out, batch_size=batch_size, lr=lr,
                  ema_decay=ema_decay, precision=precision, ckpt_every=ckpt_every, seed=seed, device=device,
                  compile=compile)
-    res = run_train(preset, config, flags, set_, resume=resume, quiet=quiet, overwrite=overwrite)
+    res = run_train(preset, config, flags, set_, resume=resume, quiet=quiet, overwrite=overwrite, family=family,
+                    num_heads=num_heads, trust=trust_checkpoint)
     if res.checkpoint is not None:
         typer.echo(f"checkpoint: {res.checkpoint}\nmetrics:    {res.metrics}")
 

@@ -26,7 +26,7 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, held_folders, lock_folder,
                                save_figure, unlock_folder)
 
-__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "model_inputs", "load_features", "cell_t", "parse_cells",
+__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
            "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
            "checkpoint_tag"]
@@ -172,17 +172,10 @@ def load_for_analysis(path: str | os.PathLike, weights: str, spec: FeatureSpec) 
                            time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
 
 
-def model_inputs(ck: LoadedCheckpoint) -> dict[str, int]:
-    """What the checkpoint's network takes, as :func:`make_dataset` keywords: channels follow the model
-    (a grayscale folder for a one-channel model, RGB for three) and so does a folder's image size."""
-    cfg = ck.model.config
-    return {"channels": int(cfg.in_channels), "image_size": int(cfg.input_size)}
-
-
 def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):
     """The dataset a command analyses: ``--data`` when given, else the one the run trained on, in the
-    checkpoint's channels (:func:`model_inputs`)."""
-    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split, **model_inputs(ck))
+    checkpoint's channels (:meth:`LoadedCheckpoint.dataset_inputs`)."""
+    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split, **ck.dataset_inputs())
 
 
 def load_features(ck: LoadedCheckpoint, spec: FeatureSpec, *, blocks: Sequence[int] | None = None,

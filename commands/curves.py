@@ -47,7 +47,7 @@ from repdyn.training.methods import SRAOptions
 from repdyn.training.methods.sra import DEFAULT_T_MAX, default_blocks
 from repdyn.core.runtime import resolve_device
 
-from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, claim_output, load_features, model_inputs,
+from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, claim_output, load_features,
                                     releases_outputs)
 
 __all__ = ["CurveSettings", "CurvesResult", "resolve_cells", "run_curves", "PROBE_COLUMNS", "SIM_COLUMNS"]
@@ -217,7 +217,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     run = run_dir_of(ckpts[0]).name
     if todo:  # loaded once for every checkpoint (the same images and noise for all of them)
         data = spec.data or first.data or "fashion-mnist"
-        inputs = model_inputs(first)  # channels follow the model
+        inputs = first.dataset_inputs()  # channels follow the model
         dtr, dte = make_dataset(data, "train", **inputs), make_dataset(data, "test", **inputs)
         check_probe_sizes(n_train, len(dtr), dtr.num_classes)
     for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):

@@ -29,7 +29,7 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import atomic_write_text, save_figure, write_table
 from repdyn.core.runtime import init_distributed, resolve_device
 
-from repdyn.commands.common import (check_weights, claim_output, default_out, model_inputs, release_output,
+from repdyn.commands.common import (check_weights, claim_output, default_out, release_output,
                                     releases_outputs)
 
 __all__ = ["LayerGridResult", "run_layer_grid"]
@@ -82,8 +82,8 @@ def run_layer_grid(checkpoint: str | os.PathLike, *, data: str | None = None, bl
     blocks = validate_blocks(blocks, ck.model.depth) if blocks else [0, *range(1, ck.model.depth + 1)]
     validate_ts(ts if ts else default_ts(ck.family, ck.num_timesteps), ck.family, ck.num_timesteps)
     data = data or ck.data or "fashion-mnist"
-    dtrain = make_dataset(data, "train", root=data_root, **model_inputs(ck))  # channels follow the model
-    dtest = make_dataset(data, "test", root=data_root, **model_inputs(ck))
+    dtrain = make_dataset(data, "train", root=data_root, **ck.dataset_inputs())  # channels follow the model
+    dtest = make_dataset(data, "test", root=data_root, **ck.dataset_inputs())
     n_train = check_probe_sizes(n_train, len(dtrain), dtrain.num_classes)
     identity = {"command": "layer-grid", "checkpoint_sha": ck.sha, "weights": weights, "data": data, "blocks": blocks,
                 "ts": ts, "label": label, "probe": probe, "n_train": n_train, "n_test": n_test, "pooling": pooling,

@@ -8,7 +8,9 @@ This is the one place that decides about run folders; nothing is lost or mixed:
   that run, or with ``--overwrite``, which starts it afresh (its checkpoints and records removed);
 * ``--resume FILE`` resumes the run folder that contains it (``<run>/checkpoints/FILE``), not the
   folder recorded inside the file; a checkpoint older than the run's newest would have the later ones
-  replaced, so that needs ``--overwrite`` (which removes them); a file outside a run folder needs ``--out``;
+  replaced, so that needs ``--overwrite`` (which removes them); a file outside a run folder needs ``--out``
+  (ours continues its run there; a published DiT/SiT/REPA/SRA/DiverseDiT file starts a new run from
+  its weights: :mod:`repdyn.training.warm_start`);
 * a broken newest checkpoint is named with the last good one to resume from.
 
 Every refusal comes before anything on disk changes.
@@ -18,15 +20,16 @@ from __future__ import annotations
 
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from repdyn.core.files import lock_folder, unlock_folder
+from repdyn.core.files import check_writable, lock_folder, unlock_folder
 from repdyn.core.runtime import dist_info
 from repdyn.model.checkpoint import CKPT_RE, list_checkpoints, read_checkpoint
 from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
 from repdyn.training.trainer import train
+from repdyn.training.warm_start import WarmStart, is_training_checkpoint, read_warm_start
 
 __all__ = ["TrainResult", "run_train", "RUN_RECORDS"]
 
@@ -44,11 +47,14 @@ class TrainResult:
 
 @dataclass
 class _Source:
-    """What ``--resume`` points at: the checkpoint file, its run folder (None outside one) and its config."""
+    """What ``--resume`` points at: the checkpoint file, its run folder (None outside one) and its
+    config; for a published file (not one of our training checkpoints, outside a run folder) the
+    object read, which a new run starts from (:mod:`repdyn.training.warm_start`)."""
 
     ckpt: Path
     run: Path | None
     config: dict[str, Any]
+    published: Any = None
 
 
 def _step(path: Path) -> int:
@@ -65,17 +71,20 @@ def _same(a: Path | None, b: Path) -> bool:
     return a is not None and a.resolve() == b.resolve()
 
 
-def _read_training_checkpoint(ckpt: Path, run: Path | None) -> dict[str, Any]:
+def _read_source(ckpt: Path, run: Path | None, trust: bool = False) -> _Source:
     """The checkpoint's config; a broken file of a run is named with the last good one before it."""
     try:
-        state = read_checkpoint(ckpt, map_location="cpu")
+        state = read_checkpoint(ckpt, map_location="cpu", trust=trust)
     except ValueError as e:
         if run is None or "unreadable" not in str(e):
             raise
         raise ValueError(_broken_message(ckpt, run, str(e))) from None
-    if not isinstance(state, dict) or "config" not in state or "opt" not in state:
-        raise ValueError(f"{ckpt} is not a training checkpoint of this toolkit (needs model, ema, opt, meta, config)")
-    return dict(state["config"])
+    if is_training_checkpoint(state):
+        return _Source(ckpt, run, dict(state["config"]))
+    if run is None:
+        return _Source(ckpt, None, {}, published=state)
+    raise ValueError(f"{ckpt} is not a training checkpoint of this toolkit (needs model, ema, opt, meta, config); "
+                     "to start a new run from its weights, pass --out")
 
 
 def _broken_message(ckpt: Path, run: Path, error: str) -> str:
@@ -95,18 +104,17 @@ def _broken_message(ckpt: Path, run: Path, error: str) -> str:
             f"--resume {good} --overwrite (removes {ckpt.name} and any later checkpoint)")
 
 
-def _source(resume: str | os.PathLike) -> _Source:
+def _source(resume: str | os.PathLike, trust: bool = False) -> _Source:
     path = Path(resume)
     if path.is_dir():
         run = path.parent if path.name == "checkpoints" else path
         found = list_checkpoints(run)
         if not found:
             raise FileNotFoundError(f"no checkpoints to resume from in {path}")
-        return _Source(found[-1], run, _read_training_checkpoint(found[-1], run))
+        return _read_source(found[-1], run, trust)
     if not path.exists():
         raise FileNotFoundError(f"--resume {path} does not exist; give a run folder or <run>/checkpoints/NNNNNNN.pt")
-    run = _in_run_folder(path)
-    return _Source(path, run, _read_training_checkpoint(path, run))
+    return _read_source(path, _in_run_folder(path), trust)
 
 
 def _holds_run(folder: Path) -> bool:
@@ -165,30 +173,53 @@ def _clear(out: Path, ckpts: list[Path], whole_run: bool) -> str | None:
     return f"overwrite: {start} in {out}: removed {', '.join(parts)}"
 
 
+def _from_weights(cfg: TrainConfig, warm: WarmStart, overrides: dict[str, Any]) -> TrainConfig:
+    """The config of a run that starts from ``warm``: its architecture and interpolant are the file's;
+    a flag that asks for another is an error, ``--set model_overrides.*`` is checked by the trainer."""
+    fields = warm.config_fields()
+    for name in ("model", "path"):
+        asked = overrides.get(name)
+        if asked is not None and name in fields and asked != fields[name]:
+            raise ValueError(f"--{name} {asked} contradicts {warm.path.name}, a {fields['model']} with the "
+                             f"{fields.get('path', 'DDPM')} path: drop --{name} (the architecture is the file's)")
+    asked_parts = dict(overrides.get("model_overrides") or {})
+    return replace(cfg, model=fields["model"], model_overrides={**fields["model_overrides"], **asked_parts},
+                   path=fields.get("path", cfg.path), init_from=str(warm.path.resolve())).validate()
+
+
 def run_train(preset: str | None = None, config: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
               set_: list[str] | None = None, resume: str | os.PathLike | None = None,
-              quiet: bool = False, overwrite: bool = False) -> TrainResult:
+              quiet: bool = False, overwrite: bool = False, family: str | None = None,
+              num_heads: int | None = None, trust: bool = False) -> TrainResult:
     """``resume`` without ``preset`` / ``config``: the run's own config, changed only by the flags given
     (the trainer refuses changes other than length, logging and place; see
     :data:`repdyn.training.trainer.RESUMABLE_CHANGES`). The run folder is ``--out``, else (resuming) the
-    folder that holds the checkpoint."""
+    folder that holds the checkpoint. A published file (``resume`` outside a run folder, not ours)
+    starts a new run in ``--out`` from its weights; ``family`` / ``num_heads`` / ``trust`` read it."""
     overrides = dict(flags or {})
     overrides.update(parse_set_overrides(set_ or []))
-    source = _source(resume) if resume is not None else None
+    source = _source(resume, trust) if resume is not None else None
+    warm = None
     if source is not None:
         if overrides.get("out") is None:
             if source.run is None:
                 raise ValueError(f"{source.ckpt} is not inside a run folder (<run>/checkpoints/NNNNNNN.pt); pass "
                                  "--out to start a new run from it")
             overrides["out"] = str(source.run)
-        if preset is None and config is None:
+        if source.published is not None:
+            warm = read_warm_start(source.ckpt, obj=source.published, family=family, num_heads=num_heads)
+            source = None  # a new run, from the file's weights
+        elif preset is None and config is None:
             overrides = {**source.config, **{k: v for k, v in overrides.items() if v is not None}}
     cfg = resolve_config(preset, config, overrides)
+    if warm is not None:
+        cfg = _from_weights(cfg, warm, overrides)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
     rank = dist_info()[0]
     if rank == 0:
+        check_writable(out, "--out")  # a read-only place fails in one line, before the data or model are built
         lock_folder(out)  # before looking: a second writer is refused, not raced
     try:
         remove = _check_folder(out, source, overwrite)
@@ -196,7 +227,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
             line = _clear(out, remove, whole_run=source is None or not _same(source.run, out))
             if line:
                 print(line, flush=True)
-        last = train(cfg, resume=source.ckpt if source is not None else None, quiet=quiet)
+        last = train(cfg, resume=source.ckpt if source is not None else None, quiet=quiet, warm=warm)
     finally:
         if rank == 0:
             unlock_folder(out)

@@ -43,7 +43,8 @@ from torch.utils.data import Dataset
 
 __all__ = ["make_dataset", "list_class_folders", "ImageArrayDataset", "ImageFolderDataset", "LatentsDataset",
            "ResumableBatchSampler",
-           "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names", "heldout_cut", "HELDOUT_RULE"]
+           "FASHION_MNIST_DIR", "SD_VAE_SCALE", "dataset_names", "heldout_cut", "HELDOUT_RULE",
+           "native_inputs", "FOLDER_IMAGE_SIZE"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
@@ -337,7 +338,20 @@ class LatentsDataset(Dataset):
         return (mean + std * eps) * SD_VAE_SCALE
 
 
-def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = 32,
+FOLDER_IMAGE_SIZE = 32  # what make_dataset resizes folder images to when the model does not say
+
+
+def native_inputs(spec: str) -> dict[str, int] | None:
+    """The channels and image size a spec gives when no model asks for others (``make_dataset``
+    without ``channels`` / ``image_size``); None for latents, which are never converted."""
+    if spec in ("fashion-mnist", "digits"):
+        return {"channels": 1, "image_size": 32 if spec == "fashion-mnist" else 8}
+    if spec.startswith("folder:"):
+        return {"channels": 3, "image_size": FOLDER_IMAGE_SIZE}
+    return None
+
+
+def make_dataset(spec: str, split: str = "train", root: str | None = None, image_size: int = FOLDER_IMAGE_SIZE,
                  holdout_cut: bool = True, channels: int | None = None):
     """Build a dataset from a spec string (see module docstring). ``holdout_cut=False`` (training
     only): a latents folder without a test split gives every file as ``train``. ``channels``: what

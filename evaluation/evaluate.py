@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime as _dt
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable
@@ -83,7 +84,8 @@ def evaluate_checkpoint(ck: Any, *, n: int = 1000, method: str | None = None, st
     spec = data or ck.meta.get("data")
     if spec is None and (offline or inception_weights is not None):
         raise ValueError("this checkpoint does not record its dataset: pass --data (e.g. fashion-mnist)")
-    make_dataset_fn = make_dataset_fn or make_dataset
+    # the reference data in the model's channels and size (a grayscale folder for a one-channel model)
+    make_dataset_fn = make_dataset_fn or functools.partial(make_dataset, **ck.dataset_inputs())
     latent = ck.meta.get("latent_scale") is not None
     if latent and (npz_path is not None or inception_weights is not None):
         check_vae(ck.meta, vae)

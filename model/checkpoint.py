@@ -39,7 +39,8 @@ from repdyn.model.objectives import Objective, make_objective
 
 __all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "LoadedCheckpoint", "list_checkpoints",
            "latest_checkpoint", "file_sha", "run_dir_of", "infer_model_config", "rename_official_keys",
-           "TRAINING_ONLY_HEADS", "PickledCodeWarning", "pickled_globals"]
+           "TRAINING_ONLY_HEADS", "PickledCodeWarning", "pickled_globals",
+           "checkpoint_from", "strip_wrapper_prefixes"]
 
 CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
@@ -306,6 +307,12 @@ class LoadedCheckpoint:
         """The dataset spec the run trained on (None for foreign files)."""
         return self.meta.get("data")
 
+    def dataset_inputs(self) -> dict[str, int]:
+        """What the network takes, as :func:`repdyn.datasets.sources.make_dataset` keywords: data follow
+        the model (a grayscale folder for a one-channel model, RGB for three; a folder's image size)."""
+        cfg = self.model.config
+        return {"channels": int(cfg.in_channels), "image_size": int(cfg.input_size)}
+
     @property
     def run_dir(self) -> Path:
         return run_dir_of(self.path)
@@ -320,7 +327,7 @@ _HEAD_ARG_NAMES = ("num_heads", "heads", "n_heads")
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.")
 
 
-def _strip_prefixes(sd: dict) -> dict:
+def strip_wrapper_prefixes(sd: dict) -> dict:
     """Drop wrappers' prefixes (DDP ``module.``, torch.compile ``_orig_mod.``)."""
     out = {}
     for k, v in sd.items():
@@ -508,6 +515,16 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = Path(path)
     obj = read_checkpoint(path, trust=trust, map_location=map_location)
+    return checkpoint_from(obj, path, weights, family=family, time_convention=time_convention, num_heads=num_heads)
+
+
+def checkpoint_from(obj: Any, path: Path, weights: str = "ema", *, family: str | None = None,
+                    time_convention: str | None = None, num_heads: int | None = None,
+                    sha: str | None = None) -> LoadedCheckpoint:
+    """:func:`load_checkpoint` on a file already read (``obj``): a caller that needs both weight sets
+    (a warm start) reads a large file once. ``sha``: the file's, when the caller has it."""
+    if weights not in ("ema", "model"):
+        raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not isinstance(obj, dict):
         raise ValueError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or state dict")
     inferred: dict[str, str] = {}
@@ -524,7 +541,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
         cfg = ModelConfig.from_dict(meta["model_config"])
         if weights not in obj:
             raise ValueError(f"{path} has no {weights!r} weights; available: model, ema")
-        sd = _strip_prefixes(obj[weights])
+        sd = strip_wrapper_prefixes(obj[weights])
         config = dict(obj["config"])
         step = obj.get("steps")
     else:  # foreign
@@ -533,9 +550,9 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
         if is_wrapped:
             if weights not in obj:
                 raise ValueError(f"{path} has no {weights!r} weights; available: {[k for k in ('model', 'ema') if k in obj]}")
-            sd = _strip_prefixes(obj[weights])
+            sd = strip_wrapper_prefixes(obj[weights])
         else:
-            sd = _strip_prefixes(obj)  # a raw release is a single set of weights (the EMA, for DiT/SiT)
+            sd = strip_wrapper_prefixes(obj)  # a raw release is a single set of weights (the EMA, for DiT/SiT)
         if not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
             raise ValueError(f"{path} is not a state dict or a {{'model', 'ema', ...}} checkpoint dict")
         _check_layout(rename_official_keys(sd)[0], path)  # a ResNet is refused before --family is asked for
@@ -613,7 +630,7 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
                                learn_sigma=bool(meta.get("learn_sigma", True)),
                                num_timesteps=int(meta.get("num_timesteps", 1000)))
     ck = LoadedCheckpoint(model=model, weights=weights, meta=meta, config=config, objective=objective, path=path,
-                          sha=file_sha(path), step=step, ignored_keys=ignored, inferred=inferred, notes=load_notes)
+                          sha=sha or file_sha(path), step=step, ignored_keys=ignored, inferred=inferred, notes=load_notes)
     warn_immature_ema(ck)
     return ck
 
@@ -621,9 +638,11 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
 def ema_init_fraction(ck: LoadedCheckpoint) -> float | None:
     """How much of the EMA weights is still the random initialisation: the product of the per-step
     decays since step 0 (the trainer's EMA starts as a copy of the initial model and decays at a
-    constant rate). None where the file does not say (published files) or for the online weights."""
+    constant rate). None where the file does not say (published files, a run started from published
+    weights whose step count was unknown) or for the online weights."""
     decay = ck.config.get("ema_decay")
-    if ck.weights != "ema" or decay is None or ck.step is None:
+    warm = ck.meta.get("warm_start")
+    if ck.weights != "ema" or decay is None or ck.step is None or (warm and warm.get("steps") is None):
         return None
     return init_fraction(decay, ck.step)
 

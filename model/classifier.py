@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from repdyn.datasets.sources import make_dataset
+from repdyn.datasets.sources import make_dataset, native_inputs
 from repdyn.core.files import save_torch
 from repdyn.model.frechet import feature_statistics
 
@@ -78,11 +78,20 @@ def metric_name(spec: str) -> str:
     return f"{kind}-{re.sub(r'[^A-Za-z0-9_.-]+', '-', Path(rest).name or 'root')}"
 
 
-def classifier_cache_path(spec: str) -> Path:
-    """``<cache>/classifiers/<dataset>.pt``; path-based specs also get a short hash of the path."""
+def classifier_cache_path(spec: str, inputs: dict[str, int] | None = None) -> Path:
+    """``<cache>/classifiers/<dataset>.pt``; path-based specs also get a short hash of the path, and
+    data converted for a model (``inputs``: its channels / image size, when not the spec's own) a
+    suffix such as ``-1ch`` or ``-64px``, so a grayscale and an RGB model of one folder keep one
+    classifier each instead of retraining it in turn."""
     name = metric_name(spec)
     if ":" in spec:
         name += "-" + hashlib.sha256(spec.encode()).hexdigest()[:8]
+    native = native_inputs(spec)
+    if inputs and native:
+        if int(inputs["channels"]) != native["channels"]:
+            name += f"-{int(inputs['channels'])}ch"
+        if int(inputs["image_size"]) != native["image_size"]:
+            name += f"-{int(inputs['image_size'])}px"
     return cache_root() / "classifiers" / f"{name}.pt"
 
 
@@ -200,8 +209,8 @@ def get_classifier(spec: str, *, train_if_missing: bool = True, device: str | to
                    log: Callable[[str], None] | None = None) -> DatasetClassifier:
     """The cached classifier for dataset ``spec``; trained (once) and cached if missing or stale."""
     make_dataset_fn = make_dataset_fn or make_dataset
-    path = classifier_cache_path(spec)
     train_ds = make_dataset_fn(spec, split="train")
+    path = classifier_cache_path(spec, dataset_fingerprint(train_ds))
     if path.exists():
         clf = _load_classifier(path)
         if clf.info.get("fingerprint") == dataset_fingerprint(train_ds) and clf.dataset == spec:

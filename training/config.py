@@ -82,6 +82,7 @@ class TrainConfig:
     compile: bool = False
     # bookkeeping
     seed: int = 0
+    init_from: str | None = None  # a published checkpoint the run started from (training/warm_start.py)
     out: str = "runs/default"
     ckpt_every: int = 0  # 0: only at the end
     ckpt_steps: list[int] = field(default_factory=list)  # extra steps to checkpoint (training-dynamics curves)

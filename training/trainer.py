@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
 from repdyn.training.config import TrainConfig
+from repdyn.training.warm_start import WarmStart, read_warm_start
 from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
 from repdyn.training.methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
 from repdyn.model.backbone import DiffusionTransformer, model_config
@@ -61,7 +62,8 @@ def update_ema(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False):
+    def __init__(self, config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False,
+                 warm: WarmStart | None = None):
         self.cfg = config.validate()
         self.quiet = quiet
         self.rank, self.world, self.local_rank = dist_info()
@@ -94,6 +96,9 @@ class Trainer:
         overrides.update(model_flags_for_method(config.method))
         overrides.update(config.model_overrides)
         self.model_config = model_config(config.model, **overrides)
+        if config.init_from is not None and resume is None:
+            warm = warm or read_warm_start(config.init_from)
+            warm.check(self.model_config, config.data, config.method)
         self.objective = make_objective(self.model_config.family, path=config.path, weighting=config.weighting,
                                         learn_sigma=self.model_config.learn_sigma)
         if self.model_config.family == "dit" and not self.model_config.learn_sigma:
@@ -114,9 +119,12 @@ class Trainer:
         # (checkpointed, so a resumed run writes the same metrics.csv rows as an uninterrupted one)
         self._window: dict[str, torch.Tensor] = {}
         self._n_window = 0
+        self.warm_start: dict | None = None  # where a run started from published weights began
 
         if resume is not None:
             self._resume(resume)
+        elif warm is not None:
+            self._warm_start(warm)
 
         fwd = self.model
         if self.world > 1:
@@ -164,6 +172,7 @@ class Trainer:
             "data_position": self._position_for_step(self.step),
             "log_window": self._gather(window),  # per rank: the logging interval in progress
             "torch_version": str(torch.__version__),
+            "warm_start": self.warm_start,  # None for a run from random weights
         }
 
     def save(self) -> Path | None:
@@ -207,7 +216,26 @@ class Trainer:
             print(f"warning: resuming on {self.world} ranks a run saved on {len(gens)}: random draws re-seeded")
         torch.set_rng_state(state["meta"]["rng"]["torch_cpu"])
         self._restore_window(state["meta"].get("log_window") or [])
+        self.warm_start = state["meta"].get("warm_start")
         self.resumed_from = path
+
+    def _warm_start(self, warm: WarmStart) -> None:
+        """A new run from a published file's weights (and AdamW moments and step count where it has
+        them; see :mod:`repdyn.training.warm_start`). Says in lines what carried over."""
+        notes = list(warm.notes) + warm.load_into(self.model, self.ema)
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        state, line = warm.optimizer_state(named, self.opt.state_dict())
+        if state is not None:
+            self.opt.load_state_dict(state)
+        notes.append(line)
+        self.step = warm.steps or 0
+        if self.step >= self.cfg.steps:
+            raise ValueError(f"{warm.path.name} has had {self.step} steps and --steps {self.cfg.steps} is the total: "
+                             f"pass --steps larger than {self.step}")
+        self.warm_start = {"from": str(warm.path), "sha": warm.sha, "steps": warm.steps}
+        if self.rank == 0:  # what carried over is part of the run's record, printed even with --quiet
+            for n in notes:
+                print(f"warm start: {n}", flush=True)
 
     def _restore_window(self, windows: list[dict]) -> None:
         """The logging interval the checkpoint was inside: this rank's sums (their mean over the saved
@@ -423,9 +451,11 @@ class Trainer:
         return last_path
 
 
-def train(config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False) -> Path | None:
-    """Train with ``config``; returns the last checkpoint path (on rank 0)."""
-    trainer = Trainer(config, resume=resume, quiet=quiet)
+def train(config: TrainConfig, resume: str | os.PathLike | None = None, quiet: bool = False,
+          warm: WarmStart | None = None) -> Path | None:
+    """Train with ``config``; returns the last checkpoint path (on rank 0). ``warm``: the published
+    file ``config.init_from`` names, already read."""
+    trainer = Trainer(config, resume=resume, quiet=quiet, warm=warm)
     try:
         return trainer.train()
     finally:

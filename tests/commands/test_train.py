@@ -166,3 +166,8 @@ def test_a_broken_newest_checkpoint_names_the_last_good_one(run1):
     assert snapshot(run1) == before
     _ok(["train", "--resume", good, "--overwrite", "--steps", "4", "--quiet"])  # the advice works
     torch.load(newest, weights_only=True)
+
+
+def test_a_read_only_out_is_one_line_before_anything_is_built(read_only_dir):
+    _one_line_error(["train", *TINY, "--steps", "2", "--out", read_only_dir / "run"], "--out")
+    assert not (read_only_dir / "run").exists()

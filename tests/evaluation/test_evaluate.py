@@ -330,3 +330,29 @@ def test_sample_grid_writes_each_tile_label(tmp_path):
     assert named.shape[0] > plain.shape[0]  # a label strip per row
     assert (named > 160).any() and not (plain > 160).any()  # the (antialiased) text is drawn
     assert (named == 128).sum() == (plain == 128).sum() == 4 * 64  # every tile kept whole
+
+
+def test_classifier_cache_names_the_model_inputs_when_they_are_not_the_datas_own():
+    assert C.classifier_cache_path("fashion-mnist", {"channels": 1, "image_size": 32}).name == "fashion-mnist.pt"
+    rgb = C.classifier_cache_path("folder:/data/imgs", {"channels": 3, "image_size": 32})
+    gray = C.classifier_cache_path("folder:/data/imgs", {"channels": 1, "image_size": 8})
+    assert gray.name == rgb.stem + "-1ch-8px.pt"
+
+
+def test_eval_of_a_one_channel_model_reads_a_folder_in_one_channel(tiny_ckpt, tmp_path, cache_dir):
+    """The reference data and the classifier follow the checkpoint's channels and size: a grayscale
+    model scored against an RGB copy of its folder would fail on the first batch."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (tmp_path / "imgs" / f"c{c}").mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(tmp_path / "imgs" / f"c{c}" / f"{i}.png")
+    spec = f"folder:{tmp_path / 'imgs'}"
+    row = run_eval(tiny_ckpt, tmp_path / "m.csv", n=8, method="ode-euler", steps=2, batch_size=8, data=spec,
+                   progress=False)
+    name = C.metric_name(spec)
+    assert 0.0 <= row[f"cond_acc_{name}"] <= 1.0
+    clf = C.get_classifier(spec, make_dataset_fn=lambda s, split: make_dataset(s, split, channels=1, image_size=8))
+    assert clf.path.name.endswith("-1ch-8px.pt") and clf.model.body[0].in_channels == 1

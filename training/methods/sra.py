@@ -191,7 +191,7 @@ class SRATerm(LossTerm):
             raise ValueError(f"SRA's teacher is the EMA, but ema_decay is {config.ema_decay}: the teacher would be "
                              "the student itself; set ema_decay in (0, 1), e.g. 0.999 for tiny runs, 0.9999 for papers")
         kept = config.ema_decay ** config.steps
-        if kept > 0.5:
+        if kept > 0.5 and config.init_from is None:  # a teacher from published weights is not random
             warnings.warn(
                 f"ema_decay {config.ema_decay} over {config.steps} steps: the SRA teacher (the EMA) keeps "
                 f"{kept:.0%} of its random initialisation at the end; use a faster EMA for short runs "

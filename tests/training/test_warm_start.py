@@ -1,0 +1,130 @@
+"""A new run from published weights: the file's weights, EMA, AdamW moments (matched by name, in
+whatever order the file's optimiser holds them) and step count carry over; data, method and flags
+that do not fit the file are one-line errors; a release without a step count starts at 0."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from repdyn.model.backbone import build_model
+from repdyn.model.checkpoint import load_checkpoint
+from repdyn.training.config import resolve_config
+from repdyn.training.trainer import Trainer
+from repdyn.training.warm_start import read_warm_start
+from tests.commands.support import _ok, _one_line_error
+
+ARCH = dict(input_size=8, in_channels=1, num_classes=10, depth=2, hidden_size=64, num_heads=4)
+TRAIN = ["--data", "digits", "--batch-size", "8", "--device", "cpu", "--num-heads", "4", "--quiet"]
+
+
+def _official_file(path: Path, *, steps: int | None = 7, learn_sigma: bool = False, raw: bool = False) -> dict:
+    """A training checkpoint in the official REPA layout (``model``/``ema``/``opt``/``steps``, REPA
+    projector heads), its keys in another order than ours and its AdamW state indexed by that order,
+    as ``AdamW(model.parameters())`` in the official trainers indexes it."""
+    torch.manual_seed(3)
+    m = build_model("SiT-T/4", learn_sigma=learn_sigma, **ARCH)
+    ema = build_model("SiT-T/4", learn_sigma=learn_sigma, **ARCH)
+    heads = {"projectors.0.0.weight": torch.randn(16, 64), "projectors.0.0.bias": torch.randn(16)}
+    names = list(reversed(list(m.state_dict()))) + list(heads)
+    sd = {**m.state_dict(), **heads}
+    model_sd = {k: sd[k] for k in names}
+    ema_sd = {**{k: v for k, v in ema.state_dict().items()}, **heads}
+    params = [torch.nn.Parameter(model_sd[k].clone()) for k in names]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    obj = model_sd if raw else {"model": model_sd, "ema": ema_sd, "opt": opt.state_dict(), "steps": steps}
+    if not raw and steps is None:
+        del obj["steps"]
+    torch.save(obj, path)
+    return {"model": model_sd, "ema": ema_sd, "opt": opt.state_dict(), "names": names}
+
+
+def _trainer(tmp_path, file: Path, **kw) -> Trainer:
+    warm = read_warm_start(file, num_heads=4)
+    cfg = resolve_config(None, overrides=dict(data="digits", batch_size=8, steps=9, out=str(tmp_path / "run"),
+                                              device="cpu", **warm.config_fields(), init_from=str(file), **kw))
+    return Trainer(cfg, warm=warm)
+
+
+def test_weights_ema_moments_and_step_carry_over(tmp_path):
+    file = tmp_path / "0000007.pt"
+    made = _official_file(file)
+    tr = _trainer(tmp_path, file)
+    assert tr.step == 7 and tr.warm_start["steps"] == 7
+    for k, v in tr.model.state_dict().items():
+        assert torch.equal(v, made["model"][k]), k
+    for k, v in tr.ema.state_dict().items():
+        assert torch.equal(v, made["ema"][k]), k
+    state = tr.opt.state_dict()["state"]
+    named = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    moved = {n: state[j] for j, n in enumerate(named) if j in state}
+    assert set(moved) == {n for n in named if n in made["names"]}
+    for n, st in moved.items():
+        i = made["names"].index(n)
+        assert torch.equal(st["exp_avg"], made["opt"]["state"][i]["exp_avg"]), n
+    assert tr.opt.param_groups[0]["lr"] == tr.cfg.lr  # the new run's hyper-parameters, the file's moments
+
+
+def test_a_release_without_steps_starts_at_zero_with_one_weight_set(tmp_path):
+    file = tmp_path / "release.pt"
+    made = _official_file(file, raw=True)
+    tr = _trainer(tmp_path, file)
+    assert tr.step == 0 and tr.warm_start["steps"] is None
+    for k, v in tr.ema.state_dict().items():
+        assert torch.equal(v, made["model"][k]) and torch.equal(tr.model.state_dict()[k], v), k
+    assert not tr.opt.state_dict()["state"]
+
+
+def test_an_sra_run_adds_a_fresh_head_to_a_baseline_file(tmp_path):
+    file = tmp_path / "0000007.pt"
+    _official_file(file)
+    tr = _trainer(tmp_path, file, method="sra", sra={"student_block": 1, "teacher_block": 2})
+    head = [k for k in tr.model.state_dict() if k.startswith("ap_head.")]
+    assert head and all(torch.equal(tr.ema.state_dict()[k], tr.model.state_dict()[k]) for k in head)
+
+
+def test_fine_tune_from_the_cli_then_resume(tmp_path):
+    file = tmp_path / "0000007.pt"
+    made = _official_file(file)
+    out = tmp_path / "ft"
+    res = _ok(["train", "--resume", file, "--out", out, "--steps", "9", *TRAIN])
+    assert "warm start: continuing its step count from 7" in res.output
+    assert "AdamW moments of" in res.output and "projectors.*" in res.output
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["init_from"] == str(file.resolve()) and config["model"] == "SiT-S/4"
+    assert config["model_overrides"]["depth"] == 2 and config["model_overrides"]["hidden_size"] == 64
+    assert sorted(p.name for p in (out / "checkpoints").glob("*.pt")) == ["0000009.pt"]
+    ck = load_checkpoint(out / "checkpoints" / "0000009.pt", weights="model")
+    first = next(k for k in made["names"] if k.startswith("blocks.0.attn.qkv.weight"))
+    assert not torch.equal(ck.model.state_dict()[first], made["model"][first])  # it trained
+    assert ck.meta["warm_start"]["sha"] and ck.meta["warm_start"]["steps"] == 7
+    _ok(["train", "--resume", out, "--steps", "10", "--quiet"])  # the fine-tuned run resumes as any run
+    assert (out / "checkpoints" / "0000010.pt").exists()
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--steps", "7"], "pass --steps larger than 7"),
+    (["--steps", "9", "--data", "fashion-mnist"], "is a model of input_size 8, but --data fashion-mnist gives 32"),
+    (["--steps", "9", "--method", "diverse"], "needs DiverseDiT long skips"),
+    (["--steps", "9", "--model", "SiT-B/2"], "--model SiT-B/2 contradicts 0000007.pt"),
+    (["--steps", "9", "--set", "model_overrides.depth=4"], "has depth 2 but the config asks for 4"),
+])
+def test_what_does_not_fit_the_file_is_one_line(tmp_path, extra, message):
+    file = tmp_path / "0000007.pt"
+    _official_file(file)
+    _one_line_error(["train", "--resume", file, "--out", tmp_path / "ft", *TRAIN, *extra], message)
+    assert not (tmp_path / "ft" / "checkpoints").exists()
+
+
+def test_a_willisma_sit_file_is_refused(tmp_path):
+    """willisma/SiT reads t with 0 as noise: fine-tuning it with t = 1 as noise would reverse time."""
+    file = tmp_path / "sit.pt"
+    _official_file(file, learn_sigma=True, steps=None)
+    _one_line_error(["train", "--resume", file, "--out", tmp_path / "ft", *TRAIN, "--family", "sit"],
+                    "reads t with t = 0 as noise")
