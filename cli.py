@@ -741,14 +741,14 @@ def demo(
     figures: Annotated[Path, typer.Option(help="Where figures and REPORT.md go.")] = Path("figures"),
     scale: Annotated[str, typer.Option(help="cpu (make demo, one seed: verdicts say what it cannot detect) | smoke "
                                        "(about a minute; the tests) | cpu-repro (the seeded test on CPU, "
-                                       "~2 h on 2 shared cores) | gpu (the same design for one GPU; not "
-                                       "yet run)")] = "cpu",
+                                       "~2 h on 2 shared cores) | gpu (3 arms x 3 seeds on one GPU, "
+                                       "bench/gpu_study.sh; not yet run)")] = "cpu",
     only: Annotated[Optional[str], typer.Option(help="Run just this training run's steps (e.g. sra-s1), to "
                                                 "spread a scale over machines; gather by running again without "
                                                 "it.")] = None,
     device: Annotated[Optional[str], typer.Option(help="Override the scale's device (auto | cpu | cuda).")] = None,
-    jobs: Annotated[int, typer.Option(help="Training runs at once, each a one-thread process (CPU: use the "
-                                           "number of cores; GPU: 1).")] = 1,
+    jobs: Annotated[int, typer.Option(help="Training runs at once, each a one-thread process (CPU: the number "
+                                           "of cores; one GPU: 2-3 small runs share it).")] = 1,
     quiet: OptQuiet = False,
 ) -> None:
     """The main job: train baseline / SRA / DiverseDiT, probe, analyse, evaluate, and judge claims C1-C7.

@@ -236,3 +236,22 @@ def test_loss_check_against_the_real_official_code(env, kind, method, one_thread
     off = _real(env, kind)
     rec = bvo.compare("SiT-T/4", method, off, batch_size=4, warmup=0, steps=1, overrides=TINY)
     assert rec["loss_check"]["ok"], rec["loss_check"]
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
+                    and os.environ.get("CI") != "true", reason="Fashion-MNIST not installed (make data)")
+def test_gpu_study_dry_run_writes_the_report(tmp_path):
+    """bench/gpu_study.sh, the one command of the gpu scale, run on the CPU at the smoke scale: the
+    package used in place (no install), the study written, its report and tables packed for $OUT."""
+    env = dict(os.environ, GPU_STUDY_DRY="1", OMP_NUM_THREADS="1", PYTHON=sys.executable,
+               GPU_STUDY_DIR=str(tmp_path / "study"), TMPDIR=str(tmp_path))
+    env.pop("PYTHONPATH", None)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_study.sh"), str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=900, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    import tarfile
+
+    with tarfile.open(tmp_path / "out" / "gpu_study.tgz") as tar:
+        names = set(tar.getnames())
+    assert {"study.json", "tables/eval_metrics.csv", "figures/gpu/REPORT.md"} <= names, sorted(names)[:20]
+    assert "report:" in (tmp_path / "out" / "gpu_study.log").read_text()
