@@ -118,6 +118,14 @@ OptNumHeads = Annotated[Optional[int], typer.Option(help="Attention heads, for f
                                                    "outside the official table and whose args do not say.")]
 OptTrust = Annotated[bool, typer.Option("--trust-checkpoint", help="Allow pickled objects (official training "
                                         "checkpoints); only for files you trust.")]
+_ENCODERS = ("embedded (a small ViT trained once on the dataset, cached) | dinov2-vits14:PATH (vitb14, vitl14, vitg14, "
+             "-reg) | timm:NAME:PATH | features:PATH (.npy/.npz/.safetensors). Local files only.")
+OptEncoder = Annotated[str, typer.Option(help=_ENCODERS)]
+OptAlignMetrics = Annotated[Optional[list[str]], typer.Option(help="cknna, mutual_knn, cycle_knn, unbiased_cka "
+                                                              "(default: cknna,mutual_knn).")]
+OptTopk = Annotated[int, typer.Option(help="Neighbours of the kNN metrics (platonic-rep: 10).")]
+OptFarDist = Annotated[int, typer.Option(help="LDS: distant pairs are >= this many patches apart (iREPA 6).")]
+OptDmax = Annotated[int, typer.Option(help="CDS: fit the cosine decay over distances 1..dmax (iREPA 8).")]
 OptPdf = Annotated[bool, typer.Option("--pdf", help="Also write every figure as PDF.")]
 OptQuiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
 OptOverwrite = Annotated[bool, typer.Option("--overwrite", help="Replace results that the output folder (or file) "
@@ -561,17 +569,13 @@ def umap(
 @friendly_errors
 def align(
     ckpt: OptCkpt,
-    encoder: Annotated[str, typer.Option(help="embedded (a small ViT trained once on the dataset, cached) | "
-                                         "dinov2-vits14:PATH (vitb14, vitl14, vitg14, -reg) | timm:NAME:PATH | "
-                                         "features:PATH (.npy/.npz/.safetensors). Local files only.")] = "embedded",
+    encoder: OptEncoder = "embedded",
     weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
     n: Annotated[int, typer.Option(help="Images (rows of every cell; more than --topk).")] = 512,
     tokens: Annotated[bool, typer.Option("--tokens", help="Each image is its patch tokens concatenated (cells and "
                                          "encoder) instead of mean-pooled cells vs the encoder's pooled "
                                          "vector.")] = False,
-    metrics: Annotated[Optional[list[str]], typer.Option(help="cknna, mutual_knn, cycle_knn, unbiased_cka "
-                                                         "(default: cknna,mutual_knn).")] = None,
-    topk: Annotated[int, typer.Option(help="Neighbours of the kNN metrics (platonic-rep: 10).")] = 10,
+    metrics: OptAlignMetrics = None, topk: OptTopk = 10,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutAlign = None,
     cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
@@ -595,8 +599,7 @@ def align(
 def spatial(
     ckpt: OptCkpt, weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
     n: Annotated[int, typer.Option(help="Images (token features: keep it modest).")] = 128,
-    far_dist: Annotated[int, typer.Option(help="LDS: distant pairs are >= this many patches apart (iREPA 6).")] = 6,
-    dmax: Annotated[int, typer.Option(help="CDS: fit the cosine decay over distances 1..dmax (iREPA 8).")] = 8,
+    far_dist: OptFarDist = 6, dmax: OptDmax = 8,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutSpatial = None,
     cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
@@ -661,16 +664,23 @@ def curves(
     n_test: Annotated[int, typer.Option(help="Test images (probe accuracy and CKA).")] = 1000,
     n_div: Annotated[int, typer.Option(help="Images for the token-level diversity terms.")] = 64,
     similarity_weights: Annotated[str, typer.Option(help="Weights for the CKA / diversity curves: ema | model.")] = "ema",
+    encoder: Annotated[str, typer.Option(help="Every block's alignment over training with this encoder: auto (the "
+                                         "embedded one for image data, none for latents) | none | " + _ENCODERS)] = "auto",
+    metrics: OptAlignMetrics = None, topk: OptTopk = 10,
+    spatial: Annotated[bool, typer.Option("--spatial/--no-spatial", help="Every block's LDS / CDS / RMSC over "
+                                          "training (tokens of --n-div images).")] = True,
+    far_dist: OptFarDist = 6, dmax: OptDmax = 8,
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/curves).")] = None,
     cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
     time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
 ) -> None:
-    """Training dynamics: student vs teacher probe accuracy, CKA and diversity for every checkpoint of a run.
+    """Training dynamics: student vs teacher probe accuracy, CKA, diversity, and every block's alignment with an
+    encoder and spatial structure, for every checkpoint of a run.
 
-    Student = online weights, block k_s, time t; teacher = EMA, block k_t, time t_teacher. Results are
-    cached per checkpoint (sha): only checkpoints not yet in curves.csv are computed.
+    Student = online weights, block k_s, time t; teacher = EMA, block k_t, time t_teacher; every block at t on
+    the --similarity-weights. Results are cached per checkpoint (sha): only what is missing is computed.
 
     Examples: `probe curves runs/sit-sra`, `probe curves runs/sit-base --student-block 2 --teacher-block 4`.
     """
@@ -680,6 +690,7 @@ def curves(
                  time_convention, trust_checkpoint, quiet, num_heads)
     res = run_curves(run_dir, spec, student_block=student_block, teacher_block=teacher_block, t=t, t_teacher=t_teacher,
                      probe=probe, n_train=n_train, n_test=n_test, n_div=n_div, similarity_weights=similarity_weights,
+                     encoder=encoder, align_metrics=metrics, topk=topk, spatial=spatial, far_dist=far_dist, dmax=dmax,
                      out=out, pdf=pdf)
     (ks, ts_), (kt, tt) = res.student, res.teacher
     typer.echo(f"{res.computed} of {res.checkpoints} checkpoints computed (others cached); "

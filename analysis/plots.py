@@ -28,6 +28,7 @@ from repdyn.analysis.correlation import linear_fit
 from repdyn.analysis.diversity import pair_matrix
 
 __all__ = [
+    "plot_block_curves",
     "describe",
     "heatmap",
     "layer_grid_heatmap",
@@ -573,3 +574,39 @@ def plot_similarity_curves(frame: pd.DataFrame, title: str, meta: Mapping[str, A
     _titles(fig, title, meta)
     return fig
 
+
+
+def plot_block_curves(frame: pd.DataFrame, measures: Sequence[str], title: str, meta: Mapping[str, Any] | None = None,
+                      labels: Mapping[str, str] | None = None) -> plt.Figure:
+    """One panel per measure (CKNNA to an encoder, LDS, ...): its value for every block over training
+    steps, blocks coloured from shallow (light) to deep (dark), as REPA's alignment-over-training
+    figure. frame: tidy rows ``step, block, measure, value`` (``se`` drawn as a band when present)."""
+    measures = [m for m in measures if (frame["measure"] == m).any()]
+    if not measures:
+        raise ValueError("plot_block_curves: no rows for the requested measures")
+    ncol = min(3, len(measures))
+    nrow = math.ceil(len(measures) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.3 * ncol, 3.3 * nrow), squeeze=False, layout="constrained")
+    blocks = sorted(frame["block"].unique())
+    colors = dict(zip(blocks, sns.color_palette("viridis_r", len(blocks))))
+    for ax, m in zip(axes.flat, measures):
+        d = frame[frame["measure"] == m]
+        for b in blocks:
+            g = d[d["block"] == b].sort_values("step")
+            if g.empty:
+                continue
+            ax.plot(g["step"], g["value"], marker="o", ms=3, color=colors[b], label=f"block {b}")
+            if "se" in g.columns and g["se"].notna().any():
+                ax.fill_between(g["step"], g["value"] - g["se"], g["value"] + g["se"], color=colors[b], alpha=0.15,
+                                lw=0)
+        ax.set_title((labels or {}).get(m, m), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("training step", fontsize=9)
+    for ax in list(axes.flat)[len(measures):]:
+        ax.set_visible(False)
+    handles, names = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right center", fontsize=8, title="block", title_fontsize=8)
+    _titles(fig, title, meta)
+    return fig

@@ -33,16 +33,21 @@ all-zero tokens); images are processed ``batch_size`` at a time, so memory is ba
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Mapping
 from typing import Union
 
 import numpy as np
+import pandas as pd
 import torch
 
 from repdyn.core.runtime import resolve_device
 
 ArrayLike = Union[np.ndarray, torch.Tensor]
 
-__all__ = ["grid_shape", "manhattan_distances", "distance_profile", "lds", "cds", "rmsc", "srss"]
+__all__ = ["grid_shape", "manhattan_distances", "distance_profile", "lds", "cds", "rmsc", "srss", "spatial_cells",
+           "SPATIAL_METRICS"]
+
+SPATIAL_METRICS = ("lds", "cds", "rmsc")
 
 _EPS = 1e-8
 
@@ -230,3 +235,29 @@ def srss(tokens: ArrayLike, masks: ArrayLike, d_pos: int = 1, d_neg: int = 6, d_
         ok = (fg.sum(1) >= 2) & ((~fg).sum(1) >= 1) & (n_valid > 0)
         out.append(torch.where(ok, val, torch.full_like(val, float("nan"))))
     return torch.cat(out).cpu().numpy()
+
+
+def spatial_cells(cells: Mapping[Hashable, ArrayLike], far_dist: int = 6, dmax: int = 8,
+                  device: str | torch.device | None = None) -> pd.DataFrame:
+    """LDS, CDS and RMSC of every cell's tokens, summarised over images (the per-cell row of
+    ``probe spatial`` and of ``probe curves``).
+
+    cells: ``{key: tokens (B, H*W, D)}``, e.g. ``{(block, t): ...}``, B >= 2 images. Returns one
+    row per (cell, metric): ``block, t`` (2-tuple keys, else ``key``), ``metric``, ``mean``, ``se``
+    (standard error over images), ``n``, ``grid``, ``far_dist``, ``dmax``.
+    """
+    rows = []
+    for key, x in cells.items():
+        x = np.asarray(x, dtype=np.float32)
+        if x.ndim != 3 or x.shape[0] < 2:
+            raise ValueError(f"cell {key!r}: need tokens (B >= 2, T, D), got shape {x.shape}")
+        grid = grid_shape(x.shape[1])
+        per = {"lds": lds(x, far_dist=far_dist, grid=grid, device=device),
+               "cds": cds(x, dmax=dmax, grid=grid, device=device), "rmsc": rmsc(x, device=device)}
+        where = {"block": key[0], "t": key[1]} if isinstance(key, tuple) and len(key) == 2 else {"key": key}
+        for m, v in per.items():
+            v = np.asarray(v, dtype=np.float64)
+            rows.append({**where, "metric": m, "mean": float(v.mean()), "se": float(v.std(ddof=1) / np.sqrt(len(v))),
+                         "n": int(len(v)), "grid": f"{grid[0]}x{grid[1]}", "far_dist": int(far_dist),
+                         "dmax": int(dmax)})
+    return pd.DataFrame(rows)

@@ -21,7 +21,7 @@ from repdyn.model.encoders import (EncodedFeatures, Encoder, PrecomputedFeatures
     load_encoder, parse_encoder)
 from repdyn.probe.cache import FeatureCache
 
-from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
+from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, describe_grid, load_features, load_for_analysis,
     prepare_for, releases_outputs, result_identity)
 
 __all__ = ["AlignResult", "run_align", "encoder_features", "parse_metrics", "DEFAULT_METRICS"]
@@ -92,8 +92,8 @@ def run_align(ckpt: str | os.PathLike, spec: FeatureSpec, *, encoder: str = "emb
     (each image one mean-pooled row) or ``tokens`` (each image its row-major patch tokens
     concatenated, against the encoder's concatenated patch tokens). Metrics from
     :mod:`repdyn.analysis.alignment` with platonic-rep's preprocessing (clip at the 0.95 quantile,
-    L2-normalise rows). Writes ``alignment.csv`` (tidy: block, t, log_snr, metric, value, encoder,
-    topk, n) and ``alignment.png`` (blocks x t per metric, best cell boxed)."""
+    L2-normalise rows). Writes ``alignment.csv`` (tidy: run, checkpoint, checkpoint_sha, step, weights, block, t,
+    log_snr, metric, value, encoder, topk, n) and ``alignment.png`` (blocks x t per metric, best cell boxed)."""
     names = parse_metrics(metrics)
     parse_encoder(encoder)  # a malformed spec fails before any work
     if spec.pooling not in ("mean", "tokens"):
@@ -117,6 +117,7 @@ def run_align(ckpt: str | os.PathLike, spec: FeatureSpec, *, encoder: str = "emb
     df.insert(2, "log_snr", df["t"].map(lambda t: g.log_snr[t]))
     df["encoder"] = enc.name
     df = df[["block", "t", "log_snr", "metric", "value", "encoder", "topk", "n"]]
+    df = pd.concat([pd.DataFrame([checkpoint_columns(ck)] * len(df)), df], axis=1)
     meta = describe_grid(ck, g, encoder=describe(enc), topk=int(topk))
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     what = "patch tokens" if tokens else "mean-pooled"

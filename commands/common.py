@@ -26,7 +26,7 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, held_folders, lock_folder,
                                save_figure, unlock_folder)
 
-__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "load_features", "cell_t", "parse_cells",
+__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "checkpoint_columns", "load_features", "cell_t", "parse_cells",
            "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
            "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
            "checkpoint_tag"]
@@ -170,6 +170,13 @@ def check_weights(weights: str) -> str:
 def load_for_analysis(path: str | os.PathLike, weights: str, spec: FeatureSpec) -> LoadedCheckpoint:
     return load_checkpoint(path, weights=check_weights(weights), family=spec.family,
                            time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
+
+
+def checkpoint_columns(ck: LoadedCheckpoint) -> dict[str, object]:
+    """The columns that tie a result row to its checkpoint, as every probe table writes them, so
+    ``probe correlate`` can join any of them with ``probe eval``'s metrics (on the content hash)."""
+    return {"run": ck.run_name, "checkpoint": str(Path(ck.path).resolve()), "checkpoint_sha": ck.sha,
+            "step": ck.step, "weights": ck.weights}
 
 
 def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):

@@ -7,20 +7,18 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from repdyn.analysis import plots
-from repdyn.analysis.spatial import cds, grid_shape, lds, rmsc
+from repdyn.analysis.spatial import SPATIAL_METRICS, spatial_cells
 from repdyn.core.files import write_table
 from repdyn.core.runtime import resolve_device
 
-from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
+from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, describe_grid, load_features, load_for_analysis,
     prepare_for, releases_outputs, result_identity)
 
 __all__ = ["SpatialResult", "run_spatial", "SPATIAL_METRICS"]
 
-SPATIAL_METRICS = ("lds", "cds", "rmsc")
 _LABELS = {"lds": "LDS (local - distant cos)", "cds": "CDS (cos decay slope)", "rmsc": "RMSC (RMS contrast)"}
 
 
@@ -35,7 +33,8 @@ def run_spatial(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "e
                 out: str | os.PathLike | None = None, pdf: bool = False, overwrite: bool = False) -> SpatialResult:
     """Patch tokens (pooling ``tokens``) of every cell -> LDS (``far_dist``), CDS (``dmax``) and
     RMSC per image (:mod:`repdyn.analysis.spatial`; iREPA's defaults 6 and 8, in patches). Writes
-    ``spatial.csv`` (tidy: block, t, log_snr, metric, mean, se, n, far_dist, dmax) and
+    ``spatial.csv`` (tidy: run, checkpoint, checkpoint_sha, step, weights, block, t, log_snr, metric,
+    mean, se, n, grid, far_dist, dmax) and
     ``spatial.png`` (blocks x t per metric, highest cell boxed). A token grid too small for a
     threshold (largest Manhattan distance H + W - 2 below it) is an error, raised before extraction
     when the checkpoint's grid is known."""
@@ -52,20 +51,10 @@ def run_spatial(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "e
     ident = result_identity(ck, spec, blocks=blocks, ts=ts, far_dist=int(far_dist), dmax=int(dmax))
     res = prepare_for(ck, out, "spatial", SpatialResult, identity=ident, overwrite=overwrite)
     _, g = load_features(ck, spec, blocks=blocks, ts=ts)
-    dev = resolve_device(spec.device)
-    rows = []
-    for b in g.blocks:
-        for t in g.ts:
-            x = np.asarray(g.features[(b, t)], dtype=np.float32)
-            grid = grid_shape(x.shape[1])
-            per = {"lds": lds(x, far_dist=far_dist, grid=grid, device=dev),
-                   "cds": cds(x, dmax=dmax, grid=grid, device=dev), "rmsc": rmsc(x, device=dev)}
-            for m, v in per.items():
-                v = np.asarray(v, dtype=np.float64)
-                rows.append({"block": b, "t": t, "log_snr": g.log_snr[t], "metric": m, "mean": float(v.mean()),
-                             "se": float(v.std(ddof=1) / np.sqrt(len(v))), "n": int(len(v)), "grid": f"{grid[0]}x{grid[1]}",
-                             "far_dist": int(far_dist), "dmax": int(dmax)})
-    df = pd.DataFrame(rows)
+    df = spatial_cells({(b, t): g.features[(b, t)] for b in g.blocks for t in g.ts}, far_dist=far_dist, dmax=dmax,
+                       device=resolve_device(spec.device))
+    df.insert(2, "log_snr", df["t"].map(lambda t: g.log_snr[t]))
+    df = pd.concat([pd.DataFrame([checkpoint_columns(ck)] * len(df)), df], axis=1)
     meta = describe_grid(ck, g, far_dist=far_dist, dmax=dmax)
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     res.save("png", plots.cell_metric_heatmaps(df, list(SPATIAL_METRICS), f"Spatial structure of patch tokens "

@@ -14,6 +14,25 @@ import torch
 TINY_MODEL = {"depth": 4, "hidden_size": 64, "num_heads": 4}
 
 
+@pytest.fixture(scope="session")
+def small_encoder_root(tmp_path_factory) -> Path:
+    """A $REPDYN_CACHE holding an embedded Fashion-MNIST encoder trained quickly (256 images): the
+    alignment commands then find it cached instead of training the full one."""
+    from repdyn.model.encoders import get_embedded_encoder
+
+    root = tmp_path_factory.getbasetemp() / "encoder_cache"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPDYN_CACHE", str(root))
+        get_embedded_encoder("fashion-mnist", max_train=256)
+    return root
+
+
+@pytest.fixture
+def small_encoder_cache(small_encoder_root, monkeypatch) -> Path:
+    monkeypatch.setenv("REPDYN_CACHE", str(small_encoder_root))
+    return small_encoder_root
+
+
 def _train_tiny(preset: str, out: Path, steps: int) -> Path:
     from repdyn.training.config import resolve_config
     from repdyn.training.trainer import train

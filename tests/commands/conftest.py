@@ -20,14 +20,16 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def curves_run(tiny_sra_run, tmp_path_factory, cache):
+def curves_run(tiny_sra_run, tmp_path_factory, cache, small_encoder_root):
     """`probe curves` on the first two checkpoints, then again after the third one arrives."""
     run = tmp_path_factory.mktemp("curves_run")
     ckpts = sorted((tiny_sra_run / "checkpoints").glob("*.pt"))
     (run / "checkpoints").mkdir()
     for p in ckpts[:2]:
         shutil.copy(p, run / "checkpoints" / p.name)
-    first = _ok(["curves", run, "--cache", cache, *CURVE_ARGS])
-    shutil.copy(ckpts[2], run / "checkpoints" / ckpts[2].name)
-    second = _ok(["curves", run, "--cache", cache, *CURVE_ARGS])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("REPDYN_CACHE", str(small_encoder_root))
+        first = _ok(["curves", run, "--cache", cache, *CURVE_ARGS])
+        shutil.copy(ckpts[2], run / "checkpoints" / ckpts[2].name)
+        second = _ok(["curves", run, "--cache", cache, *CURVE_ARGS])
     return run, first.output, second.output

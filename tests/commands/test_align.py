@@ -17,21 +17,12 @@ pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
 COMMON = ["--t", "0.2,0.7", "--blocks", "2,4", "--n", "64", "--quiet", "--device", "cpu"]
 
 
-@pytest.fixture
-def small_encoder_cache(tmp_path_factory, monkeypatch):
-    """$REPDYN_CACHE with a quickly trained embedded encoder (the CLI then finds it cached)."""
-    from repdyn.model.encoders import get_embedded_encoder
-
-    root = tmp_path_factory.getbasetemp() / "encoder_cache"
-    monkeypatch.setenv("REPDYN_CACHE", str(root))
-    get_embedded_encoder("fashion-mnist", max_train=256)
-    return root
-
-
 def test_align_embedded_encoder(tiny_sit_ckpt, tmp_path, cache, small_encoder_cache):
     _ok(["align", tiny_sit_ckpt, "--out", tmp_path / "a", "--cache", cache, *COMMON])
     df = pd.read_csv(tmp_path / "a" / "alignment.csv")
-    assert list(df.columns) == ["block", "t", "log_snr", "metric", "value", "encoder", "topk", "n"]
+    assert list(df.columns) == ["run", "checkpoint", "checkpoint_sha", "step", "weights", "block", "t", "log_snr",
+                                "metric", "value", "encoder", "topk", "n"]
+    assert df.checkpoint_sha.nunique() == 1 and (df.weights == "ema").all()  # joinable with probe eval
     assert len(df) == 2 * 2 * 2 and set(df.metric) == {"cknna", "mutual_knn"}
     assert set(df.block) == {2, 4} and set(df.t) == {0.2, 0.7} and (df.n == 64).all() and (df.topk == 10).all()
     assert df.encoder.str.startswith("embedded-vit-fashion-mnist").all()

@@ -8,7 +8,7 @@ import pytest
 
 from .support import CURVE_ARGS, _ok, _one_line_error, _png
 
-pytestmark = [pytest.mark.usefixtures("single_thread"), pytest.mark.slow]
+pytestmark = [pytest.mark.usefixtures("single_thread", "small_encoder_cache"), pytest.mark.slow]
 
 
 def test_curves_student_teacher_and_incremental(curves_run):
@@ -27,6 +27,30 @@ def test_curves_student_teacher_and_incremental(curves_run):
     assert sim[["cka_student_teacher", "orthogonality", "token_cosine", "dispersion", "diversity"]].notna().all().all()
     _png(run / "curves" / "curves.png")
     _png(run / "curves" / "curves_similarity.png")
+    blocks = pd.read_csv(run / "curves" / "curves_blocks.csv", dtype={"checkpoint_sha": str})
+    # every block (1-4) x 3 checkpoints x (cknna, mutual_knn, lds, cds, rmsc)
+    assert len(blocks) == 4 * 3 * 5 and set(blocks.measure) == {"cknna", "mutual_knn", "lds", "cds", "rmsc"}
+    assert (blocks.weights == "ema").all() and (blocks.t == 0.5).all() and set(blocks.step) == {10, 20, 30}
+    knn = blocks[blocks.measure.isin(["cknna", "mutual_knn"])]
+    assert knn.reference.str.startswith("embedded-vit-fashion-mnist").all() and (knn.n == 48).all()
+    assert blocks[blocks.measure == "mutual_knn"].value.between(0, 1).all()
+    sp = blocks[blocks.measure.isin(["lds", "cds", "rmsc"])]
+    assert (sp.n == 8).all() and sp.se.notna().all() and (sp.reference == "8x8 grid").all()
+    _png(run / "curves" / "curves_blocks.png")
+
+
+def test_block_measures_are_added_without_recomputing_the_probes(curves_run, tmp_path, cache):
+    """The block measures have their own settings hash: other alignment settings compute only them,
+    and --encoder none --no-spatial leaves them out."""
+    run, _, _ = curves_run
+    before = pd.read_csv(run / "curves" / "curves.csv")
+    res = _ok(["curves", run, "--cache", cache, *CURVE_ARGS, "--metrics", "cknna", "--topk", "5"])
+    assert "3 of 3 checkpoints computed" in res.output
+    pd.testing.assert_frame_equal(pd.read_csv(run / "curves" / "curves.csv"), before)
+    blocks = pd.read_csv(run / "curves" / "curves_blocks.csv")
+    assert blocks.settings_hash.nunique() == 2 and len(blocks) == 60 + 4 * 3 * 4
+    res = _ok(["curves", run, "--cache", cache, *CURVE_ARGS, "--encoder", "none", "--no-spatial"])
+    assert "0 of 3 checkpoints computed" in res.output
 
 
 def test_curves_nothing_new_and_non_sra_flags(curves_run, tiny_sit_ckpt, tmp_path, cache):
