@@ -665,7 +665,8 @@ def curves(
     n_div: Annotated[int, typer.Option(help="Images for the token-level diversity terms.")] = 64,
     similarity_weights: Annotated[str, typer.Option(help="Weights for the CKA / diversity curves: ema | model.")] = "ema",
     encoder: Annotated[str, typer.Option(help="Every block's alignment over training with this encoder: auto (the "
-                                         "embedded one for image data, none for latents) | none | " + _ENCODERS)] = "auto",
+                                         "embedded one for image data, none for latents) | none | any "
+                                         "--encoder of probe align.")] = "auto",
     metrics: OptAlignMetrics = None, topk: OptTopk = 10,
     spatial: Annotated[bool, typer.Option("--spatial/--no-spatial", help="Every block's LDS / CDS / RMSC over "
                                           "training (tokens of --n-div images).")] = True,
@@ -703,42 +704,50 @@ def curves(
 @app.command()
 @friendly_errors
 def correlate(
-    probe_csv: Annotated[list[Path], typer.Argument(help="Probe table(s): layer_grid.csv or curves.csv (several: "
-                                                    "across runs), then the metrics CSV last.")],
+    probe_csv: Annotated[list[Path], typer.Argument(help="Measure table(s): layer_grid.csv, curves.csv, "
+                                                    "curves_similarity.csv, curves_blocks.csv, alignment.csv or "
+                                                    "spatial.csv (several: across runs), then the metrics CSV last.")],
     metric: Annotated[str, typer.Option(help="Metrics column, e.g. fd_fashion-mnist, fid, or any column of your "
                                         "CSV (e.g. ADM evaluator numbers).")],
     cell: Annotated[Optional[str], typer.Option(help="Probe cell 'block,t' (needed when a table has several cells "
                                                 "per checkpoint).")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Keep only probe rows of these weights (ema | model).")] = None,
     role: Annotated[Optional[str], typer.Option(help="curves.csv: student | teacher.")] = None,
-    value: Annotated[str, typer.Option(help="Probe column to correlate (accuracy, or e.g. cka_student_teacher "
-                                       "from curves_similarity.csv).")] = "accuracy",
+    value: Annotated[str, typer.Option(help="The representation measure: a column (accuracy, cka_student_teacher) "
+                                       "or a measure of a tidy table (cknna, mutual_knn, lds, cds, rmsc).")] = "accuracy",
     on: Annotated[str, typer.Option(help="Join key: auto | sha (checkpoint content hash: checkpoint_sha in probe "
                                     "tables, ckpt_sha in probe eval) | checkpoint (path) | step | run.")] = "auto",
     agg: Annotated[Optional[str], typer.Option(help="Reduce several probe rows per checkpoint (max | mean) "
                                                "instead of choosing --cell.")] = None,
     no_control: Annotated[bool, typer.Option("--no-control", help="No partial correlation on training step.")] = False,
     n_boot: Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")] = 2000,
+    boot_unit: Annotated[str, typer.Option(help="What the bootstrap resamples: auto (runs when there are several, "
+                                           "else checkpoints, with a warning) | run | seed | checkpoint.")] = "auto",
+    settings_hash: Annotated[Optional[str], typer.Option(help="Keep only rows of these settings (curves tables "
+                                                         "hold every settings' rows).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: figures/correlate/<metric>-<hash of "
                                                 "the inputs and options>).")] = None,
     overwrite: OptOverwrite = False,
     pdf: OptPdf = False,
 ) -> None:
-    """Probe quality vs generation quality across checkpoints or runs: correlation.csv, joined.csv, scatter + fit.
+    """Any representation measure vs generation quality across checkpoints or runs: correlation.csv, joined.csv,
+    scatter + fit. Intervals resample runs (or seeds), not the checkpoints of one run.
 
-    Example: `probe correlate runs/sra/curves/curves.csv runs/sra/eval_metrics.csv --metric fd_fashion-mnist
-    --role student`.
+    Examples: `probe correlate runs/sra/curves/curves.csv runs/sra/eval_metrics.csv --metric fd_fashion-mnist
+    --role student`; `probe correlate runs/*/curves/curves_blocks.csv all_eval.csv --metric fd_fashion-mnist
+    --value cknna --cell 4,0.5 --boot-unit seed`.
     """
     from repdyn.commands.correlate import run_correlate
 
     if len(probe_csv) < 2:
         raise ValueError("give the probe table(s) and then the metrics CSV: probe correlate PROBE_CSV METRICS_CSV")
     res = run_correlate(probe_csv[:-1], probe_csv[-1], metric=metric, value=value, cell=cell, weights=weights,
-                        role=role, on=on, agg=agg, control_step=not no_control, n_boot=n_boot, out=out, pdf=pdf,
-                        overwrite=overwrite)
+                        role=role, on=on, agg=agg, control_step=not no_control, n_boot=n_boot, boot_unit=boot_unit,
+                        settings_hash=settings_hash, out=out, pdf=pdf, overwrite=overwrite)
     for w in res.warnings:
         typer.echo(f"warning: {w}", err=True)
-    typer.echo(f"joined {len(res.joined)} checkpoints on {res.join_key}")
+    typer.echo(f"joined {len(res.joined)} checkpoints on {res.join_key}; intervals: bootstrap over "
+               f"{res.table['boot_unit'].iloc[0]}")
     for _, r in res.table.iterrows():
         typer.echo(f"  {r['method']:<17} r={r['r']:+.3f}  95% CI [{r['ci_low']:+.3f}, {r['ci_high']:+.3f}]  "
                    f"p={r['p_value']:.3g}")

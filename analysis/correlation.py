@@ -10,6 +10,13 @@ p-value, a percentile-bootstrap CI (resampling points with replacement), and par
 Spearman correlations controlling for training step: accuracy and FID both improve with training,
 so a raw correlation across checkpoints mostly measures "both depend on step". With fewer than 5
 points a ``SmallSampleWarning`` is emitted and the ``warning`` column says so.
+
+The checkpoints of one run are not independent draws (they share the run's initialisation, data
+order and every earlier update), so an interval that resamples them says how the points scatter,
+not how the relation would hold in another run. With ``groups`` (the run or training seed of each
+point) the bootstrap resamples whole groups (a cluster bootstrap): the interval then speaks of
+runs. Any representation measure can be the x: a column, or a measure name of a tidy table
+(:func:`measure_rows`).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ ArrayLike = Union[np.ndarray, Sequence[float], pd.Series]
 __all__ = [
     "SmallSampleWarning",
     "join_probe_metrics",
+    "measure_rows",
     "correlate",
     "correlate_by",
     "partial_correlation",
@@ -46,6 +54,27 @@ class SmallSampleWarning(UserWarning):
 # joining
 # --------------------------------------------------------------------------------------------
 _DEFAULT_KEYS = ("run", "checkpoint", "step", "weights")
+_MEASURE_COLUMNS = ("measure", "metric")  # tidy tables: curves_blocks.csv, alignment.csv, spatial.csv
+_VALUE_COLUMNS = ("value", "mean")
+
+
+def measure_rows(table: pd.DataFrame, name: str) -> pd.DataFrame:
+    """The rows of representation measure ``name`` with its values in a column ``name``: the table
+    itself when ``name`` is a column (``accuracy``, ``cka_student_teacher``), else the rows of a tidy
+    table whose ``measure`` / ``metric`` column holds ``name`` (``cknna``, ``lds``, ...), their
+    ``value`` (or ``mean``) renamed to ``name``."""
+    if name in table.columns:
+        return table
+    for col in _MEASURE_COLUMNS:
+        if col in table.columns and (table[col] == name).any():
+            num = next((c for c in _VALUE_COLUMNS if c in table.columns), None)
+            if num is None:
+                raise ValueError(f"the table's {col} column names {name!r} but it has no value/mean column")
+            return table[table[col] == name].rename(columns={num: name})
+    names = sorted({str(v) for c in _MEASURE_COLUMNS if c in table.columns for v in table[c].dropna().unique()})
+    have = [c for c in table.columns if pd.api.types.is_numeric_dtype(table[c])]
+    raise ValueError(f"no measure {name!r}: not a column ({', '.join(have)})"
+                     + (f" nor a measure of the table ({', '.join(names)})" if names else ""))
 
 
 def join_probe_metrics(
@@ -87,13 +116,14 @@ def join_probe_metrics(
             p = p[np.isclose(p[col], val) if pd.api.types.is_float_dtype(p[col].dtype) else (p[col] == val)]
         if p.empty:
             raise ValueError(f"no probe rows match cell={dict(cell)}")
+    carried = [c for c in ("run", "step") if c in p.columns and c not in keys]  # one value per checkpoint
     if p.duplicated(keys).any():
         if agg is None:
             raise ValueError(f"several probe rows per {keys}; select one cell with cell={{...}} or pass agg='max'")
-        p = p.groupby(keys, as_index=False, dropna=False)[probe_value].agg(agg)
-    extra = [c for c in ("step",) if c in metrics.columns and c not in keys and c not in p.columns]
+        p = p.groupby(keys + carried, as_index=False, dropna=False)[probe_value].agg(agg)
+    extra = [c for c in ("step", "run") if c in metrics.columns and c not in keys and c not in p.columns]
     m = metrics[keys + [metric] + extra]
-    cols = keys + [probe_value] + [c for c in ("step",) if c in p.columns and c not in keys]
+    cols = keys + [probe_value] + carried
     out = p[cols].merge(m, on=keys, how="inner").dropna(subset=[probe_value, metric])
     if out.empty:
         raise ValueError(f"probe and metrics tables share no rows on {keys}")
@@ -201,6 +231,8 @@ def correlate(
     seed: int = 0,
     x_name: str = "x",
     y_name: str = "y",
+    groups: ArrayLike | None = None,
+    group_name: str = "group",
 ) -> pd.DataFrame:
     """Pearson / Spearman / Kendall correlations with bootstrap CIs (+ partial ones with a control).
 
@@ -208,10 +240,12 @@ def correlate(
     or control are dropped. control: (n,) or (n, k) covariates (e.g. training step); adds
     "partial_pearson" and "partial_spearman" rows. CIs are percentile bootstrap intervals over
     ``n_boot`` resamples of the points (resamples where r is undefined are skipped; the count
-    used is in ``n_boot_valid``). Emits ``SmallSampleWarning`` when n < 5.
+    used is in ``n_boot_valid``). Emits ``SmallSampleWarning`` when n < 5. groups: (n,) labels (the
+    run or seed of each point): the bootstrap then resamples whole groups with replacement (fewer
+    than 2 groups: no interval); ``group_name`` names them in the ``boot_unit`` column.
 
-    Returns a DataFrame: method, r, p_value, ci_low, ci_high, n, n_boot_valid, x, y, control,
-    warning.
+    Returns a DataFrame: method, r, p_value, ci_low, ci_high, n, n_boot_valid, boot_unit, x, y,
+    control, warning.
     """
     xa, ya = _clean(x, "x"), _clean(y, "y")
     if len(xa) != len(ya):
@@ -222,6 +256,12 @@ def correlate(
     keep = np.isfinite(xa) & np.isfinite(ya)
     if z is not None:
         keep &= np.isfinite(z).all(1)
+    labels = None
+    if groups is not None:
+        labels = np.asarray(groups)
+        if len(labels) != len(keep):
+            raise ValueError(f"groups has {len(labels)} labels for {len(keep)} points")
+        labels = labels[keep]
     xa, ya = xa[keep], ya[keep]
     z = z[keep] if z is not None else None
     n = len(xa)
@@ -233,9 +273,8 @@ def correlate(
         warnings.warn(warn, SmallSampleWarning, stacklevel=2)
     all_methods = list(methods) + (["partial_pearson", "partial_spearman"] if z is not None else [])
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(n_boot, n))
-    bx, by = xa[idx], ya[idx]
-    bz = z[idx] if z is not None else None
+    resamples = _resamples(rng, n, n_boot, labels)
+    unit = "point" if labels is None else f"{group_name} ({len(np.unique(labels))} groups)"
     a = (1.0 - ci) / 2.0
     rows = []
     k = 0 if z is None else z.shape[1]
@@ -243,16 +282,35 @@ def correlate(
         r = float(_stat_rows(m, xa[None], ya[None], None if z is None else z[None])[0])
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            boot = _stat_rows(m, bx, by, bz)
+            boot = np.concatenate([_stat_rows(m, xa[ii], ya[ii], None if z is None else z[ii]) for ii in resamples]
+                                  ) if resamples else np.array([])
         boot = boot[np.isfinite(boot)]
         lo, hi = (np.quantile(boot, [a, 1 - a]) if len(boot) else (np.nan, np.nan))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             p = _p_value(m, xa, ya, r, k if m.startswith("partial") else 0)
         rows.append({"method": m, "r": r, "p_value": p, "ci_low": float(lo), "ci_high": float(hi), "n": n,
-                     "n_boot_valid": int(len(boot)), "x": x_name, "y": y_name,
+                     "n_boot_valid": int(len(boot)), "boot_unit": unit, "x": x_name, "y": y_name,
                      "control": "yes" if (z is not None and m.startswith("partial")) else "", "warning": warn})
     return pd.DataFrame(rows)
+
+
+def _resamples(rng: np.random.Generator, n: int, n_boot: int, labels: np.ndarray | None) -> list[np.ndarray]:
+    """Bootstrap index sets, each a (B, m) array of B resamples of equal length m: points drawn
+    with replacement, or (``labels``) whole groups drawn with replacement, resamples of equal size
+    batched together. Fewer than 2 groups: none (a single run says nothing about others)."""
+    if labels is None:
+        return [rng.integers(0, n, size=(n_boot, n))]
+    _, inv = np.unique(labels, return_inverse=True)
+    members = [np.flatnonzero(inv == g) for g in range(inv.max() + 1)]
+    if len(members) < 2:
+        return []
+    picks = rng.integers(0, len(members), size=(n_boot, len(members)))
+    by_len: dict[int, list[np.ndarray]] = {}
+    for row in picks:
+        ii = np.concatenate([members[g] for g in row])
+        by_len.setdefault(len(ii), []).append(ii)
+    return [np.stack(v) for v in by_len.values()]
 
 
 def correlate_by(

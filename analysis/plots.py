@@ -28,7 +28,8 @@ from repdyn.analysis.correlation import linear_fit
 from repdyn.analysis.diversity import pair_matrix
 
 __all__ = [
-    "plot_block_curves",
+    "plot_measure_panels",
+    "MEASURE_LABELS",
     "describe",
     "heatmap",
     "layer_grid_heatmap",
@@ -43,6 +44,11 @@ __all__ = [
     "plot_attribution",
     "plot_curves",
 ]
+
+# How a representation measure is named on a figure (one place for every command and the study).
+MEASURE_LABELS = {"cknna": "CKNNA", "mutual_knn": "mutual kNN", "cycle_knn": "cycle kNN",
+                  "unbiased_cka": "unbiased CKA", "lds": "LDS (local - distant cos)", "cds": "CDS (cos decay slope)",
+                  "rmsc": "RMSC (RMS contrast)"}
 
 _META_ORDER = ("model", "weights", "step", "block", "t", "protocol", "estimator", "n")
 
@@ -576,37 +582,50 @@ def plot_similarity_curves(frame: pd.DataFrame, title: str, meta: Mapping[str, A
 
 
 
-def plot_block_curves(frame: pd.DataFrame, measures: Sequence[str], title: str, meta: Mapping[str, Any] | None = None,
-                      labels: Mapping[str, str] | None = None) -> plt.Figure:
-    """One panel per measure (CKNNA to an encoder, LDS, ...): its value for every block over training
-    steps, blocks coloured from shallow (light) to deep (dark), as REPA's alignment-over-training
-    figure. frame: tidy rows ``step, block, measure, value`` (``se`` drawn as a band when present)."""
+def plot_measure_panels(frame: pd.DataFrame, measures: Sequence[str], *, hue: str, title: str,
+                        meta: Mapping[str, Any] | None = None, labels: Mapping[str, str] | None = None,
+                        style: str | None = None, x: str = "step", xlabel: str = "training step") -> plt.Figure:
+    """One panel per measure (CKNNA to an encoder, LDS, ...) over ``x``, one line per ``hue`` (and
+    ``style``) value, as REPA's alignment-over-training figure. frame: tidy rows ``x, measure, value``
+    (+ hue, style). Several rows per point (training seeds) are drawn as their mean with a +-1 SD
+    band; one row per point with an ``se`` column (e.g. over images) as value +- se."""
     measures = [m for m in measures if (frame["measure"] == m).any()]
     if not measures:
-        raise ValueError("plot_block_curves: no rows for the requested measures")
+        raise ValueError("plot_measure_panels: no rows for the requested measures")
     ncol = min(3, len(measures))
     nrow = math.ceil(len(measures) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(4.3 * ncol, 3.3 * nrow), squeeze=False, layout="constrained")
-    blocks = sorted(frame["block"].unique())
-    colors = dict(zip(blocks, sns.color_palette("viridis_r", len(blocks))))
+    hues = sorted(frame[hue].unique())
+    colors = dict(zip(hues, sns.color_palette("viridis_r" if hue == "block" else "tab10", len(hues))))
+    styles = sorted(frame[style].unique()) if style else [None]
+    dashes = dict(zip(styles, ("-", "--", ":", "-.")))
     for ax, m in zip(axes.flat, measures):
         d = frame[frame["measure"] == m]
-        for b in blocks:
-            g = d[d["block"] == b].sort_values("step")
-            if g.empty:
-                continue
-            ax.plot(g["step"], g["value"], marker="o", ms=3, color=colors[b], label=f"block {b}")
-            if "se" in g.columns and g["se"].notna().any():
-                ax.fill_between(g["step"], g["value"] - g["se"], g["value"] + g["se"], color=colors[b], alpha=0.15,
-                                lw=0)
+        for h in hues:
+            for st in styles:
+                g = d[(d[hue] == h) & ((d[style] == st) if style else True)]
+                if g.empty:
+                    continue
+                agg = g.groupby(x)["value"].agg(["mean", "std", "count"]).reset_index()
+                if (agg["count"] > 1).any():
+                    band = agg["std"].fillna(0.0)
+                elif "se" in g.columns:
+                    band = g.sort_values(x)["se"].to_numpy(dtype=float)
+                else:
+                    band = None
+                name = f"{hue} {h}" if hue == "block" else str(h)
+                ax.plot(agg[x], agg["mean"], marker="o", ms=3, color=colors[h], ls=dashes.get(st, "-"),
+                        label=name + (f", {style} {st}" if style else ""))
+                if band is not None and np.isfinite(band).any():
+                    ax.fill_between(agg[x], agg["mean"] - band, agg["mean"] + band, color=colors[h], alpha=0.15, lw=0)
         ax.set_title((labels or {}).get(m, m), fontsize=9)
         ax.grid(alpha=0.3)
         ax.tick_params(labelsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("training step", fontsize=9)
+        ax.set_xlabel(xlabel, fontsize=9)
     for ax in list(axes.flat)[len(measures):]:
         ax.set_visible(False)
     handles, names = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="outside right center", fontsize=8, title="block", title_fontsize=8)
+    fig.legend(handles, names, loc="outside right center", fontsize=8)
     _titles(fig, title, meta)
     return fig

@@ -27,7 +27,6 @@ from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, de
 __all__ = ["AlignResult", "run_align", "encoder_features", "parse_metrics", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("cknna", "mutual_knn")
-_LABELS = {"cknna": "CKNNA", "mutual_knn": "mutual kNN", "cycle_knn": "cycle kNN", "unbiased_cka": "unbiased CKA"}
 
 
 @dataclass
@@ -122,7 +121,7 @@ def run_align(ckpt: str | os.PathLike, spec: FeatureSpec, *, encoder: str = "emb
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     what = "patch tokens" if tokens else "mean-pooled"
     res.save("png", plots.cell_metric_heatmaps(df, names, f"Alignment of {what} cells with {enc.name}: {name}",
-                                               meta=meta, labels=_LABELS), "alignment.png", pdf)
+                                               meta=meta, labels=plots.MEASURE_LABELS), "alignment.png", pdf)
     res.files["csv"] = write_table(df, res.out / "alignment.csv")
     res.files["encoder"] = atomic_write_text(res.out / "encoder.json", json.dumps(json.loads(info_json(enc)), indent=1))
     res.table, res.encoder = df, enc.name

@@ -72,9 +72,6 @@ SIM_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "weights", "t", "l
                "n_test", "n_div", "settings_hash"]
 BLOCK_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "weights", "block", "t", "log_snr", "measure", "value",
                  "se", "reference", "n", "settings_hash"]
-_BLOCK_LABELS = {"cknna": "CKNNA with the encoder", "mutual_knn": "mutual kNN with the encoder",
-                 "cycle_knn": "cycle kNN with the encoder", "unbiased_cka": "unbiased CKA with the encoder",
-                 "lds": "LDS (local - distant cos)", "cds": "CDS (cos decay slope)", "rmsc": "RMSC (RMS contrast)"}
 
 
 @dataclass
@@ -363,9 +360,10 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
         measures = [*bset.align_metrics, *(SPATIAL_METRICS if bset.spatial else ())]
         ref = f"alignment with {enc.name} (n={n_test} images, top-{topk})" if enc is not None else "no encoder"
         sp = f"spatial: tokens of n={n_div} images" if bset.spatial else "no spatial measures"
-        res.save("blocks_png", plots.plot_block_curves(
-            bcur, measures, title=f"Every block over training ({run}, {wword} weights, t={format_t(t0)})",
-            meta={"model": model, "protocol": f"{ref}; {sp}"}, labels=_BLOCK_LABELS), "curves_blocks.png", pdf)
+        res.save("blocks_png", plots.plot_measure_panels(
+            bcur, measures, hue="block", title=f"Every block over training ({run}, {wword} weights, t={format_t(t0)})",
+            meta={"model": model, "protocol": f"{ref}; {sp}; bands: +-1 SE over images"}, labels=plots.MEASURE_LABELS),
+            "curves_blocks.png", pdf)
         res.files["blocks_csv"] = bcsv
     res.files["csv"], res.files["similarity_csv"] = pcsv, scsv
     res.table, res.similarity_table, res.blocks_table = pcur, scur, bcur

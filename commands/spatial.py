@@ -19,7 +19,6 @@ from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, de
 
 __all__ = ["SpatialResult", "run_spatial", "SPATIAL_METRICS"]
 
-_LABELS = {"lds": "LDS (local - distant cos)", "cds": "CDS (cos decay slope)", "rmsc": "RMSC (RMS contrast)"}
 
 
 @dataclass
@@ -59,7 +58,7 @@ def run_spatial(ckpt: str | os.PathLike, spec: FeatureSpec, *, weights: str = "e
     name = f"{meta['model']} @ step {ck.step} ({meta['weights']})"
     res.save("png", plots.cell_metric_heatmaps(df, list(SPATIAL_METRICS), f"Spatial structure of patch tokens "
                                                f"(mean over images): {name}", meta=meta, value="mean",
-                                               labels=_LABELS), "spatial.png", pdf)
+                                               labels=plots.MEASURE_LABELS), "spatial.png", pdf)
     res.files["csv"] = write_table(df, res.out / "spatial.csv")
     res.table = df
     return res.finish()

@@ -69,7 +69,8 @@ DINOV2_MODELS = {
     "dinov2-vits14-reg": "vit_small_patch14_reg4_dinov2", "dinov2-vitb14-reg": "vit_base_patch14_reg4_dinov2",
     "dinov2-vitl14-reg": "vit_large_patch14_reg4_dinov2", "dinov2-vitg14-reg": "vit_giant_patch14_reg4_dinov2",
 }
-SPECS = "embedded | dinov2-vits14:PATH (vitb14, vitl14, vitg14, -reg) | timm:NAME:PATH | features:PATH"
+EMBEDDED_N_TRAIN = 20000  # training images of the embedded encoder ("embedded:N" asks for another count)
+SPECS = "embedded[:N] | dinov2-vits14:PATH (vitb14, vitl14, vitg14, -reg) | timm:NAME:PATH | features:PATH"
 
 
 @dataclass
@@ -169,15 +170,19 @@ class EmbeddedEncoder(Encoder):
         return z[:, 0], z[:, 1:]
 
 
-def embedded_cache_path(data: str) -> Path:
-    """``<cache>/encoders/embedded-vit-<dataset>.pt`` (path-based datasets add a hash of the path)."""
+def embedded_cache_path(data: str, max_train: int = EMBEDDED_N_TRAIN) -> Path:
+    """``<cache>/encoders/embedded-vit-<dataset>.pt`` (path-based datasets add a hash of the path; an
+    encoder trained on another number of images than :data:`EMBEDDED_N_TRAIN` adds ``-n<N>``, so a
+    quick one never stands in for the default)."""
     name = metric_name(data)
     if ":" in data:
         name += "-" + hashlib.sha256(data.encode()).hexdigest()[:8]
+    if int(max_train) != EMBEDDED_N_TRAIN:
+        name += f"-n{int(max_train)}"
     return cache_root() / "encoders" / f"embedded-vit-{name}.pt"
 
 
-def train_embedded(train_ds: Any, test_ds: Any | None = None, *, epochs: int = 1, max_train: int = 20000,
+def train_embedded(train_ds: Any, test_ds: Any | None = None, *, epochs: int = 1, max_train: int = EMBEDDED_N_TRAIN,
                    batch_size: int = 64, lr: float = 4e-3, seed: int = EMBEDDED_SEED,
                    device: str | torch.device = "cpu", progress: bool = False) -> tuple[TinyViT, dict]:
     """Train :class:`TinyViT` on (at most ``max_train`` images of) ``train_ds``; returns the model and
@@ -212,13 +217,13 @@ def _state_sha(state_dict: dict) -> str:
 
 
 def get_embedded_encoder(data: str, *, train_if_missing: bool = True, device: str | torch.device = "cpu",
-                         progress: bool = False, epochs: int = 1, max_train: int = 20000,
+                         progress: bool = False, epochs: int = 1, max_train: int = EMBEDDED_N_TRAIN,
                          make_dataset_fn: Callable | None = None,
                          log: Callable[[str], None] | None = None) -> EmbeddedEncoder:
     """The cached embedded ViT of dataset ``data``; trained once (and cached) when missing or stale.
     ``epochs`` / ``max_train`` only apply when it is trained."""
     make_dataset_fn = make_dataset_fn or make_dataset
-    path = embedded_cache_path(data)
+    path = embedded_cache_path(data, max_train)
     train_ds = make_dataset_fn(data, split="train")
     if path.exists():
         try:
@@ -428,6 +433,11 @@ def parse_encoder(spec: str) -> tuple[str, dict]:
     if s in ("embedded", "fashion-mnist", ""):
         return "embedded", {}
     kind, _, rest = s.partition(":")
+    if kind == "embedded":
+        if not rest.isdigit() or int(rest) < 100:
+            raise ValueError(f"--encoder {s}: write embedded:N with N >= 100 training images (default "
+                             f"{EMBEDDED_N_TRAIN}), or plain embedded")
+        return "embedded", {"max_train": int(rest)}
     if kind in DINOV2_MODELS:
         if not rest:
             raise ValueError(f"--encoder {s}: give the local weights file, e.g. {kind}:weights/{kind}_pretrain.pth")
@@ -450,7 +460,7 @@ def load_encoder(spec: str, *, data: str = "fashion-mnist", device: str | torch.
     embedded encoder is trained on."""
     kind, args = parse_encoder(spec)
     if kind == "embedded":
-        return get_embedded_encoder(data, device=device, progress=progress, log=log)
+        return get_embedded_encoder(data, device=device, progress=progress, log=log, **args)
     if kind == "features":
         return PrecomputedFeatures(spec, args["path"])
     if "dinov2" in args:

@@ -27,7 +27,7 @@ from repdyn.study.power import arm_of
 from repdyn.study.tables import StudyTables, accuracy_grid
 
 __all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_probe_vs_quality",
-           "fig_quality_vs_time", "fig_diversity", "block_cka", "FIGURE_FAMILIES", "FIGURE_FAMILY_NAMES",
+           "fig_quality_vs_time", "fig_diversity", "fig_alignment_spatial", "block_cka", "FIGURE_FAMILIES", "FIGURE_FAMILY_NAMES",
            "write_figures"]
 
 Figures = dict[str, plt.Figure]
@@ -168,6 +168,27 @@ def fig_quality_vs_time(tb: StudyTables) -> Figures:
         xlabel=xlabel, ylabel=f"{metric} (lower is better)", errorbar="sd")}
 
 
+def fig_alignment_spatial(tb: StudyTables) -> Figures:
+    """Over training, per arm (mean +- SD over seeds): the SRA student and teacher blocks' alignment
+    with the external encoder (REPA's figure: does SRA align without the encoder?) and the spatial
+    structure of their patch tokens (iREPA's measures), on the EMA weights at the curves' t."""
+    cb = tb.curves_blocks
+    if cb is None or cb.empty:
+        return {}
+    c = tb.cells
+    blocks = [b for b in (c.get("student_block"), c.get("teacher_block")) if b is not None]
+    frame, band = _by_arm(cb[cb["block"].isin(blocks)] if blocks else cb)
+    main = frame["arm"].isin(MAIN_ARMS)
+    frame = frame[main] if main.any() else frame
+    ref = next((r for r in frame["reference"].dropna().unique() if "grid" not in str(r)), None)
+    return {"alignment_spatial_over_training.png": plots.plot_measure_panels(
+        frame, ["cknna", "mutual_knn", "lds", "cds", "rmsc"], hue="arm", style="block",
+        title="Alignment with an external encoder and spatial structure over training (EMA)",
+        meta=_meta(tb, protocol=f"blocks {', '.join(map(str, blocks))} (SRA's student, teacher) at "
+                                f"t={frame['t'].iloc[0]:g}; encoder: {ref or 'none'}", seeds=band or "one seed"),
+        labels=plots.MEASURE_LABELS)}
+
+
 def block_cka(cka: pd.DataFrame) -> pd.DataFrame:
     """Block x block CKA at equal t from ``probe similarity``'s tidy ``cka.csv`` (columns t, block_a,
     block_b, cka)."""
@@ -216,6 +237,7 @@ FIGURE_FAMILIES: dict[str, Callable[[StudyTables], Figures]] = {
     "probe_vs_quality": fig_probe_vs_quality,
     "quality_vs_time": fig_quality_vs_time,
     "diversity": fig_diversity,
+    "alignment_spatial": fig_alignment_spatial,
 }
 
 FIGURE_FAMILY_NAMES = tuple(FIGURE_FAMILIES) + ("pca",)  # pca: drawn by `probe pca`, copied

@@ -62,7 +62,8 @@ class StudyActions(Protocol):
                    device: str, cache_dir: Path, seed: int, progress: bool) -> Any: ...
 
     def curves(self, run_dir: Path, out: Path, features: FeatureSettings, *, student_block: int,
-               teacher_block: int, t: float, t_teacher: float, n_train: int, n_test: int, n_div: int) -> Any: ...
+               teacher_block: int, t: float, t_teacher: float, n_train: int, n_test: int, n_div: int,
+               encoder: str) -> Any: ...
 
     def evaluate(self, ckpt: Path, metrics: Path, *, n: int, data: str, device: str, sampler: str, steps: int,
                  seed: int) -> Any: ...
@@ -78,11 +79,15 @@ def _evaluated(metrics: Path) -> set[str]:
     return set(pd.read_csv(metrics, dtype={"ckpt_sha": str})["ckpt_sha"]) if metrics.exists() else set()
 
 
-def _curves_done(csv: Path, run_dir: Path) -> bool:
-    if not csv.exists():
-        return False
-    have = set(pd.read_csv(csv, dtype={"checkpoint_sha": str})["checkpoint_sha"])
-    return {file_sha(p) for p in list_checkpoints(run_dir)} <= have
+def _curves_done(folder: Path, run_dir: Path) -> bool:
+    """Every checkpoint of the run is in the curves' probe table and in their every-block table
+    (alignment, spatial: added to a study whose probes are done, they are computed alone)."""
+    want = {file_sha(p) for p in list_checkpoints(run_dir)}
+    for name in ("curves.csv", "curves_blocks.csv"):
+        csv = folder / name
+        if not csv.exists() or not want <= set(pd.read_csv(csv, dtype={"checkpoint_sha": str})["checkpoint_sha"]):
+            return False
+    return True
 
 
 def train_config(cfg: StudyConfig, method: str, out: Path, **extra: Any) -> TrainConfig:
@@ -130,10 +135,11 @@ def study_steps(cfg: StudyConfig, paths: StudyPaths, actions: StudyActions, prog
                                   n_test=cfg.n_test, device=cfg.device, cache_dir=paths.cache, seed=cfg.seed,
                                   progress=progress), name))
         cv = tables / f"curves_{name}"
-        steps.append(Step(f"curves {name}", "curves", lambda cv=cv, r=run_dir: _curves_done(cv / "curves.csv", r),
+        steps.append(Step(f"curves {name}", "curves", lambda cv=cv, r=run_dir: _curves_done(cv, r),
                           lambda cv=cv, r=run_dir: actions.curves(
                               r, cv, feats(cfg.curve_n_test), student_block=ks, teacher_block=kt, t=t_s,
-                              t_teacher=t_t, n_train=cfg.curve_n_train, n_test=cfg.curve_n_test, n_div=cfg.n_div),
+                              t_teacher=t_t, n_train=cfg.curve_n_train, n_test=cfg.curve_n_test, n_div=cfg.n_div,
+                              encoder=cfg.encoder),
                           name))
         for step in cfg.ckpt_steps():
             ck = run_dir / "checkpoints" / f"{step:07d}.pt"

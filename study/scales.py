@@ -44,6 +44,7 @@ class StudyConfig:
     eval_steps: int = 12
     eval_sampler: str = "ode-euler"
     pca_images: tuple[int, ...] = (0, 1, 2, 3)
+    encoder: str = "embedded"  # the external encoder of the alignment curves (embedded:N: trained on N images)
     device: str = "auto"
 
     def ckpt_steps(self) -> list[int]:
@@ -82,12 +83,12 @@ SCALES: dict[str, StudyConfig] = {
     # 5% of the initial weights is still in the sampled EMA and 600 steps are far from the class
     # accuracy the maturity gate asks for (repdyn.study.gate).
     "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995,
-                       grid_runs=("baseline", "sra"), n_div=32),
+                       grid_runs=("baseline", "sra"), n_div=32, encoder="embedded:10000"),
     # the notebook / CI test: about a minute, only checks that every piece runs.
     "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
                          curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
-                         eval_steps=4, pca_images=(0, 1)),
+                         eval_steps=4, pca_images=(0, 1), encoder="embedded:1000"),
     # the seeded test on CPU (issue 21's plan, docs/reproduction.md "The plan"; <= 2.5 h wall on 2 cores
     # as two one-thread processes, every run independent: `--only RUN`). Baseline vs SRA only, 5 paired
     # training seeds, trained past the maturity gate: a pilot measured SiT-T/4 width 64, batch 32, lr 1e-3,

@@ -51,6 +51,7 @@ class StudyTables:
     layer_grid: pd.DataFrame | None = None  # layer_grid.csv of every run, with a ``run`` column
     curves: pd.DataFrame | None = None  # curves.csv (student / teacher rows) of every run
     curves_similarity: pd.DataFrame | None = None  # curves_similarity.csv of every run
+    curves_blocks: pd.DataFrame | None = None  # curves_blocks.csv (every block: alignment, spatial) of every run
     eval: pd.DataFrame | None = None  # eval_metrics.csv (one row per checkpoint)
     training: dict[str, pd.DataFrame] = field(default_factory=dict)  # run -> metrics.csv
     similarity: dict[str, pd.DataFrame] = field(default_factory=dict)  # run -> cka.csv of the final EMA
@@ -136,6 +137,7 @@ def load_study_tables(out: str | os.PathLike) -> StudyTables:
         layer_grid=_read_runs(t.glob("layer_grid_*/layer_grid.csv"), "layer_grid_"),
         curves=_read_runs(t.glob("curves_*/curves.csv"), "curves_"),
         curves_similarity=_read_runs(t.glob("curves_*/curves_similarity.csv"), "curves_"),
+        curves_blocks=_read_runs(t.glob("curves_*/curves_blocks.csv"), "curves_"),
         eval=pd.read_csv(metrics, dtype={"ckpt_sha": str}) if metrics.exists() else None,
         training={p.name: pd.read_csv(p / "metrics.csv") for p in sorted(paths.runs.glob("*"))
                   if (p / "metrics.csv").exists()},

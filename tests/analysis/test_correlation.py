@@ -107,3 +107,35 @@ def test_correlation_figure(tmp_path):
     p = save_figure(plots.plot_correlation(x, y, t, hue=np.arange(8) * 1000,
                                point_labels=[f"{i}k" for i in range(8)], meta={"model": "SiT-T", "block": 4, "t": 0.5}), tmp_path / "corr.png")
     assert p.exists() and p.stat().st_size > 1000
+
+
+def test_cluster_bootstrap_speaks_of_runs_not_checkpoints():
+    """Four runs, eight checkpoints each, that differ only by run-level offsets in x and y (the
+    pseudo-replication of checkpoints): resampling checkpoints gives a tight interval above 0;
+    resampling runs shows that four runs cannot pin the relation down."""
+    from repdyn.analysis.correlation import correlate
+
+    rng = np.random.default_rng(0)
+    run = np.repeat(["a", "b", "c", "d"], 8)
+    x = np.repeat([0.0, 1, 2, 3], 8) + rng.normal(0, 0.15, 32)
+    y = np.repeat([0.0, 2, 1, 3], 8) + rng.normal(0, 0.15, 32)
+    points = correlate(x, y, methods=["pearson"]).iloc[0]
+    runs = correlate(x, y, methods=["pearson"], groups=run, group_name="run").iloc[0]
+    assert points["r"] == runs["r"]  # the estimate is the same; only its interval changes
+    assert points["boot_unit"] == "point" and runs["boot_unit"] == "run (4 groups)"
+    assert points["ci_low"] > 0.4 and runs["ci_low"] < 0 < runs["ci_high"]
+    one = correlate(x[:8], y[:8], methods=["pearson"], groups=run[:8]).iloc[0]
+    assert np.isnan(one["ci_low"]) and one["n_boot_valid"] == 0  # one run: no interval over runs
+
+
+def test_measure_rows_reads_tidy_tables():
+    from repdyn.analysis.correlation import measure_rows
+
+    tidy = pd.DataFrame({"block": [1, 1, 2], "measure": ["cknna", "lds", "cknna"], "value": [0.1, 0.2, 0.3]})
+    rows = measure_rows(tidy, "cknna")
+    assert rows["cknna"].tolist() == [0.1, 0.3]
+    spatial = pd.DataFrame({"metric": ["lds"], "mean": [0.5]})
+    assert measure_rows(spatial, "lds")["lds"].tolist() == [0.5]
+    assert measure_rows(tidy, "value") is tidy
+    with pytest.raises(ValueError, match="no measure 'rmsc'.*cknna, lds"):
+        measure_rows(tidy, "rmsc")
