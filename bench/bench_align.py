@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import numpy as np
@@ -21,11 +20,7 @@ import torch
 
 from repdyn.analysis import alignment as A
 from repdyn.analysis import spatial as SP
-from repdyn.core.runtime import machine_description
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+from repdyn.core.runtime import machine_description, peak_rss_mib
 
 
 def main() -> None:
@@ -59,7 +54,7 @@ def main() -> None:
            "align_grid_extrapolated_min": round(per_cell * args.grid_cells / 60, 1),
            "spatial_s_per_cell": round(spatial, 2), "spatial_images": args.spatial_images,
            "spatial_grid_extrapolated_min": round(spatial * args.grid_cells / 60, 1),
-           "peak_rss_mib": round(peak_mib())}
+           "peak_rss_mib": round(peak_rss_mib())}
     print(json.dumps(out, indent=1))
 
 

@@ -17,18 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 
 import torch
 
-from repdyn.core.runtime import machine_description
+from repdyn.core.runtime import machine_description, peak_rss_mib
 from repdyn.probe.lbfgs import batched_logreg
 from repdyn.probe.probes import DEFAULT_LAMBDAS
-
-
-def peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def per_iteration(x: torch.Tensor, y: torch.Tensor, k: int, lam: torch.Tensor, iters: int) -> float:
@@ -68,7 +63,7 @@ def main() -> None:
            "sweep_gflop_per_evaluation": round(gflop, 1),
            "cell_hours_at_100_iterations_each": round(100 * (sweep + refit) / 3600, 2),
            "cell_hours_at_max_iter_1000": round(1000 * (sweep + refit) / 3600, 1),
-           "peak_rss_mib": round(peak_mib())}
+           "peak_rss_mib": round(peak_rss_mib())}
     print(json.dumps(out, indent=1))
 
 

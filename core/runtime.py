@@ -10,7 +10,7 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "machine_description", "local_rank", "dist_info", "init_distributed", "dist_world",
+__all__ = ["resolve_device", "machine_description", "peak_rss_mib", "local_rank", "dist_info", "init_distributed", "dist_world",
            "shard_bounds"]
 
 
@@ -76,6 +76,13 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     base, extra = divmod(n, world)
     lo = rank * base + min(rank, extra)
     return lo, lo + base + (1 if rank < extra else 0)
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far, in MiB (Linux reports KiB), for the benchmarks."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def machine_description() -> str:
