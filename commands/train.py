@@ -174,7 +174,8 @@ def _clear(out: Path, ckpts: list[Path], whole_run: bool) -> str | None:
 
 
 def _from_weights(cfg: TrainConfig, warm: WarmStart, overrides: dict[str, Any]) -> TrainConfig:
-    """The config of a run that starts from ``warm``: its architecture and interpolant are the file's;
+    """The config of a run that starts from ``warm``: its architecture and interpolant are the file's
+    (and, for a method with repa, its projectors' width and block unless ``--set repa.*`` says);
     a flag that asks for another is an error, ``--set model_overrides.*`` is checked by the trainer."""
     fields = warm.config_fields()
     for name in ("model", "path"):
@@ -183,8 +184,9 @@ def _from_weights(cfg: TrainConfig, warm: WarmStart, overrides: dict[str, Any]) 
             raise ValueError(f"--{name} {asked} contradicts {warm.path.name}, a {fields['model']} with the "
                              f"{fields.get('path', 'DDPM')} path: drop --{name} (the architecture is the file's)")
     asked_parts = dict(overrides.get("model_overrides") or {})
+    repa = {**warm.repa_defaults(), **cfg.repa} if cfg.method_spec.repa else cfg.repa  # the file's projectors
     return replace(cfg, model=fields["model"], model_overrides={**fields["model_overrides"], **asked_parts},
-                   path=fields.get("path", cfg.path), init_from=str(warm.path.resolve())).validate()
+                   path=fields.get("path", cfg.path), init_from=str(warm.path.resolve()), repa=repa).validate()
 
 
 def run_train(preset: str | None = None, config: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
