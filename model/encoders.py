@@ -59,7 +59,8 @@ from repdyn.model.classifier import cache_root, dataset_fingerprint, fit_cross_e
 
 __all__ = ["Encoder", "TinyViT", "EmbeddedEncoder", "TimmEncoder", "PrecomputedFeatures", "EncodedFeatures",
            "DINOV2_MODELS", "REPA_ENCODER_NAMES", "ENCODER_FORMAT", "parse_encoder", "load_encoder",
-           "get_embedded_encoder", "train_embedded", "embedded_cache_path", "load_feature_file", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "get_embedded_encoder", "train_embedded", "embedded_cache_path", "load_feature_file", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 ENCODER_FORMAT = 1
 EMBEDDED_SEED = 1  # the fd classifier uses seed 0

@@ -137,10 +137,10 @@ class WarmStart:
         if built.z_dims and any(k.startswith(REPA_PROJECTORS) for k in self.heads):
             z, width = projector_layout(self.heads, self.path.name)
             if (z, width) != (built.z_dims, built.projector_dim):
-                raise ValueError(f"{self.path.name} has REPA projectors to z dims {list(z)} of width {width}, but "
-                                 f"--method {method} builds z dims {list(built.z_dims)} of width {built.projector_dim}: "
-                                 f"give repa.encoder encoders of those token widths (DINOv2-B: 768) and "
-                                 f"repa.projector_dim {width}")
+                raise ValueError(
+                    f"{self.path.name} has REPA projectors to z dims {list(z)} of width {width}, but --method "
+                    f"{method} builds z dims {list(built.z_dims)} of width {built.projector_dim}: give repa.encoder "
+                    f"encoders of those token widths (DINOv2-B: 768) and repa.projector_dim {width}")
 
     def load_into(self, model: torch.nn.Module, ema: torch.nn.Module) -> list[str]:
         """The file's weights into the run's model and EMA. A head the method adds and the file lacks
@@ -163,10 +163,11 @@ class WarmStart:
         new_proj = [k for k in new if k.startswith(REPA_PROJECTORS)]
         carried = [k for k in own if k.startswith(REPA_PROJECTORS) and k in src]
         if new_sra:
-            notes.append(f"the SRA head ({len(new_sra)} tensors) is new: {self.path.name} has none; it starts untrained")
-        if new_proj:
-            notes.append(f"the REPA projectors ({len(new_proj)} tensors) are new: {self.path.name} has none; they start "
+            notes.append(f"the SRA head ({len(new_sra)} tensors) is new: {self.path.name} has none; it starts "
                          "untrained")
+        if new_proj:
+            notes.append(f"the REPA projectors ({len(new_proj)} tensors) are new: {self.path.name} has none; they "
+                         "start untrained")
         if carried:
             notes.append(f"REPA projectors ({len(carried)} tensors) from {self.path.name}: online and EMA")
         elif not takes_heads:

@@ -105,8 +105,8 @@ def encoder_specs(value: Any) -> tuple[str, ...]:
 def _int_option(opts: dict, key: str, default: int, low: int, high: int | None = None) -> int:
     val = opts.get(key, default)
     if isinstance(val, bool) or not isinstance(val, int) or val < low or (high is not None and val > high):
-        span = f"{low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"repa.{key} must be an integer in {span}, got {val!r}")
+        span = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"repa.{key} must be an integer {span}, got {val!r}")
     return val
 
 

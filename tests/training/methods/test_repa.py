@@ -94,7 +94,8 @@ def token_file(path: Path, n: int, tokens: int, dim: int, seed: int, shuffled: b
 def test_loss_equals_the_official_formula(dtype, atol):
     g = torch.Generator().manual_seed(0)
     zs = [torch.randn(4, 16, 24, generator=g, dtype=dtype), torch.randn(4, 16, 40, generator=g, dtype=dtype)]
-    tilde = [3 * torch.randn(4, 16, 24, generator=g, dtype=dtype), 0.1 * torch.randn(4, 16, 40, generator=g, dtype=dtype)]
+    tilde = [3 * torch.randn(4, 16, 24, generator=g, dtype=dtype),
+             0.1 * torch.randn(4, 16, 40, generator=g, dtype=dtype)]
     torch.testing.assert_close(repa_loss(tilde, zs), official_proj_loss(zs, tilde), rtol=0, atol=atol)
     torch.testing.assert_close(token_cosine_loss(tilde[1], zs[1]), official_proj_loss([zs[1]], [tilde[1]]),
                                rtol=0, atol=atol)
@@ -277,7 +278,8 @@ def test_several_encoders_get_one_projector_each(tmp_path):
     term = tr.terms[0]
     idx = torch.tensor([5, 0, 1400, 7])
     got = [t.tokens(torch.zeros(4, 1, 8, 8), idx) for t in term.targets]
-    assert torch.equal(got[0], torch.from_numpy(a[idx.numpy()])) and torch.equal(got[1], torch.from_numpy(b[idx.numpy()]))
+    for tokens, feats in zip(got, (a, b)):
+        assert torch.equal(tokens, torch.from_numpy(feats[idx.numpy()]))
     quiet_train(cfg)
     r = rows_of(tmp_path / "run")[-1]
     assert float(r["loss_proj"]) == pytest.approx((float(r["loss_proj0"]) + float(r["loss_proj1"])) / 2, rel=1e-5)
