@@ -340,3 +340,12 @@ def test_configuration_errors_are_one_line(tmp_path, embedded_encoder_cache):
     _one_line_error([*base, "--out", tmp_path / "c", "--set", "repa.weight=1"], "unknown repa option(s) ['weight']")
     _one_line_error([*base, "--out", tmp_path / "d", "--set", "model_overrides.projector_dim=8"],
                     "set repa.projector_dim and repa.encoder, not model_overrides")
+
+
+def test_train_help_lists_repa_and_its_encoder_flag():
+    from typer.testing import CliRunner
+
+    from repdyn.cli import app
+
+    out = CliRunner().invoke(app, ["train", "--help"], env={"COLUMNS": "200"}).output
+    assert "baseline | sra | repa | diverse" in out and "repa+diverse" in out and "--encoder" in out
