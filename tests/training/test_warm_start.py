@@ -4,6 +4,7 @@ that do not fit the file are one-line errors; a release without a step count sta
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
@@ -226,3 +227,27 @@ def test_repa_projectors_that_do_not_fit_are_one_line_and_a_baseline_file_gets_n
     res = _ok(["train", "--resume", plain, "--out", tmp_path / "c", "--steps", "1", "--method", "repa", "--family",
                "sit", "--encoder", f"features:{wide}", *TRAIN])
     assert "the REPA projectors (6 tensors) are new: plain.pt has none; they start untrained" in res.output
+
+
+def test_official_repa_args_and_a_raw_model_dict(tmp_path):
+    """REPA's train.py pickles an argparse.Namespace (read with --trust-checkpoint): its encoder_depth
+    is the run's default block. A raw REPA model dict (one weight set) gives its projectors to both."""
+    file = tmp_path / "0000007.pt"
+    made = _official_repa_file(file, args=argparse.Namespace(encoder_depth=1, enc_type="dinov2-vit-b", model="SiT-B/2"))
+    with pytest.raises(ValueError, match="--trust-checkpoint"):
+        read_warm_start(file, num_heads=4)
+    warm = read_warm_start(file, num_heads=4, trust=True)
+    assert warm.repa_defaults() == {"encoder_depth": 1, "projector_dim": 24}
+    assert any("trained with REPA encoder(s) dinov2-vit-b at block 1" in n for n in warm.notes)
+    raw = tmp_path / "repa-raw.pt"
+    torch.save(made["model"], raw)
+    z = _digit_tokens(tmp_path / "z.npy", 12)
+    warm = read_warm_start(raw, num_heads=4, family="sit")
+    cfg = resolve_config(None, overrides=dict(data="digits", batch_size=8, steps=2, out=str(tmp_path / "run"),
+                                              device="cpu", **warm.config_fields(), init_from=str(raw), method="repa",
+                                              repa={**warm.repa_defaults(), "encoder": f"features:{z}"}))
+    tr = Trainer(cfg, warm=warm)
+    assert tr.step == 0 and not tr.opt.state_dict()["state"]
+    for k in (k for k in made["names"] if k.startswith("projectors.")):
+        assert torch.equal(tr.model.state_dict()[k], made["model"][k]) and torch.equal(tr.ema.state_dict()[k],
+                                                                                        made["model"][k]), k
