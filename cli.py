@@ -262,8 +262,9 @@ def train(
     Examples: `probe train --preset sit-tiny --out runs/sit`,
     `probe train --preset dit-tiny --method sra --steps 3000`,
     `probe train --preset sit-tiny --method repa+diverse` (REPA to the embedded encoder),
-    `probe train --resume REPA-0400000.pt --out runs/ft --method repa --encoder dinov2-vitb14:PATH
-    --data folder:PATH --trust-checkpoint` (an official REPA checkpoint, with its projectors),
+    `probe train --resume exps/repa/checkpoints/0400000.pt --out runs/ft --method repa --encoder
+    dinov2-vitb14:PATH --data folder:PATH --trust-checkpoint` (an official REPA checkpoint, with its
+    projectors),
     `probe train --resume SiT-XL-2-256.pt --out runs/ft --data latents:PATH --method sra` (fine-tune),
     `torchrun --nproc_per_node 8 -m repdyn train --preset sit-b2-imagenet --method sra`.
     """

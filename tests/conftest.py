@@ -127,29 +127,3 @@ def read_only_dir(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "mkdir", guard(os.mkdir))
     monkeypatch.setattr(os, "open", guard(os.open))
     yield ro
-
-
-@pytest.fixture(scope="session")
-def _embedded_encoder_folder(tmp_path_factory) -> Path:
-    """A cache folder holding Fashion-MNIST's embedded encoder trained on 256 images (seconds, not the
-    minute of the real one): REPA's default target."""
-    from repdyn.model.encoders import get_embedded_encoder
-
-    root = tmp_path_factory.mktemp("encoder_cache")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("REPDYN_CACHE", str(root))
-        old = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            get_embedded_encoder("fashion-mnist", max_train=256)
-        finally:
-            torch.set_num_threads(old)
-    return root
-
-
-@pytest.fixture
-def embedded_encoder_cache(_embedded_encoder_folder, monkeypatch) -> Path:
-    """$REPDYN_CACHE pointing at :func:`_embedded_encoder_folder` for one test (REPA's default encoder
-    is then found cached, as after its first real run)."""
-    monkeypatch.setenv("REPDYN_CACHE", str(_embedded_encoder_folder))
-    return _embedded_encoder_folder

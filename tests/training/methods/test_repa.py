@@ -211,7 +211,7 @@ def test_diverse_pairs_follow_the_repa_block_where_the_official_code_shares_it()
 
 
 @needs_fmnist
-def test_trains_from_the_cli_with_no_extra_flag(tmp_path, embedded_encoder_cache):
+def test_trains_from_the_cli_with_no_extra_flag(tmp_path, small_encoder_cache):
     out = tmp_path / "repa"
     _ok(["train", "--preset", "sit-tiny", "--method", "repa", "--steps", "2", *TINY_CLI, "--out", out,
          "--set", "log_every=1"])
@@ -238,7 +238,7 @@ def test_trains_from_the_cli_with_no_extra_flag(tmp_path, embedded_encoder_cache
 @needs_fmnist
 @pytest.mark.parametrize("model, method", [("SiT-T/4", "repa+diverse"), ("SiT-T/4", "sra+repa"), ("DiT-T/4", "repa"),
                                            ("DiT-T/4", "sra+repa+diverse")])
-def test_combines_with_sra_and_diverse_for_sit_and_dit(tmp_path, embedded_encoder_cache, model, method):
+def test_combines_with_sra_and_diverse_for_sit_and_dit(tmp_path, small_encoder_cache, model, method):
     ckpt = quiet_train(tiny_config(tmp_path / "run", model=model, method=method))
     rows = rows_of(tmp_path / "run")
     cols = set(rows[-1])
@@ -252,7 +252,7 @@ def test_combines_with_sra_and_diverse_for_sit_and_dit(tmp_path, embedded_encode
 
 
 @needs_fmnist
-def test_resume_is_exact(tmp_path, embedded_encoder_cache):
+def test_resume_is_exact(tmp_path, small_encoder_cache):
     straight = quiet_train(tiny_config(tmp_path / "a", steps=4))
     quiet_train(tiny_config(tmp_path / "b", steps=2))
     resumed = quiet_train(tiny_config(tmp_path / "b", steps=4), resume=tmp_path / "b")
@@ -331,7 +331,7 @@ def test_latents_need_precomputed_tokens(tmp_path):
 
 
 @needs_fmnist
-def test_configuration_errors_are_one_line(tmp_path, embedded_encoder_cache):
+def test_configuration_errors_are_one_line(tmp_path, small_encoder_cache):
     base = ["train", "--preset", "sit-tiny", "--method", "repa", "--steps", "1", *TINY_CLI]
     _one_line_error([*base, "--out", tmp_path / "a", "--model", "SiT-T/2"],
                     "gives 8 x 8 tokens and the model 16 x 16")
