@@ -230,7 +230,12 @@ def train(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of config fields (over the preset).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Registry name, e.g. SiT-B/2, DiT-XL/2, SiT-T/4 (tiny).")] = None,
     data: Annotated[Optional[str], typer.Option(help="fashion-mnist | digits | folder:PATH | latents:PATH")] = None,
-    method: Annotated[Optional[str], typer.Option(help="baseline | sra | diverse | sra+diverse")] = None,
+    method: Annotated[Optional[str], typer.Option(help="baseline | sra | repa | diverse, or parts joined by + "
+                                                  "(sra+diverse, repa+diverse, sra+repa, sra+repa+diverse).")] = None,
+    encoder: Annotated[Optional[str], typer.Option(help="REPA's encoder(s), comma-separated: embedded (default: "
+                                                   "the dataset's small ViT) | dinov2-vitb14:PATH | timm:NAME:PATH | "
+                                                   "features:PATH (tokens by dataset index; the route on latents). "
+                                                   "Same as --set repa.encoder=...")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps in total (a resumed run continues to this).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Run folder: checkpoints/, metrics.csv, tb/, config.yaml.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Global batch size (all ranks, all accumulation steps).")] = None,
@@ -252,10 +257,14 @@ def train(
     family: OptFamily = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False,
     quiet: OptQuiet = False,
 ) -> None:
-    """Train a DiT or SiT (baseline, +SRA, +DiverseDiT or both); writes checkpoints and metrics.
+    """Train a DiT or SiT (baseline, +SRA, +REPA, +DiverseDiT or combinations); writes checkpoints and metrics.
 
     Examples: `probe train --preset sit-tiny --out runs/sit`,
     `probe train --preset dit-tiny --method sra --steps 3000`,
+    `probe train --preset sit-tiny --method repa+diverse` (REPA to the embedded encoder),
+    `probe train --resume exps/repa/checkpoints/0400000.pt --out runs/ft --method repa --encoder
+    dinov2-vitb14:PATH --data folder:PATH --trust-checkpoint` (an official REPA checkpoint, with its
+    projectors),
     `probe train --resume SiT-XL-2-256.pt --out runs/ft --data latents:PATH --method sra` (fine-tune),
     `torchrun --nproc_per_node 8 -m repdyn train --preset sit-b2-imagenet --method sra`.
     """
@@ -263,7 +272,7 @@ def train(
 
     flags = dict(model=model, data=data, method=method, steps=steps, out=out, batch_size=batch_size, lr=lr,
                  ema_decay=ema_decay, precision=precision, ckpt_every=ckpt_every, seed=seed, device=device,
-                 compile=compile)
+                 compile=compile, repa={"encoder": encoder} if encoder is not None else None)
     res = run_train(preset, config, flags, set_, resume=resume, quiet=quiet, overwrite=overwrite, family=family,
                     num_heads=num_heads, trust=trust_checkpoint)
     if res.checkpoint is not None:

@@ -1,4 +1,4 @@
-"""Benchmark: training-step time of baseline, SRA, DiverseDiT and both, on one machine and config.
+"""Benchmark: training-step time of baseline, SRA, REPA, DiverseDiT and SRA+DiverseDiT, on one machine and config.
 
 Not a test. Every method gets its own :class:`repdyn.training.trainer.Trainer` (same model, data, batch,
 precision, seed); the methods are timed **interleaved** (a few steps of each, round after round)
@@ -12,7 +12,10 @@ of the full optimiser steps (forward, method terms, backward, clip, AdamW, EMA) 
 Reports a markdown table (ms/step, ratio to baseline) and, with ``--json``, a JSON record with the
 machine. The SRA target: SRA/baseline <= 1.20 on CPU for a tiny SiT, <= 1.10 on a GPU.
 With ``--full-teacher`` it also times SRA with the official full-depth teacher pass (for the
-saving of the early exit).
+saving of the early exit). With ``repa`` among the methods it also times REPA with the encoder pass
+excluded (its targets computed once and reused: the cost of precomputed ``features:PATH`` tokens
+without the file read), so the encoder's share of the step is the difference. REPA uses its
+default encoder, the dataset's embedded ViT (trained once and cached; ``$REPDYN_CACHE``).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from pathlib import Path
 import torch
 
 from repdyn.training.config import TrainConfig
+from repdyn.training.methods.repa import REPATerm
 from repdyn.training.methods.sra import SRATerm
 from repdyn.training.trainer import Trainer
 
@@ -46,6 +50,23 @@ class FullTeacherSRA(SRATerm):
         with ctx.autocast():
             _, feats = ctx.ema(x_teacher, t_teacher, ctx.y, drop_labels=False, features=[self.teacher_block])
         return feats[self.teacher_block], t_teacher
+
+
+class CachedTargetREPA(REPATerm):
+    """REPA with the encoder pass excluded: the encoders' tokens of the first batch, reused (for
+    timing only: the projectors, the loss and their backward are as in training)."""
+
+    def __init__(self, term: REPATerm):
+        super().__init__(term.targets, term.encoder_depth, term.projector_dim, term.proj_coeff)
+        self._cached: list[torch.Tensor] | None = None
+
+    def target_tokens(self, ctx):
+        if self._cached is None or self._cached[0].shape[0] != ctx.x0.shape[0]:
+            self._cached = super().target_tokens(ctx)
+        return self._cached
+
+
+REPA_EXCLUDED = "repa, encoder pass excluded"
 
 
 def _sync(device: torch.device) -> None:
@@ -81,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overrides", default="", help="model overrides, e.g. depth=4,hidden_size=64")
     ap.add_argument("--data", default="fashion-mnist")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--methods", default="baseline,sra,diverse,sra+diverse")
+    ap.add_argument("--methods", default="baseline,sra,repa,diverse,sra+diverse")
     ap.add_argument("--full-teacher", action="store_true", help="also time SRA with a full-depth teacher")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per method")
     ap.add_argument("--rounds", type=int, default=10)
@@ -96,12 +117,13 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = parse_overrides(args.overrides)
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    names = list(methods) + (["sra(full teacher)"] if args.full_teacher else [])
+    names = list(methods) + (["sra(full teacher)"] if args.full_teacher else []) + (
+        [REPA_EXCLUDED] if "repa" in methods else [])
     trainers, streams = {}, {}
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for name in names:
-            method = "sra" if name == "sra(full teacher)" else name
+            method = {"sra(full teacher)": "sra", REPA_EXCLUDED: "repa"}.get(name, name)
             cfg = TrainConfig(model=args.model, model_overrides=overrides, method=method, data=args.data,
                               batch_size=args.batch_size, steps=10**6, ema_decay=0.999, device=args.device,
                               precision=args.precision, out=str(Path(tmp) / name.replace("+", "_")), seed=0)
@@ -109,6 +131,8 @@ def main(argv: list[str] | None = None) -> dict:
             if name == "sra(full teacher)":
                 t = tr.terms[0]
                 tr.terms = [FullTeacherSRA(t.student_block, t.teacher_block, t.t_max, t.weight, t.distance, t.beta)]
+            if name == REPA_EXCLUDED:
+                tr.terms = [CachedTargetREPA(tr.terms[0])]
             tr.model.train()
             trainers[name], streams[name] = tr, tr._batches()
         device = next(iter(trainers.values())).device
@@ -127,6 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
         tr0 = next(iter(trainers.values()))
         mc = tr0.model_config
         sra_term = next((t for tr in trainers.values() for t in tr.terms if isinstance(t, SRATerm)), None)
+        repa_term = next((t for tr in trainers.values() for t in tr.terms if isinstance(t, REPATerm)), None)
 
     med = {n: statistics.median(v) * 1000 for n, v in times.items()}
     base = med.get("baseline")
@@ -135,6 +160,9 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {"model": args.model, "overrides": overrides, "depth": mc.depth, "hidden_size": mc.hidden_size,
                    "tokens": mc.num_tokens, "batch_size": args.batch_size, "data": args.data,
                    "sra_blocks": [sra_term.student_block, sra_term.teacher_block] if sra_term else None,
+                   "repa": {"encoders": repa_term.identities(), "encoder_depth": repa_term.encoder_depth,
+                            "projector_dim": repa_term.projector_dim, "z_dims": list(repa_term.z_dims)}
+                   if repa_term else None,
                    "warmup": args.warmup, "timed_steps": args.rounds * args.steps_per_round},
         "median_ms": med,
         "ratio_to_baseline": {n: (m / base if base else None) for n, m in med.items()},

@@ -440,7 +440,7 @@ def compare(model_name: str, method: str, official: Official | None, *, batch_si
         mc = tr.model_config
         moments, y = tr.dataset.get_batch(torch.arange(batch_size))
         moments, y = moments.to(dev), y.to(dev)
-        batches = itertools.repeat((moments, y))
+        batches = itertools.repeat((moments, y, torch.arange(batch_size)))
         term = next((t for t in tr.terms if isinstance(t, SRATerm)), None)
         ks, kt = (term.student_block, term.teacher_block) if term else default_blocks(mc)
         rec = {"model": model_name, "method": method, "batch_size": batch_size, "precision": tr.precision,

@@ -9,8 +9,9 @@ This is the one place that decides about run folders; nothing is lost or mixed:
 * ``--resume FILE`` resumes the run folder that contains it (``<run>/checkpoints/FILE``), not the
   folder recorded inside the file; a checkpoint older than the run's newest would have the later ones
   replaced, so that needs ``--overwrite`` (which removes them); a file outside a run folder needs ``--out``
-  (ours continues its run there; a published DiT/SiT/REPA/SRA/DiverseDiT file starts a new run from
-  its weights: :mod:`repdyn.training.warm_start`);
+  (ours continues its run there); a published DiT/SiT/REPA/SRA/DiverseDiT file, wherever it lies (the
+  official trainers also write ``<exp>/checkpoints/NNNNNNN.pt``), starts a new run in ``--out`` from
+  its weights (:mod:`repdyn.training.warm_start`);
 * a broken newest checkpoint is named with the last good one to resume from.
 
 Every refusal comes before anything on disk changes.
@@ -81,10 +82,9 @@ def _read_source(ckpt: Path, run: Path | None, trust: bool = False) -> _Source:
         raise ValueError(_broken_message(ckpt, run, str(e))) from None
     if is_training_checkpoint(state):
         return _Source(ckpt, run, dict(state["config"]))
-    if run is None:
-        return _Source(ckpt, None, {}, published=state)
-    raise ValueError(f"{ckpt} is not a training checkpoint of this toolkit (needs model, ema, opt, meta, config); "
-                     "to start a new run from its weights, pass --out")
+    # A published file, even where the official trainers write theirs (<exp>/checkpoints/NNNNNNN.pt, as
+    # ours): never a run of this toolkit to resume into.
+    return _Source(ckpt, None, {}, published=state)
 
 
 def _broken_message(ckpt: Path, run: Path, error: str) -> str:
@@ -174,7 +174,8 @@ def _clear(out: Path, ckpts: list[Path], whole_run: bool) -> str | None:
 
 
 def _from_weights(cfg: TrainConfig, warm: WarmStart, overrides: dict[str, Any]) -> TrainConfig:
-    """The config of a run that starts from ``warm``: its architecture and interpolant are the file's;
+    """The config of a run that starts from ``warm``: its architecture and interpolant are the file's
+    (and, for a method with repa, its projectors' width and block unless ``--set repa.*`` says);
     a flag that asks for another is an error, ``--set model_overrides.*`` is checked by the trainer."""
     fields = warm.config_fields()
     for name in ("model", "path"):
@@ -183,8 +184,9 @@ def _from_weights(cfg: TrainConfig, warm: WarmStart, overrides: dict[str, Any]) 
             raise ValueError(f"--{name} {asked} contradicts {warm.path.name}, a {fields['model']} with the "
                              f"{fields.get('path', 'DDPM')} path: drop --{name} (the architecture is the file's)")
     asked_parts = dict(overrides.get("model_overrides") or {})
+    repa = {**warm.repa_defaults(), **cfg.repa} if cfg.method_spec.repa else cfg.repa  # the file's projectors
     return replace(cfg, model=fields["model"], model_overrides={**fields["model_overrides"], **asked_parts},
-                   path=fields.get("path", cfg.path), init_from=str(warm.path.resolve())).validate()
+                   path=fields.get("path", cfg.path), init_from=str(warm.path.resolve()), repa=repa).validate()
 
 
 def run_train(preset: str | None = None, config: str | os.PathLike | None = None, flags: dict[str, Any] | None = None,
@@ -197,11 +199,16 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
     folder that holds the checkpoint. A published file (``resume`` outside a run folder, not ours)
     starts a new run in ``--out`` from its weights; ``family`` / ``num_heads`` / ``trust`` read it."""
     overrides = dict(flags or {})
-    overrides.update(parse_set_overrides(set_ or []))
+    for key, value in parse_set_overrides(set_ or []).items():  # --set repa.x beside --encoder keeps both
+        both = isinstance(value, dict) and isinstance(overrides.get(key), dict)
+        overrides[key] = {**overrides[key], **value} if both else value
     source = _source(resume, trust) if resume is not None else None
     warm = None
     if source is not None:
         if overrides.get("out") is None:
+            if source.published is not None:
+                raise ValueError(f"{source.ckpt} is not a training checkpoint of this toolkit (a published or official "
+                                 "file); pass --out to start a new run from its weights")
             if source.run is None:
                 raise ValueError(f"{source.ckpt} is not inside a run folder (<run>/checkpoints/NNNNNNN.pt); pass "
                                  "--out to start a new run from it")

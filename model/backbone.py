@@ -13,6 +13,8 @@ the sinusoidal embedding. The method-specific parts are optional submodules of t
 
 * ``ap_head`` — the SRA projection head (name kept from the official SRA code so its
   checkpoints resume), applied to one block's output in training only;
+* ``projectors`` — REPA's MLP projectors, one per external encoder (``projectors.{k}.{0,2,4}``,
+  the official REPA keys and shapes), applied to one block's output in training only;
 * ``skip_fusions`` — DiverseDiT long residual connections: after each deep block
   ``i >= depth // 2`` (0-based) the stream is ``Linear(LayerNorm_fp32(cat[x, skip]))`` (LayerNorm
   eps 1e-6) with the first-half outputs popped LIFO, so block ``i`` is paired with block
@@ -42,6 +44,7 @@ __all__ = [
     "model_config",
     "build_model",
     "get_2d_sincos_pos_embed",
+    "projector_mlp",
 ]
 
 
@@ -188,6 +191,16 @@ class ProjectionHead(nn.Module):
         return self.linear2(self.act(self.linear1(x)))
 
 
+def projector_mlp(hidden_size: int, projector_dim: int, z_dim: int) -> nn.Sequential:
+    """REPA projector: Linear(D, P) -> SiLU -> Linear(P, P) -> SiLU -> Linear(P, z), per token.
+
+    An ``nn.Sequential`` so that the keys are REPA's (``0``, ``2``, ``4`` hold the Linears) and an
+    official REPA checkpoint's ``projectors.{k}.*`` load without renaming.
+    """
+    return nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(), nn.Linear(projector_dim, projector_dim),
+                         nn.SiLU(), nn.Linear(projector_dim, z_dim))
+
+
 class LongSkipFusion(nn.Module):
     """DiverseDiT long residual connection: Linear(LayerNorm_fp32(cat[deep, shallow])).
 
@@ -253,6 +266,13 @@ class ModelConfig:
     learn_sigma: bool = False
     long_skip: bool = False
     sra_head: bool = False
+    # REPA projectors: one per encoder, each to that encoder's token width; () builds none.
+    z_dims: tuple[int, ...] = ()
+    projector_dim: int = 0  # their hidden width (REPA's 2048 at the papers' sizes); 0 without projectors
+
+    def __post_init__(self) -> None:
+        # A list read back from YAML or a checkpoint compares equal to the tuple the trainer built.
+        object.__setattr__(self, "z_dims", tuple(int(z) for z in self.z_dims))
 
     def validate(self) -> "ModelConfig":
         if self.family not in FAMILIES:
@@ -273,6 +293,9 @@ class ModelConfig:
             )
         if self.depth < 1 or self.num_classes < 1 or self.in_channels < 1:
             raise ValueError("depth, num_classes and in_channels must be >= 1")
+        if any(z < 1 for z in self.z_dims) or (self.z_dims and self.projector_dim < 1):
+            raise ValueError(f"REPA projectors need z_dims >= 1 and projector_dim >= 1, got z_dims {list(self.z_dims)} "
+                             f"and projector_dim {self.projector_dim}")
         return self
 
     @property
@@ -352,7 +375,8 @@ class DiffusionTransformer(nn.Module):
     """DiT / SiT backbone. ``forward(x, t, y)`` as in the official code.
 
     ``forward(..., features=[k, ...])`` also returns the residual stream after the listed blocks
-    (1-based) and ``project_block=k`` adds ``"head"``: the SRA head applied to block k's output.
+    (1-based), ``project_block=k`` adds ``"head"``: the SRA head applied to block k's output, and
+    ``repa_block=k`` adds ``("repa", j)``: REPA projector j applied to block k's output.
     ``block_features`` runs only as deep as the deepest requested block (teacher / probing).
     """
 
@@ -379,6 +403,8 @@ class DiffusionTransformer(nn.Module):
             nn.ModuleList([LongSkipFusion(c.hidden_size) for _ in range(c.depth // 2)]) if c.long_skip else None
         )
         self.ap_head = ProjectionHead(c.hidden_size) if c.sra_head else None
+        self.projectors = (nn.ModuleList([projector_mlp(c.hidden_size, c.projector_dim, z) for z in c.z_dims])
+                           if c.z_dims else None)
         self.initialize_weights()
 
     # -- init (adaLN-Zero, zero final layer, fixed sin-cos positions) ---------------------------
@@ -483,6 +509,7 @@ class DiffusionTransformer(nn.Module):
         drop_labels: bool | None = None,
         features: Iterable[int] | None = None,
         project_block: int | None = None,
+        repa_block: int | None = None,
     ):
         """Prediction (N, out_channels, H, W); with ``features`` also a dict of block outputs.
 
@@ -495,15 +522,22 @@ class DiffusionTransformer(nn.Module):
             if self.ap_head is None:
                 raise ValueError("project_block needs a model built with sra_head=True")
             collect.add(project_block)
+        if repa_block is not None:
+            if self.projectors is None:
+                raise ValueError("repa_block needs a model built with REPA projectors (z_dims)")
+            collect.add(repa_block)
         h, feats = self.run_blocks(tokens, c, collect)
         out = self.unpatchify(self.final_layer(h, c))
         if self.family == "sit" and self.learn_sigma and features is None:
             # willisma/SiT keeps the 2C head but its forward returns only the velocity channels.
             out = out[:, : self.in_channels]
-        if features is None and project_block is None:
+        if features is None and project_block is None and repa_block is None:
             return out
         if project_block is not None:
             feats["head"] = self.ap_head(feats[project_block])
+        if repa_block is not None:
+            for j, projector in enumerate(self.projectors):
+                feats[("repa", j)] = projector(feats[repa_block])
         return out, feats
 
     def block_features(

@@ -19,8 +19,11 @@ images, from local files only (nothing is ever downloaded).
   timm converts the official layout and resamples the position embedding to the 16 x 16 grid.
   Preprocessing as REPA (``preprocess_raw_image``): images to [0, 1], grayscale repeated to 3
   channels, ImageNet mean/std normalisation, then bicubic resize to 224 x 224 (16 x 16 patches of 14
-  pixels). Pooled = the CLS token (``x_norm_clstoken``), tokens = the 256 normalised patch tokens
-  (``x_norm_patchtokens``, what REPA aligns to); register tokens are dropped.
+  pixels), or to ``14 * token_grid`` when the caller asks for a token grid (REPA training: the
+  patch tokens fall on the diffusion model's grid, as REPA's ``224 * (resolution // 256)``).
+  Pooled = the CLS token (``x_norm_clstoken``), tokens = the 256 normalised patch tokens
+  (``x_norm_patchtokens``, what REPA aligns to); register tokens are dropped. REPA's
+  ``--enc-type`` spelling ``dinov2-vit-b:PATH`` (``-s``, ``-l``, ``-g``) names the same models.
 * ``timm:NAME:PATH``: any timm model with local weights, preprocessed with the model's own
   ``pretrained_cfg`` (input size, mean, std; bicubic resize). Pooled = ``forward_head(...,
   pre_logits=True)``; tokens = the non-prefix tokens of ``forward_features`` (ViTs) or the flattened
@@ -55,8 +58,9 @@ from repdyn.model.checkpoint import file_sha
 from repdyn.model.classifier import cache_root, dataset_fingerprint, fit_cross_entropy, metric_name, model_batches
 
 __all__ = ["Encoder", "TinyViT", "EmbeddedEncoder", "TimmEncoder", "PrecomputedFeatures", "EncodedFeatures",
-           "DINOV2_MODELS", "ENCODER_FORMAT", "parse_encoder", "load_encoder", "get_embedded_encoder",
-           "train_embedded", "embedded_cache_path", "load_feature_file", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "DINOV2_MODELS", "REPA_ENCODER_NAMES", "ENCODER_FORMAT", "parse_encoder", "load_encoder",
+           "get_embedded_encoder", "train_embedded", "embedded_cache_path", "load_feature_file", "IMAGENET_MEAN",
+           "IMAGENET_STD"]
 
 ENCODER_FORMAT = 1
 EMBEDDED_SEED = 1  # the fd classifier uses seed 0
@@ -70,6 +74,8 @@ DINOV2_MODELS = {
     "dinov2-vitl14-reg": "vit_large_patch14_reg4_dinov2", "dinov2-vitg14-reg": "vit_giant_patch14_reg4_dinov2",
 }
 EMBEDDED_N_TRAIN = 20000  # training images of the embedded encoder ("embedded:N" asks for another count)
+# REPA's --enc-type names (encoder-architecture-size) of the same models.
+REPA_ENCODER_NAMES = {f"dinov2-vit-{s}": f"dinov2-vit{s}14" for s in "sblg"}
 SPECS = "embedded[:N] | dinov2-vits14:PATH (vitb14, vitl14, vitg14, -reg) | timm:NAME:PATH | features:PATH"
 
 
@@ -438,6 +444,7 @@ def parse_encoder(spec: str) -> tuple[str, dict]:
             raise ValueError(f"--encoder {s}: write embedded:N with N >= 100 training images (default "
                              f"{EMBEDDED_N_TRAIN}), or plain embedded")
         return "embedded", {"max_train": int(rest)}
+    kind = REPA_ENCODER_NAMES.get(kind, kind)
     if kind in DINOV2_MODELS:
         if not rest:
             raise ValueError(f"--encoder {s}: give the local weights file, e.g. {kind}:weights/{kind}_pretrain.pth")
@@ -454,10 +461,23 @@ def parse_encoder(spec: str) -> tuple[str, dict]:
     raise ValueError(f"unknown --encoder {s!r}; use {SPECS}")
 
 
+def _vit_patch(model: nn.Module) -> int | None:
+    """The square patch size of a timm ViT (None for models without a patch embedding: CNNs)."""
+    size = getattr(getattr(model, "patch_embed", None), "patch_size", None)
+    if size is None:
+        return None
+    size = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+    return int(size[0]) if size[0] == size[1] else None
+
+
 def load_encoder(spec: str, *, data: str = "fashion-mnist", device: str | torch.device = "cpu",
-                 progress: bool = False, log: Callable[[str], None] | None = None) -> Encoder:
+                 progress: bool = False, log: Callable[[str], None] | None = None,
+                 token_grid: int | None = None) -> Encoder:
     """The encoder named by ``spec`` (see the module docstring); ``data`` is the dataset the
-    embedded encoder is trained on."""
+    embedded encoder is trained on. ``token_grid``: a ViT encoder (DINOv2, timm ViTs) is built for
+    images of that many patches a side (positions resampled by timm, images resized to match), so
+    that token i is the same image patch as the diffusion model's token i, as REPA sizes DINOv2;
+    other encoders (embedded, CNNs, features) are as they are."""
     kind, args = parse_encoder(spec)
     if kind == "embedded":
         return get_embedded_encoder(data, device=device, progress=progress, log=log, **args)
@@ -468,8 +488,14 @@ def load_encoder(spec: str, *, data: str = "fashion-mnist", device: str | torch.
         how = (f"get the official weights: wget https://dl.fbaipublicfiles.com/dinov2/{d.replace('-reg', '').replace('-', '_')}/"
                f"{d.replace('-reg', '_reg4').replace('-', '_')}_pretrain.pth (or timm's model.safetensors of timm/"
                f"{args['arch']}.lvd142m)")
-        return TimmEncoder(spec, args["arch"], args["path"], img_size=224, how=how)
-    return TimmEncoder(spec, args["arch"], args["path"])
+        return TimmEncoder(spec, args["arch"], args["path"], img_size=224 if token_grid is None else 14 * token_grid,
+                           how=how)
+    enc = TimmEncoder(spec, args["arch"], args["path"])
+    patch = _vit_patch(enc.model)
+    if token_grid is not None and patch is not None and enc.size != token_grid * patch:
+        mean, std = tuple(enc.mean.flatten().tolist()), tuple(enc.std.flatten().tolist())
+        enc = TimmEncoder(spec, args["arch"], args["path"], img_size=token_grid * patch, mean=mean, std=std)
+    return enc
 
 
 def describe(enc: Encoder) -> str:

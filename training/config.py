@@ -16,18 +16,20 @@ import yaml
 
 __all__ = ["TrainConfig", "MethodSpec", "PRESETS", "METHODS", "resolve_config", "parse_set_overrides"]
 
-METHODS = ("baseline", "sra", "diverse", "sra+diverse")
+METHODS = ("baseline", "sra", "repa", "diverse", "sra+repa", "sra+diverse", "repa+diverse", "sra+repa+diverse")
 
 
 @dataclass(frozen=True)
 class MethodSpec:
     """The method grammar, parsed in one place: ``baseline`` or ``+``-joined parts (``sra``,
-    ``diverse``), e.g. ``sra+diverse``. Parts are written in a fixed order, so the name is canonical."""
+    ``repa``, ``diverse``), e.g. ``sra+diverse``. Parts are written in a fixed order (sra, repa,
+    diverse), so the name is canonical: ``diverse+repa`` is ``repa+diverse``."""
 
     sra: bool = False
+    repa: bool = False
     diverse: bool = False
 
-    PARTS = ("sra", "diverse")
+    PARTS = ("sra", "repa", "diverse")
 
     @classmethod
     def parse(cls, text: str | None) -> "MethodSpec":
@@ -36,7 +38,7 @@ class MethodSpec:
         bad = [p for p in parts if p not in cls.PARTS + ("baseline",)]
         if bad or not parts or ("baseline" in parts and len(parts) > 1) or len(set(parts)) != len(parts):
             raise ValueError(f"unknown method {text!r}; use one of {', '.join(METHODS)}")
-        return cls(sra="sra" in parts, diverse="diverse" in parts)
+        return cls(**{p: p in parts for p in cls.PARTS})
 
     @property
     def parts(self) -> tuple[str, ...]:
@@ -44,7 +46,7 @@ class MethodSpec:
 
     @property
     def name(self) -> str:
-        """``baseline``, ``sra``, ``diverse`` or ``sra+diverse``."""
+        """``baseline`` or the parts in canonical order, e.g. ``sra``, ``repa+diverse``."""
         return "+".join(self.parts) or "baseline"
 
     @property
@@ -61,6 +63,7 @@ class TrainConfig:
     method: str = "baseline"
     sra: dict[str, Any] = field(default_factory=dict)  # student_block, teacher_block, t_max, weight, distance, ...
     diverse: dict[str, Any] = field(default_factory=dict)  # pairs, weight_mode, weight, ...
+    repa: dict[str, Any] = field(default_factory=dict)  # encoder, encoder_depth, projector_dim, proj_coeff
     # data
     data: str = "fashion-mnist"
     data_root: str | None = None

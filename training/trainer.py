@@ -1,13 +1,15 @@
-"""The one trainer for DiT and SiT, baseline and methods (SRA / DiverseDiT as loss terms).
+"""The one trainer for DiT and SiT, baseline and methods (SRA / REPA / DiverseDiT as loss terms).
 
 Single process or ``torchrun`` + DDP (NCCL on GPUs, gloo on CPU). Every random draw of a step
 (t, noise, label dropout, latent posterior samples, SRA teacher time) comes from one generator per
 rank whose state is checkpointed, and the data order is a function of the step, so
-N steps + resume + M steps reproduces N + M steps exactly.
+N steps + resume + M steps reproduces N + M steps exactly. REPA's encoders draw nothing at random
+and are not in checkpoints: a resume checks that they are the same ones (content hash).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import csv
@@ -26,7 +28,7 @@ from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, read_ch
 from repdyn.training.config import TrainConfig
 from repdyn.training.warm_start import WarmStart, read_warm_start
 from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
-from repdyn.training.methods import LossTerm, StepContext, build_loss_terms, model_flags_for_method
+from repdyn.training.methods import LossTerm, REPATerm, StepContext, build_loss_terms, model_flags_for_method
 from repdyn.model.backbone import DiffusionTransformer, model_config
 from repdyn.core.files import atomic_path, atomic_write_text
 from repdyn.model.objectives import make_objective
@@ -90,11 +92,14 @@ class Trainer:
         self.sampler = ResumableBatchSampler(len(self.dataset), per_rank, seed=config.seed, rank=self.rank,
                                              world_size=self.world)
 
-        # model, EMA, objective, method terms
-        overrides = dict(input_size=self.dataset.image_size, in_channels=self.dataset.channels,
-                         num_classes=self.dataset.num_classes)
-        overrides.update(model_flags_for_method(config.method))
-        overrides.update(config.model_overrides)
+        # model, EMA, objective, method terms. REPA's encoders load first: they size its projectors.
+        data_fields = dict(input_size=self.dataset.image_size, in_channels=self.dataset.channels,
+                           num_classes=self.dataset.num_classes)
+        self.repa: REPATerm | None = None
+        if config.method_spec.repa:
+            plain = model_config(config.model, **{**data_fields, **config.model_overrides})
+            self.repa = REPATerm.from_config(config, plain, self.dataset, log=self._say)
+        overrides = {**data_fields, **model_flags_for_method(config.method, self.repa), **config.model_overrides}
         self.model_config = model_config(config.model, **overrides)
         if config.init_from is not None and resume is None:
             warm = warm or read_warm_start(config.init_from)
@@ -103,7 +108,7 @@ class Trainer:
                                         learn_sigma=self.model_config.learn_sigma)
         if self.model_config.family == "dit" and not self.model_config.learn_sigma:
             pass  # DDPM with fixed variance: the objective then trains eps only
-        self.terms: list[LossTerm] = build_loss_terms(config, self.model_config, self.objective)
+        self.terms: list[LossTerm] = build_loss_terms(config, self.model_config, self.objective, repa=self.repa)
 
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.model = DiffusionTransformer(self.model_config).to(self.device)
@@ -134,6 +139,11 @@ class Trainer:
         self.forward_model = fwd
 
     # -- setup helpers ------------------------------------------------------------------------------
+    def _say(self, line: str) -> None:
+        """A setup line (e.g. the embedded encoder being trained once), on rank 0 unless quiet."""
+        if self.rank == 0 and not self.quiet:
+            print(line, flush=True)
+
     def _autocast(self):
         if self.amp_dtype is None:
             return contextlib.nullcontext()
@@ -165,7 +175,9 @@ class Trainer:
             "vae": getattr(ds, "vae_info", None),  # which VAE made the latents (probe encode records it)
             "data": self.cfg.data,
             "method": self.cfg.method,
-            "method_config": {"sra": dict(self.cfg.sra), "diverse": dict(self.cfg.diverse)},
+            "method_config": {"sra": dict(self.cfg.sra), "diverse": dict(self.cfg.diverse),
+                              "repa": dict(self.cfg.repa)},
+            "repa_encoders": self.repa.identities() if self.repa is not None else None,  # not in the file
             "ema_decay": self.cfg.ema_decay,
             "world_size": self.world,
             "rng": {"generators": [g.cpu() for g in gens], "torch_cpu": torch.get_rng_state()},
@@ -203,6 +215,7 @@ class Trainer:
         if changed:  # the optimizer state would win over a new lr and the recorded config would lie
             raise ValueError(f"cannot resume {path.name} with a different config ({'; '.join(changed)}): resume "
                              "with the checkpoint's values, or start a new run in another --out")
+        self._check_repa_encoders(state["meta"].get("repa_encoders"), path)
         self.model.load_state_dict(state["model"])
         self.ema.load_state_dict(state["ema"])
         self.opt.load_state_dict(state["opt"])
@@ -218,6 +231,16 @@ class Trainer:
         self._restore_window(state["meta"].get("log_window") or [])
         self.warm_start = state["meta"].get("warm_start")
         self.resumed_from = path
+
+    def _check_repa_encoders(self, saved: list[dict] | None, path: Path) -> None:
+        """REPA's targets are not in the checkpoint: the encoders a resume loads must be the run's."""
+        if self.repa is None or saved is None:
+            return
+        for old, new in zip(saved, self.repa.identities()):
+            if old.get("sha") != new["sha"]:
+                raise ValueError(f"cannot resume {path.name}: REPA's encoder {new['spec']!r} is not the one the run "
+                                 f"trained with (content {old.get('sha')} -> {new['sha']}); encoders are not saved in "
+                                 "checkpoints: restore the run's weights or feature file (or encoder cache)")
 
     def _warm_start(self, warm: WarmStart) -> None:
         """A new run from a published file's weights (and AdamW moments and step count where it has
@@ -249,7 +272,8 @@ class Trainer:
         self._n_window = int(mine[0]["n"])
 
     # -- one optimisation step ----------------------------------------------------------------------
-    def _micro_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _micro_step(self, x: torch.Tensor, y: torch.Tensor,
+                    indices: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         g = self.generator
         x0 = self.dataset.finalize(x.to(self.device, non_blocking=True), g)
         y = y.to(self.device, non_blocking=True)
@@ -259,9 +283,10 @@ class Trainer:
         y_used = self.model.y_embedder.drop(y, g)
         blocks = sorted(set().union(*[term.student_blocks() for term in self.terms])) if self.terms else []
         project = next((term.project_block() for term in self.terms if term.project_block() is not None), None)
+        repa = next((term.repa_block() for term in self.terms if term.repa_block() is not None), None)
         with self._autocast():
             res = self.forward_model(x_t, t, y_used, drop_labels=False, features=blocks or None,
-                                     project_block=project)
+                                     project_block=project, repa_block=repa)
         out, feats = res if isinstance(res, tuple) else (res, {})
         gen_terms = self.objective.loss(out.float(), x0, x_t, t, eps)
         gen_loss = gen_terms["loss"].mean()
@@ -274,7 +299,7 @@ class Trainer:
             ctx = StepContext(model=self.model, ema=self.ema, objective=self.objective, x0=x0, eps=eps, t=t,
                               x_t=x_t, y=y_used, feats=feats, step=self.step,
                               epoch=self._position_for_step(self.step)["epoch"],
-                              autocast=self._autocast, generator=g)
+                              autocast=self._autocast, generator=g, indices=indices)
             for term in self.terms:
                 extra, term_logs = term(ctx)
                 total = total + extra
@@ -289,12 +314,12 @@ class Trainer:
         accum = self.cfg.grad_accum
         sums: dict[str, torch.Tensor] = {}
         for i in range(accum):
-            x, y = next(batches)
+            x, y, idx = next(batches)
             sync = i == accum - 1
             ctx = self.forward_model.no_sync() if (self.world > 1 and not sync and hasattr(self.forward_model, "no_sync")) \
                 else contextlib.nullcontext()
             with ctx:
-                loss, logs = self._micro_step(x, y)
+                loss, logs = self._micro_step(x, y, idx)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             for k, v in logs.items():
@@ -320,15 +345,24 @@ class Trainer:
 
     # -- the loop -----------------------------------------------------------------------------------
     def _batches(self):
-        # The data position is a function of the step: restore it, then iterate.
+        """(x, y, dataset indices) per micro-batch. The data position is a function of the step:
+        restore it, then iterate."""
         self.sampler.load_state_dict(self._position_for_step(self.step))
         if self.cfg.num_workers > 0:
-            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=iter(self.sampler),
+            sent: collections.deque = collections.deque()  # the loader yields batches in the order sent
+
+            def order():
+                for idx in self.sampler:
+                    sent.append(idx)
+                    yield idx
+
+            loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=order(),
                                                  num_workers=self.cfg.num_workers, pin_memory=self.device.type == "cuda")
-            yield from loader
+            for x, y in loader:
+                yield x, y, sent.popleft()
         else:
             for idx in self.sampler:
-                yield self.dataset.get_batch(idx)
+                yield (*self.dataset.get_batch(idx), idx)
 
     def _position_for_step(self, step: int) -> dict:
         consumed = step * self.cfg.grad_accum

@@ -12,13 +12,16 @@ starts a new run from its weights. What carries over, and why:
 * the AdamW moments where the file has an optimiser state, matched by parameter *name* (the
   official trainers build ``AdamW(model.parameters())``: the state is indexed in the order of the
   state dict's keys) and checked shape by shape; anything else starts them fresh, said in one line;
-* training-only heads the backbone does not hold (REPA's ``projectors.*``) are kept in
-  :attr:`WarmStart.heads` for the method that uses them.
+* REPA's projectors (``projectors.*``, online and EMA) carry over when the method includes repa
+  (their AdamW moments too, by name as the rest); the run's ``repa.projector_dim`` defaults to the
+  file's and its encoders must give the file's target widths. A method without repa leaves them
+  out with the loader's note, as probing does.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+import re
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,12 +31,34 @@ from repdyn.model.backbone import MODEL_SIZES, PATCH_SIZES, ModelConfig, model_c
 from repdyn.model.checkpoint import (CKPT_RE, TRAINING_ONLY_HEADS, checkpoint_from, file_sha, read_checkpoint,
                                      rename_official_keys, strip_wrapper_prefixes)
 
-__all__ = ["WarmStart", "read_warm_start", "is_training_checkpoint"]
+__all__ = ["WarmStart", "read_warm_start", "is_training_checkpoint", "projector_layout"]
 
 # Fields the data or the method decide (checked against the file, never taken from it).
 _FROM_DATA = ("input_size", "in_channels", "num_classes")
-_FROM_METHOD = ("long_skip", "sra_head")
+_FROM_METHOD = ("long_skip", "sra_head", "z_dims", "projector_dim")
 SRA_HEAD = "ap_head."  # the SRA head's keys (official SRA layout)
+REPA_PROJECTORS = "projectors."  # REPA's projector MLPs (official REPA layout)
+_PROJECTOR_KEY = re.compile(r"^projectors\.(\d+)\.")
+
+
+def projector_layout(heads: dict[str, torch.Tensor], name: str) -> tuple[tuple[int, ...], int]:
+    """(z dims, hidden width) of the REPA projectors ``projectors.{k}.{0,2,4}.*`` in ``heads``;
+    a one-line error naming ``name`` where they are not REPA's Linear-SiLU-Linear-SiLU-Linear."""
+    ks = sorted({int(m.group(1)) for k in heads if (m := _PROJECTOR_KEY.match(k))})
+    try:
+        z = tuple(int(heads[f"projectors.{k}.4.weight"].shape[0]) for k in ks)
+        widths = {int(heads[f"projectors.{k}.{i}.weight"].shape[0]) for k in ks for i in (0, 2)}
+    except KeyError as e:
+        raise ValueError(f"{name}'s projectors.* are not REPA's projector MLPs (no {e.args[0]}); fine-tune it "
+                         "with a method without repa, which leaves them out") from None
+    if ks != list(range(len(ks))) or len(widths) != 1:
+        raise ValueError(f"{name}'s projectors.* are not REPA's projector MLPs (indices {ks}, hidden widths "
+                         f"{sorted(widths)}); fine-tune it with a method without repa, which leaves them out")
+    return z, widths.pop()
+
+
+def _arg(args: Any, key: str) -> Any:
+    return args.get(key) if isinstance(args, dict) else getattr(args, key, None)
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -53,6 +78,9 @@ class WarmStart:
     ema: dict[str, torch.Tensor]
     heads: dict[str, torch.Tensor]  # training-only heads (REPA projectors.*), online weights
     steps: int | None  # the file's step count, None where it does not say
+    ema_heads: dict[str, torch.Tensor] = field(default_factory=dict)  # the same heads of the EMA
+    head_note: list[str] = field(default_factory=list)  # the loader's line about leaving the heads out
+    repa_args: dict[str, Any] = field(default_factory=dict)  # the file's REPA training args (encoder_depth, ...)
     param_order: list[str] = field(default_factory=list)  # what the file's optimiser state is indexed by
     opt: dict | None = None
     notes: list[str] = field(default_factory=list)
@@ -77,6 +105,16 @@ class WarmStart:
             out["path"] = self.flow_path
         return out
 
+    def repa_defaults(self) -> dict[str, Any]:
+        """``repa`` options of a run that keeps the file's projectors: their width, and the block
+        the file's training args name (``encoder_depth``); {} for a file without projectors."""
+        if not any(k.startswith(REPA_PROJECTORS) for k in self.heads):
+            return {}
+        try:
+            return {**self.repa_args, "projector_dim": projector_layout(self.heads, self.path.name)[1]}
+        except ValueError:  # not REPA's MLPs: only a run with repa needs them, and check() says why
+            return dict(self.repa_args)
+
     def check(self, built: ModelConfig, data: str, method: str) -> None:
         """The trainer's model (from data, method and config) must be the file's network: a one-line
         error names the first field that differs and what decides it."""
@@ -96,22 +134,44 @@ class WarmStart:
             if f.name not in _FROM_METHOD and getattr(built, f.name) != getattr(mine, f.name):
                 raise ValueError(f"{self.path.name} has {f.name} {getattr(mine, f.name)} but the config asks for "
                                  f"{getattr(built, f.name)}: drop that setting (the architecture is the file's)")
+        if built.z_dims and any(k.startswith(REPA_PROJECTORS) for k in self.heads):
+            z, width = projector_layout(self.heads, self.path.name)
+            if (z, width) != (built.z_dims, built.projector_dim):
+                raise ValueError(
+                    f"{self.path.name} has REPA projectors to z dims {list(z)} of width {width}, but --method "
+                    f"{method} builds z dims {list(built.z_dims)} of width {built.projector_dim}: give repa.encoder "
+                    f"encoders of those token widths (DINOv2-B: 768) and repa.projector_dim {width}")
 
     def load_into(self, model: torch.nn.Module, ema: torch.nn.Module) -> list[str]:
         """The file's weights into the run's model and EMA. A head the method adds and the file lacks
-        (SRA's ``sra_head`` on a baseline release) starts from its initialisation, in both; a head
-        the file has and the method does not use is left out. Returns one line per such case."""
+        (SRA's ``sra_head`` or REPA's projectors on a baseline release) starts from its
+        initialisation, in both; a head the file has and the method does not use is left out; REPA
+        projectors the run builds come from the file. Returns one line per such case."""
         notes = []
         own = model.state_dict()
-        new = sorted(k for k in own if k not in self.model)
-        if any(not k.startswith(SRA_HEAD) for k in new):  # check() keeps this from happening
+        takes_heads = any(k.startswith(REPA_PROJECTORS) for k in own)
+        src = {**self.model, **self.heads} if takes_heads else self.model
+        src_ema = {**self.ema, **self.ema_heads} if takes_heads else self.ema
+        new = sorted(k for k in own if k not in src)
+        if any(not k.startswith((SRA_HEAD, REPA_PROJECTORS)) for k in new):  # check() keeps this from happening
             raise ValueError(f"{self.path.name} lacks {', '.join(new[:3])} for this model")
         dropped = sorted(k for k in self.model if k not in own)
-        model.load_state_dict({k: self.model[k] for k in own if k in self.model}, strict=False)
-        ema.load_state_dict(model.state_dict())  # the new head's EMA starts as its initialisation
-        ema.load_state_dict({k: self.ema[k] for k in own if k in self.ema}, strict=False)
-        if new:
-            notes.append(f"the SRA head ({len(new)} tensors) is new: {self.path.name} has none; it starts untrained")
+        model.load_state_dict({k: src[k] for k in own if k in src}, strict=False)
+        ema.load_state_dict(model.state_dict())  # a new head's EMA starts as its initialisation
+        ema.load_state_dict({k: src_ema[k] for k in own if k in src_ema}, strict=False)
+        new_sra = [k for k in new if k.startswith(SRA_HEAD)]
+        new_proj = [k for k in new if k.startswith(REPA_PROJECTORS)]
+        carried = [k for k in own if k.startswith(REPA_PROJECTORS) and k in src]
+        if new_sra:
+            notes.append(f"the SRA head ({len(new_sra)} tensors) is new: {self.path.name} has none; it starts "
+                         "untrained")
+        if new_proj:
+            notes.append(f"the REPA projectors ({len(new_proj)} tensors) are new: {self.path.name} has none; they "
+                         "start untrained")
+        if carried:
+            notes.append(f"REPA projectors ({len(carried)} tensors) from {self.path.name}: online and EMA")
+        elif not takes_heads:
+            notes.extend(self.head_note)  # the loader's line: the file's projectors are left out
         if dropped:
             notes.append(f"left out {len(dropped)} tensor(s) the method does not use: "
                          f"{', '.join(sorted({k.split('.')[0] for k in dropped}))}.*")
@@ -175,10 +235,19 @@ def read_warm_start(path: str | Path, *, obj: Any = None, family: str | None = N
                          "trainer uses t = 1 as noise (REPA/SRA): fine-tuning would feed it reversed times")
     raw = strip_wrapper_prefixes(obj[online.weights] if wrapped else obj)
     heads = {k: v for k, v in raw.items() if k.startswith(tuple(TRAINING_ONLY_HEADS))}
+    ema_raw = strip_wrapper_prefixes(obj["ema"]) if both else raw
+    ema_heads = {k: v for k, v in ema_raw.items() if k.startswith(tuple(TRAINING_ONLY_HEADS))}
     steps, how = _steps(obj, path) if wrapped else (None, "")
     notes = [f"weights from {path.name}: " + ("online and EMA" if both else
                                                "its one weight set, for both the online weights and the EMA")]
-    notes += online.load_notes()
+    head_keys = [k for k in online.ignored_keys if k.startswith(tuple(TRAINING_ONLY_HEADS))]
+    notes += replace(online, ignored_keys=[k for k in online.ignored_keys if k not in head_keys]).load_notes()
+    head_note = replace(online, ignored_keys=head_keys, inferred={}, notes=[]).load_notes()
+    args = obj.get("args") if wrapped else None
+    repa_args = {k: v for k in ("encoder_depth",) if isinstance(v := _arg(args, k), int) and not isinstance(v, bool)}
+    if heads and _arg(args, "enc_type"):
+        notes.append(f"{path.name} was trained with REPA encoder(s) {_arg(args, 'enc_type')} at block "
+                     f"{_arg(args, 'encoder_depth')} (its args)")
     notes.append(f"continuing its step count from {steps} ({how})" if steps is not None
                  else f"{path.name} does not say its step count: the run counts from 0")
     opt = obj.get("opt") if wrapped else None
@@ -186,4 +255,4 @@ def read_warm_start(path: str | Path, *, obj: Any = None, family: str | None = N
                      flow_path=online.meta.get("path") if online.family == "sit" else None,
                      model=online.model.state_dict(), ema=ema.model.state_dict(), heads=heads, steps=steps,
                      param_order=list(rename_official_keys(raw)[0]), opt=opt if isinstance(opt, dict) else None,
-                     notes=notes)
+                     notes=notes, ema_heads=ema_heads, head_note=head_note, repa_args=repa_args)

@@ -139,3 +139,25 @@ def test_dinov2_vits14_loads_from_a_local_file_in_timm_and_official_layout(tmp_p
     torch.save({k: v for k, v in sd.items() if not k.startswith("blocks.11")}, tmp_path / "cut.pth")
     with pytest.raises(ValueError, match="do not fit timm model 'vit_small_patch14_dinov2'"):
         E.load_encoder(f"dinov2-vits14:{tmp_path / 'cut.pth'}")
+
+
+def test_repa_encoder_names_are_the_dinov2_specs():
+    assert E.parse_encoder("dinov2-vit-b:/w.pth") == ("timm", {"arch": "vit_base_patch14_dinov2", "path": "/w.pth",
+                                                               "dinov2": "dinov2-vitb14"})
+    assert E.parse_encoder("dinov2-vit-s:/w.pth") == E.parse_encoder("dinov2-vits14:/w.pth")
+
+
+def test_a_timm_vit_is_resized_to_the_token_grid_asked_for(tmp_path):
+    """REPA aligns token i with token i: a ViT is rebuilt for grid * patch pixels (positions resampled
+    from the file's), the image resized to it; without a grid it keeps its pretrained size."""
+    timm = pytest.importorskip("timm", reason="timm not installed (pip install 'repdyn[encoders]')")
+    torch.manual_seed(0)
+    ref = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0)
+    torch.save(ref.state_dict(), tmp_path / "vit.pth")
+    spec = f"timm:vit_tiny_patch16_224:{tmp_path / 'vit.pth'}"
+    assert E.load_encoder(spec).size == 224
+    enc = E.load_encoder(spec, token_grid=3)
+    assert enc.size == 48 and tuple(enc.model.pos_embed.shape) == (1, 1 + 9, 192)
+    assert torch.equal(enc.model.blocks[2].mlp.fc1.weight, ref.blocks[2].mlp.fc1.weight)
+    pooled, tokens = enc.encode(_make("tiny", "test").x[:2])
+    assert pooled.shape == (2, 192) and tokens.shape == (2, 9, 192)

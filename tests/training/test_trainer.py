@@ -128,8 +128,8 @@ def test_nan_stops_with_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatc
     trainer = Trainer(cfg(tmp_path, steps=10, ckpt_every=2), quiet=True)
     real = trainer._micro_step
 
-    def poisoned(x, y):
-        loss, logs = real(x, y)
+    def poisoned(x, y, indices=None):
+        loss, logs = real(x, y, indices)
         if trainer.step >= 3:
             loss = loss * float("nan")
             logs["loss"] = loss.detach()
@@ -192,7 +192,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
         return subprocess.run([sys.executable, "-m", "repdyn", "train", *args], capture_output=True, text=True,
                               cwd=ROOT, timeout=120)
 
-    for args, needle in [(["--model", "SiT-Q/2"], "unknown model"), (["--method", "repa"], "unknown method"),
+    for args, needle in [(["--model", "SiT-Q/2"], "unknown model"), (["--method", "repa+dispersive"], "unknown method"),
                          (["--precision", "fp8"], "precision"), (["--set", "nonsense=1"], "unknown config field"),
                          (["--data", "imagenet"], "unknown dataset"), (["--ckpt-every", "-3"], "--ckpt-every must be >= 0"),
                          (["--set", "log_every=0"], "--log-every >= 1")]:

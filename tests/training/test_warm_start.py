@@ -4,8 +4,11 @@ that do not fit the file are one-line errors; a release without a step count sta
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -128,3 +131,123 @@ def test_a_willisma_sit_file_is_refused(tmp_path):
     _official_file(file, learn_sigma=True, steps=None)
     _one_line_error(["train", "--resume", file, "--out", tmp_path / "ft", *TRAIN, "--family", "sit"],
                     "reads t with t = 0 as noise")
+
+
+def _official_repa_file(path: Path, *, z_dims: tuple[int, ...] = (12,), projector_dim: int = 24, steps: int = 7,
+                        args: dict | None = None) -> dict:
+    """An official REPA training checkpoint (``model``/``ema``/``opt``/``args``/``steps``): a SiT with
+    REPA's projectors (``build_mlp``: Linear-SiLU-Linear-SiLU-Linear, keys ``projectors.{k}.{0,2,4}``),
+    its keys in REPA's registration order (pos_embed, embedders, blocks, projectors, final layer) and
+    its AdamW state indexed by that order, as ``AdamW(model.parameters())`` in REPA's train.py."""
+    torch.manual_seed(4)
+    m = build_model("SiT-T/4", z_dims=z_dims, projector_dim=projector_dim, **ARCH)
+    sd = m.state_dict()
+    head = [k for k in sd if k.startswith("projectors.")]
+    last = [k for k in sd if k.startswith("final_layer.")]
+    names = [k for k in sd if k not in head and k not in last] + head + last
+    model_sd = {k: sd[k] for k in names}
+    ema_sd = {k: v + 0.01 * torch.randn_like(v) for k, v in model_sd.items()}  # an EMA that is not the model
+    params = [torch.nn.Parameter(model_sd[k].clone()) for k in names]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    obj = {"model": model_sd, "ema": ema_sd, "opt": opt.state_dict(), "args": args or {}, "steps": steps}
+    torch.save(obj, path)
+    return {"model": model_sd, "ema": ema_sd, "opt": opt.state_dict(), "names": names}
+
+
+def _digit_tokens(path: Path, dim: int) -> Path:
+    """Precomputed encoder tokens of the digits training images: (1437, 2 x 2 tokens, dim)."""
+    np.save(path, np.random.default_rng(dim).standard_normal((1437, 4, dim)).astype(np.float32))
+    return path
+
+
+def test_an_official_repa_checkpoint_fine_tunes_with_its_projectors(tmp_path):
+    file = tmp_path / "0000007.pt"
+    made = _official_repa_file(file, args={"encoder_depth": 1, "enc_type": "dinov2-vit-b"})
+    warm = read_warm_start(file, num_heads=4)
+    assert warm.repa_defaults() == {"encoder_depth": 1, "projector_dim": 24}  # the file's block and width
+    repa = {**warm.repa_defaults(), "encoder": f"features:{_digit_tokens(tmp_path / 'z.npy', 12)}"}
+    cfg = resolve_config(None, overrides=dict(data="digits", batch_size=8, steps=9, out=str(tmp_path / "run"),
+                                              device="cpu", **warm.config_fields(), init_from=str(file),
+                                              method="repa", repa=repa))
+    tr = Trainer(cfg, warm=warm)
+    assert tr.step == 7 and tr.model_config.z_dims == (12,) and tr.terms[0].encoder_depth == 1
+    head = [k for k in made["names"] if k.startswith("projectors.")]
+    assert len(head) == 6
+    for k in head:  # the file's projectors, online and EMA
+        assert torch.equal(tr.model.state_dict()[k], made["model"][k]) and torch.equal(tr.ema.state_dict()[k],
+                                                                                        made["ema"][k]), k
+    state = tr.opt.state_dict()["state"]
+    named = [n for n, p in tr.model.named_parameters() if p.requires_grad]
+    moved = {n: state[j] for j, n in enumerate(named) if j in state}
+    assert set(head) <= set(moved) and set(moved) == {n for n in named if n in made["names"]}
+    for n, st in moved.items():  # every moment where the file's optimiser had it, by name
+        i = made["names"].index(n)
+        assert torch.equal(st["exp_avg"], made["opt"]["state"][i]["exp_avg"]), n
+        assert torch.equal(st["exp_avg_sq"], made["opt"]["state"][i]["exp_avg_sq"]), n
+
+
+def test_official_repa_fine_tune_from_the_cli_then_resume(tmp_path):
+    run = tmp_path / "exp" / "checkpoints"  # where REPA's train.py writes: a published file, not our run
+    run.mkdir(parents=True)
+    file = run / "0000007.pt"
+    made = _official_repa_file(file)
+    z = _digit_tokens(tmp_path / "z.npy", 12)
+    out = tmp_path / "ft"
+    res = _ok(["train", "--resume", file, "--out", out, "--steps", "9", "--method", "repa", "--encoder",
+               f"features:{z}", *TRAIN])
+    assert "warm start: REPA projectors (6 tensors) from 0000007.pt: online and EMA" in res.output
+    assert "ignored" not in res.output  # the loader's note about leaving them out does not apply
+    assert re.search(r"AdamW moments of (\d+) of \1 parameters", res.output)  # every one, projectors included
+    ck = load_checkpoint(out / "checkpoints" / "0000009.pt", weights="model")
+    assert ck.meta["method"] == "repa" and ck.config["repa"]["projector_dim"] == 24
+    assert not torch.equal(ck.model.state_dict()["projectors.0.4.weight"], made["model"]["projectors.0.4.weight"])
+    _ok(["train", "--resume", out, "--steps", "10", "--quiet"])  # the fine-tuned run resumes as any run
+    assert (out / "checkpoints" / "0000010.pt").exists()
+    other = _ok(["train", "--resume", file, "--out", tmp_path / "sra", "--steps", "9", "--method", "sra", *TRAIN])
+    assert "ignored 6 training-only keys: projectors.* (REPA projector heads)" in other.output  # left out
+    _one_line_error(["train", "--resume", file, "--steps", "9", *TRAIN], "pass --out to start a new run")
+
+
+def test_repa_projectors_that_do_not_fit_are_one_line_and_a_baseline_file_gets_new_ones(tmp_path):
+    file = tmp_path / "0000007.pt"
+    _official_repa_file(file)
+    wide = _digit_tokens(tmp_path / "z16.npy", 16)
+    _one_line_error(["train", "--resume", file, "--out", tmp_path / "a", "--steps", "9", "--method", "repa",
+                     "--encoder", f"features:{wide}", *TRAIN],
+                    "has REPA projectors to z dims [12] of width 24, but --method repa builds z dims [16] of width 24")
+    base = tmp_path / "base.pt"
+    _official_file(base, steps=3)  # its projectors.* are not REPA's MLPs: a run with repa says so
+    _one_line_error(["train", "--resume", base, "--out", tmp_path / "b", "--steps", "9", "--method", "repa",
+                     "--encoder", f"features:{wide}", *TRAIN], "are not REPA's projector MLPs")
+    plain = tmp_path / "plain.pt"
+    torch.save(build_model("SiT-T/4", **ARCH).state_dict(), plain)  # a release without projectors
+    res = _ok(["train", "--resume", plain, "--out", tmp_path / "c", "--steps", "1", "--method", "repa", "--family",
+               "sit", "--encoder", f"features:{wide}", *TRAIN])
+    assert "the REPA projectors (6 tensors) are new: plain.pt has none; they start untrained" in res.output
+
+
+def test_official_repa_args_and_a_raw_model_dict(tmp_path):
+    """REPA's train.py pickles an argparse.Namespace (read with --trust-checkpoint): its encoder_depth
+    is the run's default block. A raw REPA model dict (one weight set) gives its projectors to both."""
+    file = tmp_path / "0000007.pt"
+    made = _official_repa_file(file, args=argparse.Namespace(encoder_depth=1, enc_type="dinov2-vit-b", model="SiT-B/2"))
+    with pytest.raises(ValueError, match="--trust-checkpoint"):
+        read_warm_start(file, num_heads=4)
+    warm = read_warm_start(file, num_heads=4, trust=True)
+    assert warm.repa_defaults() == {"encoder_depth": 1, "projector_dim": 24}
+    assert any("trained with REPA encoder(s) dinov2-vit-b at block 1" in n for n in warm.notes)
+    raw = tmp_path / "repa-raw.pt"
+    torch.save(made["model"], raw)
+    z = _digit_tokens(tmp_path / "z.npy", 12)
+    warm = read_warm_start(raw, num_heads=4, family="sit")
+    cfg = resolve_config(None, overrides=dict(data="digits", batch_size=8, steps=2, out=str(tmp_path / "run"),
+                                              device="cpu", **warm.config_fields(), init_from=str(raw), method="repa",
+                                              repa={**warm.repa_defaults(), "encoder": f"features:{z}"}))
+    tr = Trainer(cfg, warm=warm)
+    assert tr.step == 0 and not tr.opt.state_dict()["state"]
+    for k in (k for k in made["names"] if k.startswith("projectors.")):
+        assert torch.equal(tr.model.state_dict()[k], made["model"][k]) and torch.equal(tr.ema.state_dict()[k],
+                                                                                        made["model"][k]), k

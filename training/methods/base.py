@@ -1,7 +1,7 @@
 """The contract between the trainer and a method: :class:`StepContext` in, :class:`LossTerm` out.
 
-Kept in a module of its own so that the method modules (``sra``, ``diverse``) and the registry in
-``training/methods/__init__.py`` can both import it without importing each other.
+Kept in a module of its own so that the method modules (``sra``, ``repa``, ``diverse``) and the
+registry in ``training/methods/__init__.py`` can both import it without importing each other.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ class StepContext:
     t: torch.Tensor
     x_t: torch.Tensor
     y: torch.Tensor  # labels after CFG dropout, shared by student and teacher
-    feats: dict[Any, torch.Tensor]  # student block outputs (1-based keys) and "head"
+    feats: dict[Any, torch.Tensor]  # student block outputs (1-based keys), "head", ("repa", j)
     step: int
     epoch: int
     autocast: Any  # a context-manager factory: the student's autocast settings
     generator: torch.Generator
+    indices: torch.Tensor | None = None  # the batch's dataset indices (precomputed REPA targets)
 
 
 class LossTerm:
@@ -46,6 +47,10 @@ class LossTerm:
 
     def project_block(self) -> int | None:
         """Block whose output goes through the SRA head (``feats["head"]``), if any."""
+        return None
+
+    def repa_block(self) -> int | None:
+        """Block whose output goes through the REPA projectors (``feats[("repa", j)]``), if any."""
         return None
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
