@@ -780,7 +780,7 @@ def demo(
                                            "of cores; one GPU: 2-3 small runs share it).")] = 1,
     quiet: OptQuiet = False,
 ) -> None:
-    """The main job: train baseline / SRA / DiverseDiT, probe, analyse, evaluate, and judge claims C1-C7.
+    """The main job: train baseline / SRA / DiverseDiT / REPA, probe, analyse, evaluate, and judge claims C1-C9.
 
     Resumable: finished steps are skipped. Writes every figure and REPORT.md into --figures.
     """

@@ -8,7 +8,8 @@
 # The GPU machine starts bare and cannot reach a registry: the package is used in place (the checkout
 # is the `repdyn` package, put on PYTHONPATH through a link; its Python needs torch, pandas, seaborn,
 # scikit-learn, typer, pyyaml, tqdm, all in the machine's image), Fashion-MNIST and the classifier that
-# scores samples (fd / class accuracy, the same network as the CPU runs) come from .carry/ (31 MB).
+# scores samples (fd / class accuracy, the same network as the CPU runs) and the embedded encoder (REPA's
+# target, the alignment curves) come from .carry/ (31 MB).
 # OUTDIR receives gpu_study.tgz (study.json, the tables and figures/gpu/ with REPORT.md) and
 # gpu_study.log. A hard limit ($GPU_STUDY_TIMEOUT s, default 540) stops a stuck run: the study is
 # resumable, so a second call continues where the first stopped (on the same warm machine).
@@ -17,11 +18,14 @@ REPO="$(cd "$(dirname "$0")/.." && pwd)"
 CARRY="$REPO/.carry"
 
 if [ "${1:-}" = "--prepare" ]; then
-  mkdir -p "$CARRY/fashion-mnist" "$CARRY/cache/classifiers"
+  mkdir -p "$CARRY/fashion-mnist" "$CARRY/cache/classifiers" "$CARRY/cache/encoders"
   cp "${REPDYN_FASHION_MNIST:-/usr/share/datasets/fashion-mnist}"/*-ubyte.gz "$CARRY/fashion-mnist/"
-  clf="${REPDYN_CACHE:-$HOME/.cache/repdyn}/classifiers/fashion-mnist.pt"
-  if [ -f "$clf" ]; then cp "$clf" "$CARRY/cache/classifiers/"; else
-    echo "note: no cached classifier at $clf; the GPU run trains its own (run make demo first to share one)"; fi
+  cache="${REPDYN_CACHE:-$HOME/.cache/repdyn}"
+  # the classifier that scores samples and the embedded encoder (REPA's target, the alignment curves)
+  for f in classifiers/fashion-mnist.pt encoders/embedded-vit-fashion-mnist.pt; do
+    if [ -f "$cache/$f" ]; then cp "$cache/$f" "$CARRY/cache/$f"; else
+      echo "note: no $cache/$f; the GPU run trains its own (a cpu study or make demo makes one to share)"; fi
+  done
   du -sh "$CARRY"
   exit 0
 fi

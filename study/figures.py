@@ -32,7 +32,7 @@ __all__ = ["fig_layer_grid", "fig_sra_vs_baseline", "fig_teacher_student", "fig_
 
 Figures = dict[str, plt.Figure]
 SEED_BAND = "band: +-1 SD over training seeds"
-MAIN_ARMS = ("baseline", "sra", "diverse")
+MAIN_ARMS = ("baseline", "sra", "diverse", "repa")
 
 
 def _by_arm(frame: pd.DataFrame) -> tuple[pd.DataFrame, str]:

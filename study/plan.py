@@ -96,6 +96,8 @@ def train_config(cfg: StudyConfig, method: str, out: Path, **extra: Any) -> Trai
                   steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
                   ckpt_every=0, ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(out),
                   device=cfg.device)
+    if MethodSpec.parse(method).repa:  # REPA aligns to the study's encoder, the one its curves measure
+        fields["repa"] = {"encoder": cfg.encoder}
     return resolve_config(None, None, {**fields, **extra})
 
 

@@ -138,6 +138,20 @@ def probe_noise_comparison(diff: float, se: float) -> Comparison:
     return Comparison(diff, se, diff - q * se, diff + q * se, 1, 0, (q + float(stats.norm.ppf(0.8))) * se, "test-set")
 
 
+def judge_sign(*cs: Comparison) -> str:
+    """The verdict of a claim that is only a direction (each comparison signed so that the claim
+    predicts a positive value; a non-inferiority claim passes ``margin - excess``): ``held`` if every
+    95% interval lies above 0, ``did not hold`` if any lies below 0, otherwise (or with an unmeasured
+    spread) underpowered."""
+    if any(not math.isfinite(c.se) for c in cs):
+        return UNDERPOWERED
+    if any(c.ci_high < 0 for c in cs):
+        return NOT_HELD
+    if all(c.ci_low > 0 for c in cs):
+        return HELD
+    return UNDERPOWERED
+
+
 def judge(c: Comparison, claimed: float) -> str:
     """The verdict of a comparison whose claim is an effect of at least ``claimed`` (> 0, in the
     claim's direction: pass differences signed so that the claim predicts a positive value):

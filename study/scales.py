@@ -85,7 +85,8 @@ SCALES: dict[str, StudyConfig] = {
     "cpu": StudyConfig(model_overrides={"hidden_size": 64}, steps=600, batch_size=32, lr=1e-3, ema_decay=0.995,
                        grid_runs=("baseline", "sra"), n_div=32, encoder="embedded:10000"),
     # the notebook / CI test: about a minute, only checks that every piece runs.
-    "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64}, steps=40, n_ckpts=2,
+    "smoke": StudyConfig(name="smoke", model_overrides={"depth": 4, "hidden_size": 64},
+                         methods=("baseline", "sra", "diverse", "repa"), steps=40, n_ckpts=2,
                          batch_size=32, ema_decay=0.9, grid_ts=(0.2, 0.6), n_train=200, n_test=120,
                          curve_n_train=200, curve_n_test=120, n_div=16, sim_n=64, sim_ts=(0.2, 0.6), eval_n=48,
                          eval_steps=4, pca_images=(0, 1), encoder="embedded:1000"),
@@ -103,14 +104,15 @@ SCALES: dict[str, StudyConfig] = {
                              extra_seeds=(), grid_runs=("baseline", "sra"), curve_n_test=5000, n_div=32,
                              eval_n=800),
     # one GPU (H100/H200 class) in one command of <= 10 min wall (bench/gpu_study.sh, three runs at once):
-    # baseline, SRA and DiverseDiT x 3 paired seeds, SiT-S/4 (12 x 384, 64 tokens) at batch 256 for 1500
-    # steps (384k images, twice what passed the maturity gate on CPU with a smaller model). EMA 0.996:
-    # 0.996 ** 1500 = 0.25% initial weights at the end (the gate asks < 1%), a lag of 250 steps. Sized
-    # by an estimate, NOT YET RUN: ~3.5 TFLOP per SRA step, 9 x 1500 steps ~ 47 PFLOP, 2.5-4 min at
-    # 200-300 TFLOP/s; evaluation (1000 samples x 24 Euler steps x 4 checkpoints) and the probes ~2-3 min.
-    # C5 (>= 5 teacher blocks x 2 seeds) and the teacher-EMA arms do not fit: "not run at this scale".
-    "gpu": StudyConfig(name="gpu", model="SiT-S/4", steps=1500, n_ckpts=4, batch_size=256, lr=3e-4,
-                       ema_decay=0.996, seeds=(0, 1, 2), extra_seeds=(), grid_runs=("baseline", "sra"),
-                       n_train=10000, n_test=5000, curve_n_train=5000, curve_n_test=5000, n_div=64, sim_n=1024,
-                       eval_n=1000, eval_steps=24, device="cuda"),
+    # baseline, SRA, DiverseDiT and REPA (C8, C9: the comparison the SRA paper makes) x 3 paired seeds,
+    # SiT-S/4 (12 x 384, 64 tokens) at batch 256 for 1200 steps (307k images, 1.6x what passed the maturity
+    # gate on CPU with a smaller model). EMA 0.995: 0.995 ** 1200 = 0.24% initial weights at the end (the
+    # gate asks < 1%), a lag of 200 steps. Sized by an estimate, NOT YET RUN: ~3.5 TFLOP per SRA step,
+    # 12 x 1200 steps ~ 50 PFLOP, 3-4 min at 200-300 TFLOP/s; evaluation (1000 samples x 24 Euler steps x 4
+    # checkpoints) and the probes ~2-3 min. C5 (>= 5 teacher blocks x 2 seeds) and the teacher-EMA arms do
+    # not fit: "not run at this scale".
+    "gpu": StudyConfig(name="gpu", model="SiT-S/4", methods=("baseline", "sra", "diverse", "repa"), steps=1200,
+                       n_ckpts=4, batch_size=256, lr=3e-4, ema_decay=0.995, seeds=(0, 1, 2), extra_seeds=(),
+                       grid_runs=("baseline", "sra"), n_train=10000, n_test=5000, curve_n_train=5000,
+                       curve_n_test=5000, n_div=64, sim_n=1024, eval_n=1000, eval_steps=24, device="cuda"),
 }

@@ -36,7 +36,7 @@ def test_study_writes_report_covering_every_claim(smoke_study):
     for written in (report, run / "tables" / "eval_metrics.csv", run / "tables" / "layer_grid_baseline" / "layer_grid.csv"):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # readable as the umask says
     rows = [ln for ln in text.splitlines() if ln.startswith("| C")]
-    assert len(rows) == 7 and all(any(f"**{v}**" in r for v in VERDICTS) for r in rows)
+    assert len(rows) == len(claims.CLAIMS) == 9 and all(any(f"**{v}**" in r for v in VERDICTS) for r in rows)
     for name in ("layer_grid_baseline.png", "teacher_vs_student.png", "probe_vs_quality.png", "quality_vs_time.png",
                  "sra_minus_baseline.png", "cka_blocks_by_run.png", "pca_sra.png"):
         assert (figures / name).stat().st_size > 5000, name
@@ -58,8 +58,8 @@ def test_only_one_run_then_gather(smoke_study):
         run_study(run, "smoke", figures=figures, progress=False, log=lambda s: None, only="sra-s7")
     names = [n for n, _, _ in SCALES["cpu-repro"].run_specs()]  # issue 21's plan: baseline vs SRA, 5 paired seeds
     assert set(names) == {f"{a}-s{s}" for a in ("baseline", "sra") for s in range(5)} and len(names) == 10
-    names = [n for n, _, _ in SCALES["gpu"].run_specs()]  # 3 arms x 3 paired seeds, one command on one GPU
-    assert set(names) == {f"{a}-s{s}" for a in ("baseline", "sra", "diverse") for s in range(3)}
+    names = [n for n, _, _ in SCALES["gpu"].run_specs()]  # 4 arms x 3 paired seeds, one command on one GPU
+    assert set(names) == {f"{a}-s{s}" for a in ("baseline", "sra", "diverse", "repa") for s in range(3)}
 
 
 @pytest.mark.parametrize("scale", ["cpu-repro", "gpu"])
