@@ -55,6 +55,18 @@ HELDOUT_RULE = "seeded 90/10 cut of one folder (numpy default_rng(0) permutation
 OFFICIAL_SPLIT = "official"
 
 
+def _raw_images(folder: Path, n_latents: int) -> list[Path] | None:
+    """REPA's ``images/`` beside ``vae-sd/``: its image files in sorted order, paired with the sorted
+    latent files item by item as REPA's ``CustomDataset`` pairs them; None without the folder."""
+    if not folder.is_dir():
+        return None
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_EXTS)
+    if len(files) != n_latents:
+        raise ValueError(f"{folder} has {len(files)} images but vae-sd/ {n_latents} latents: REPA pairs them by "
+                         "sorted order, so both must hold the same items")
+    return files
+
+
 def heldout_cut(n: int, split: str) -> np.ndarray:
     """The rows of ``split`` in a disjoint, seeded 90/10 cut of ``n`` items (sorted)."""
     perm = np.random.default_rng(0).permutation(n)
@@ -302,13 +314,16 @@ class LatentsDataset(Dataset):
         labels_all = [label_of[r] for r in rel]
         self.num_classes = max(labels_all) + 1
         self.split_rule = OFFICIAL_SPLIT if has_test else (HELDOUT_RULE if cut else "every file (no test split)")
+        images = _raw_images(feat_dir.parent / "images", len(files))
         if cut:
             keep = heldout_cut(len(files), split)
             files, labels_all = [files[i] for i in keep], [labels_all[i] for i in keep]
+            images = [images[i] for i in keep] if images is not None else None
             if not files:
                 raise ValueError(f"latents folder {root} is too small for a held-out {split} cut; add PATH/test/vae-sd")
             _warn_cut(f"latents folder {root}")
         self.files = files
+        self.image_files = images  # REPA's images/ beside vae-sd/, paired by sorted order; None without it
         self.labels = torch.tensor(labels_all)
         names = meta.get("class_names")
         self.class_names = list(names) if names and len(names) >= self.num_classes else [
@@ -331,6 +346,29 @@ class LatentsDataset(Dataset):
     def get_batch(self, idx: torch.Tensor):
         items = [self[int(i)] for i in idx]
         return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+    def raw_images(self, idx: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """The raw uint8 images (B, C, H, W) of items ``idx``, from REPA's ``images/`` folder beside
+        ``vae-sd/`` (what REPA's encoder sees; a one-line error without that folder)."""
+        if self.image_files is None:
+            raise ValueError(f"{self.name} has no images/ folder beside vae-sd/: the raw images REPA's encoder "
+                             "reads (REPA's dataset layout) are missing")
+        from PIL import Image
+
+        out = []
+        for i in np.asarray(idx, dtype=np.int64):
+            path = self.image_files[int(i)]
+            try:
+                with Image.open(path) as im:
+                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read image {path} ({type(e).__name__}): replace or remove it") from None
+            out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
+        shapes = {tuple(x.shape) for x in out}
+        if len(shapes) > 1:
+            raise ValueError(f"the images of {self.name} differ in size ({sorted(shapes)[:2]}): REPA's images/ holds "
+                             "one resolution (center-cropped as its preprocessing does)")
+        return torch.stack(out)
 
     def finalize(self, moments: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         mean, std = moments.chunk(2, dim=1)

@@ -7,10 +7,11 @@ image: ``proj_coeff * mean over encoders, batch and tokens of -cos(proj(h), z)``
 without gradients, in the student's autocast, and are never part of a checkpoint (a resume checks
 that they are the same ones, by content hash).
 
-Targets come from an image encoder of :mod:`repdyn.model.encoders` run on x0 (pixel data: the
-clean image in the model's [-1, 1] space; ViTs are sized so that their patch grid is the model's
-token grid, as REPA resizes images for DINOv2), or from a precomputed ``features:PATH`` file of
-token features keyed by dataset index (the practical route on latents, which have no pixels).
+Targets come from an image encoder of :mod:`repdyn.model.encoders` run on the clean image (pixel
+data: x0 in the model's [-1, 1] space; latent data: the raw image REPA's dataset layout keeps in
+``images/`` beside ``vae-sd/``, read by dataset index, as REPA's loader does; ViTs are sized so that
+their patch grid is the model's token grid, as REPA resizes images for DINOv2), or from a
+precomputed ``features:PATH`` file of token features keyed by dataset index.
 
 Official-code facts and our choices: ``docs/methods.md``, "REPA: official behaviour and our choices".
 """
@@ -175,6 +176,22 @@ class ImageTarget(AlignmentTarget):
         return {"spec": self.spec, "name": self.encoder.name, "sha": self.encoder.sha}
 
 
+class RawImageTarget(ImageTarget):
+    """A latent model's encoder target, as REPA: the encoder reads the item's raw image from the
+    dataset's ``images/`` folder (by the batch's dataset indices), not the latent x0."""
+
+    def __init__(self, encoder: Encoder, dataset: Any, channels: int, image_size: int):
+        super().__init__(encoder, channels, image_size)
+        self.dataset = dataset
+
+    def tokens(self, x0: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+        if indices is None:
+            raise ValueError("REPA on latents reads the raw images by the batch's dataset indices (the trainer "
+                             "passes them)")
+        pixels = self.dataset.raw_images(indices.cpu()).to(x0.device, non_blocking=True).float() / 127.5 - 1.0
+        return super().tokens(pixels, indices)
+
+
 class FeatureTarget(AlignmentTarget):
     """Precomputed token features (``features:PATH``), row looked up by the batch's dataset indices."""
 
@@ -223,12 +240,18 @@ def load_target(spec: str, dataset: Any, data: str, model_config: ModelConfig,
     if kind == "features":
         target: AlignmentTarget = FeatureTarget(load_encoder(spec, data=data), len(dataset))
     else:
-        if getattr(dataset, "latent_scale", None) is not None:
+        latent = getattr(dataset, "latent_scale", None) is not None
+        if latent and getattr(dataset, "image_files", None) is None:
             raise ValueError(f"REPA's encoder {spec!r} needs the raw images, but --data {data} holds VAE latents "
-                             "only: align to precomputed encoder tokens keyed by dataset index with "
-                             f"--encoder features:PATH ((N, {grid * grid}, D) tokens, e.g. DINOv2 x_norm_patchtokens)")
+                             "only: put them in images/ beside vae-sd/ (REPA's dataset layout), or align to "
+                             "precomputed encoder tokens keyed by dataset index with --encoder features:PATH "
+                             f"((N, {grid * grid}, D) tokens, e.g. DINOv2 x_norm_patchtokens)")
         enc = load_encoder(spec, data=data, log=log, token_grid=grid)
-        target = ImageTarget(enc, int(dataset.channels), int(dataset.image_size))
+        if latent:
+            first = dataset.raw_images([0])
+            target = RawImageTarget(enc, dataset, int(first.shape[1]), int(first.shape[-1]))
+        else:
+            target = ImageTarget(enc, int(dataset.channels), int(dataset.image_size))
     if target.num_tokens != model_config.num_tokens:
         side = math.isqrt(target.num_tokens)
         have = f"{side} x {side}" if side * side == target.num_tokens else str(target.num_tokens)

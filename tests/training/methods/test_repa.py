@@ -317,11 +317,39 @@ def _latents(root: Path, n: int) -> None:
     (root / "vae-sd" / "dataset.json").write_text(json.dumps({"labels": labels}))
 
 
+@pytest.mark.slow
+def test_latents_with_repas_images_folder_align_to_a_local_dinov2(tmp_path):
+    """REPA's own data layout: raw images in images/ beside vae-sd/, paired by sorted order; the DINOv2
+    encoder (a randomly initialised ViT-S/14 of the real class, from a local file) reads the raw image
+    of each item, resized so that its patch grid is the model's token grid."""
+    timm = pytest.importorskip("timm", reason="timm not installed (pip install 'repdyn[encoders]')")
+    from PIL import Image
+
+    _latents(tmp_path / "lat", 8)
+    (tmp_path / "lat" / "images" / "00000").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "lat" / "images" / "00000" / f"img{i:08d}.png")
+    torch.manual_seed(0)
+    torch.save(timm.create_model("vit_small_patch14_dinov2", pretrained=False).state_dict(), tmp_path / "dino.pth")
+    run = tmp_path / "run"
+    _ok(["train", "--model", "SiT-T/2", "--data", f"latents:{tmp_path / 'lat'}", "--method", "repa", "--steps", "2",
+         "--encoder", f"dinov2-vits14:{tmp_path / 'dino.pth'}", "--out", run, *TINY_CLI])
+    assert -1 <= float(rows_of(run)[-1]["loss_proj"]) <= 1
+    ck = torch.load(run / "checkpoints" / "0000002.pt", weights_only=True)
+    assert ck["model"]["projectors.0.4.weight"].shape[0] == 384  # ViT-S/14's width
+    (tmp_path / "lat" / "images" / "00000" / "img00000007.png").unlink()
+    _one_line_error(["train", "--model", "SiT-T/2", "--data", f"latents:{tmp_path / 'lat'}", "--method", "repa",
+                     "--steps", "1", "--out", tmp_path / "bad", *TINY_CLI], "has 7 images but vae-sd/ 8 latents")
+
+
 def test_latents_need_precomputed_tokens(tmp_path):
     _latents(tmp_path / "lat", 16)
     base = ["train", "--model", "SiT-T/2", "--data", f"latents:{tmp_path / 'lat'}", "--method", "repa", "--steps", "1",
             *TINY_CLI]
     _one_line_error([*base, "--out", tmp_path / "a"], "needs the raw images, but --data latents:")
+    _one_line_error([*base, "--out", tmp_path / "a"], "put them in images/ beside vae-sd/")
     token_file(tmp_path / "lat.npy", 16, 4, 8, seed=0)  # 4 x 4 latents, patch 2: 4 tokens
     _ok([*base, "--out", tmp_path / "b", "--encoder", f"features:{tmp_path / 'lat.npy'}"])
     assert float(rows_of(tmp_path / "b")[-1]["loss_proj"]) <= 1
