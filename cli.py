@@ -424,6 +424,8 @@ def encode(
                                       "stabilityai/sd-vae-ft-ema.")],
     resolution: Annotated[int, typer.Option(help="ADM centre crop size in pixels (256 or 512 in the papers).")] = 256,
     flip: Annotated[bool, typer.Option("--flip", help="Also store a horizontally flipped copy of every image.")] = False,
+    images: Annotated[bool, typer.Option("--images", help="Also write the centre-cropped images to OUT/images/ "
+                                         "(REPA's layout: its image encoder reads them).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per VAE forward.")] = 32,
     device: OptDevice = "auto", quiet: OptQuiet = False,
 ) -> None:
@@ -434,7 +436,8 @@ def encode(
     """
     from repdyn.commands.encode import run_encode
 
-    res = run_encode(src, out, vae, resolution=resolution, flip=flip, batch_size=batch_size, device=device,
+    res = run_encode(src, out, vae, resolution=resolution, flip=flip, images=images, batch_size=batch_size,
+                     device=device,
                      progress=not quiet)
     if res.rank != 0:
         return

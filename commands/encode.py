@@ -3,7 +3,9 @@ reads (``vae-sd/<group>/img<index>.npy`` moments (2C, h, w) plus ``vae-sd/datase
 
 ``SRC/<class>/<image>`` becomes ``OUT/vae-sd``; an ImageNet-style tree ``SRC/train/<class>/...`` and
 ``SRC/val/<class>/...`` (or ``test/``) becomes ``OUT/vae-sd`` and ``OUT/test/vae-sd``, the test split
-``latents:`` expects. Images get ADM's centre crop; ``flip`` adds a horizontally flipped copy of each.
+``latents:`` expects. Images get ADM's centre crop; ``flip`` adds a horizontally flipped copy of each; ``images`` also
+writes each centre-cropped image as ``images/<group>/img<index>.png`` beside ``vae-sd/`` (REPA's
+layout, paired with the latents by sorted order: what REPA's image encoder reads).
 Finished files are skipped (resume after an interruption); under ``torchrun`` rank r encodes every
 world-th image and rank 0 writes ``dataset.json`` once all ranks are done.
 """
@@ -61,7 +63,8 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def run_encode(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.PathLike, *, resolution: int = 256,
-               flip: bool = False, batch_size: int = 32, device: str = "auto", progress: bool = True) -> EncodeResult:
+               flip: bool = False, images: bool = False, batch_size: int = 32, device: str = "auto",
+               progress: bool = True) -> EncodeResult:
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise FileNotFoundError(f"image folder {src} does not exist")
@@ -77,7 +80,12 @@ def run_encode(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.Pat
     for (files, classes), dst in listings:
         items = [(f, c, False) for f, c in files] + ([(f, c, True) for f, c in files] if flip else [])
         names = [f"{i // GROUP:05d}/img{i:08d}.npy" for i in range(len(items))]
-        mine = [i for i in range(len(items)) if i % world == rank and not (dst / names[i]).exists()]
+        img_dir = dst.parent / "images"
+
+        def done(i: int) -> bool:
+            return (dst / names[i]).exists() and (not images or (img_dir / names[i]).with_suffix(".png").exists())
+
+        mine = [i for i in range(len(items)) if i % world == rank and not done(i)]
         bar = tqdm(total=len(mine), desc=f"encode {dst}", disable=not progress or rank != 0, unit="img")
         for s in range(0, len(mine), batch_size):
             rows = mine[s: s + batch_size]
@@ -88,8 +96,12 @@ def run_encode(src: str | os.PathLike, out: str | os.PathLike, vae: str | os.Pat
                 pix.append(arr[:, ::-1] if flipped else arr)
             x = torch.from_numpy(np.stack(pix).copy()).permute(0, 3, 1, 2).float() / 127.5 - 1.0
             moments = model.encode_moments(x, batch_size).numpy()
-            for i, m in zip(rows, moments):
+            for i, m, arr in zip(rows, moments, pix):
                 _save_npy(dst / names[i], m.astype(np.float32))
+                if images:
+                    buf = io.BytesIO()
+                    Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG")
+                    atomic_write_bytes((img_dir / names[i]).with_suffix(".png"), buf.getvalue())
             encoded += len(rows)
             bar.update(len(rows))
         bar.close()

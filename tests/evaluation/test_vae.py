@@ -73,6 +73,15 @@ def test_encode_round_trip_and_resume(tiny_vae, images, tmp_path):
     res = runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution", "32",
                               "--flip", "--quiet", "--device", "cpu"])
     assert res.exit_code == 0 and "encoded 0" in res.output
+    # --images adds REPA's images/ folder (resuming: only the images are new), paired with the latents
+    res = runner.invoke(app, ["encode", str(images), "--out", str(out), "--vae", str(tiny_vae), "--resolution", "32",
+                              "--flip", "--images", "--quiet", "--device", "cpu"])
+    assert res.exit_code == 0 and "encoded 32" in res.output
+    tr = make_dataset(f"latents:{out}", "train")
+    raw = tr.raw_images(torch.tensor([0, 12]))  # the first image and its flipped copy
+    assert raw.dtype == torch.uint8 and tuple(raw.shape) == (2, 3, 32, 32)
+    crop = torch.from_numpy(center_crop_arr(Image.open(first), 32).copy()).permute(2, 0, 1)
+    assert torch.equal(raw[0], crop) and torch.equal(raw[1], crop.flip(-1))
 
 
 @pytest.mark.slow
