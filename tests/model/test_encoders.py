@@ -38,7 +38,8 @@ def test_embedded_trains_once_is_cached_and_is_not_the_classifier(tmp_path, monk
     monkeypatch.setenv("REPDYN_CACHE", str(tmp_path))
     logs: list[str] = []
     enc = E.get_embedded_encoder("tiny", make_dataset_fn=_make, max_train=64, log=logs.append)
-    assert enc.path == E.embedded_cache_path("tiny") and enc.path.exists() and "encoders" in enc.path.parts
+    assert enc.path == E.embedded_cache_path("tiny", 64) and enc.path.exists() and "encoders" in enc.path.parts
+    assert enc.path.name == "embedded-vit-tiny-n64.pt" != E.embedded_cache_path("tiny").name  # never the default
     assert len(logs) == 1 and "training the embedded ViT" in logs[0]
     assert 0.0 <= enc.test_accuracy <= 1.0 and enc.info["n_train"] == 64
     # another architecture, seed and file than the classifier behind fd_<data>
@@ -49,7 +50,7 @@ def test_embedded_trains_once_is_cached_and_is_not_the_classifier(tmp_path, monk
     f = enc.features(_make("tiny", "test"), np.arange(10), batch_size=4)
     assert f.pooled.shape == (10, 64) and f.tokens.shape == (10, 64, 64)  # 8 x 8 patch grid of 32 x 32 inputs
     # second call: loaded from the cache, same weights, no training
-    again = E.get_embedded_encoder("tiny", make_dataset_fn=_make, log=logs.append)
+    again = E.get_embedded_encoder("tiny", make_dataset_fn=_make, max_train=64, log=logs.append)
     assert len(logs) == 1 and again.sha == enc.sha
     g = again.features(_make("tiny", "test"), np.arange(10), batch_size=7)
     assert np.allclose(g.pooled, f.pooled, atol=1e-5) and np.allclose(g.tokens, f.tokens, atol=1e-5)
@@ -57,6 +58,9 @@ def test_embedded_trains_once_is_cached_and_is_not_the_classifier(tmp_path, monk
 
 def test_specs_and_their_errors():
     assert E.parse_encoder("embedded") == ("embedded", {})
+    assert E.parse_encoder("embedded:1000") == ("embedded", {"max_train": 1000})
+    with pytest.raises(ValueError, match="embedded:N with N >= 100"):
+        E.parse_encoder("embedded:ten")
     assert E.parse_encoder("dinov2-vitb14:/w.pth")[1]["arch"] == "vit_base_patch14_dinov2"
     assert E.parse_encoder("timm:resnet18:/r.safetensors") == ("timm", {"arch": "resnet18", "path": "/r.safetensors"})
     assert E.parse_encoder("features:/f.npz") == ("features", {"path": "/f.npz"})
