@@ -49,7 +49,8 @@ from repdyn.core.timesteps import format_t
 from repdyn.probe.grid import validate_blocks
 from repdyn.probe.layer_grid import check_probe_sizes, grid_table
 from repdyn.probe.probes import PROBES
-from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.model.checkpoint import LoadedCheckpoint, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.model.torch_file import file_sha
 from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import write_table
 from repdyn.training.methods import SRAOptions

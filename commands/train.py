@@ -27,7 +27,8 @@ from typing import Any
 
 from repdyn.core.files import check_writable, lock_folder, unlock_folder
 from repdyn.core.runtime import dist_info
-from repdyn.model.checkpoint import CKPT_RE, list_checkpoints, read_checkpoint
+from repdyn.model.checkpoint import CKPT_RE, list_checkpoints
+from repdyn.model.torch_file import read_checkpoint
 from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
 from repdyn.training.trainer import train
 from repdyn.training.warm_start import WarmStart, is_training_checkpoint, read_warm_start

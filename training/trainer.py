@@ -24,7 +24,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from repdyn.model.torch_file import read_checkpoint
 from repdyn.training.config import TrainConfig
 from repdyn.training.warm_start import WarmStart, read_warm_start
 from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
