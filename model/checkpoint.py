@@ -32,7 +32,8 @@ from repdyn.model.objectives import Objective, make_objective
 from repdyn.model.torch_file import file_sha, read_checkpoint
 
 __all__ = ["save_checkpoint", "load_checkpoint", "LoadedCheckpoint", "list_checkpoints", "latest_checkpoint",
-           "run_dir_of", "checkpoint_from", "CKPT_RE", "ema_init_fraction", "init_fraction", "warn_immature_ema"]
+           "run_dir_of", "checkpoint_from", "CKPT_RE", "ema_init_fraction", "init_fraction", "warn_immature_ema",
+           "file_sha"]  # file_sha: re-exported, the study's plan imports it from here
 
 CKPT_RE = re.compile(r"^(\d+)\.pt$")
 
@@ -155,15 +156,16 @@ def load_checkpoint(path: str | os.PathLike, weights: str = "ema", *, family: st
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     path = Path(path)
-    obj = read_checkpoint(path, trust=trust, map_location=map_location)
-    return checkpoint_from(obj, path, weights, family=family, time_convention=time_convention, num_heads=num_heads)
+    file = read_checkpoint(path, trust=trust, map_location=map_location)
+    return checkpoint_from(file.obj, path, weights, family=family, time_convention=time_convention,
+                           num_heads=num_heads, sha=file.sha)
 
 
 def checkpoint_from(obj: Any, path: Path, weights: str = "ema", *, family: str | None = None,
                     time_convention: str | None = None, num_heads: int | None = None,
-                    sha: str | None = None) -> LoadedCheckpoint:
+                    sha: str) -> LoadedCheckpoint:
     """:func:`load_checkpoint` on a file already read (``obj``): a caller that needs both weight sets
-    (a warm start) reads a large file once. ``sha``: the file's, when the caller has it."""
+    (a warm start) reads a large file once. ``sha``: its :func:`file_sha`, taken while it was read."""
     if weights not in ("ema", "model"):
         raise ValueError(f"weights must be 'ema' or 'model', got {weights!r}")
     if not isinstance(obj, dict):
@@ -221,7 +223,7 @@ def checkpoint_from(obj: Any, path: Path, weights: str = "ema", *, family: str |
                                learn_sigma=bool(meta.get("learn_sigma", True)),
                                num_timesteps=int(meta.get("num_timesteps", 1000)))
     ck = LoadedCheckpoint(model=model, weights=weights, meta=meta, config=config, objective=objective, path=path,
-                          sha=sha or file_sha(path), step=step, ignored_keys=ignored, inferred=inferred, notes=load_notes)
+                          sha=sha, step=step, ignored_keys=ignored, inferred=inferred, notes=load_notes)
     warn_immature_ema(ck)
     return ck
 

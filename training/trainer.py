@@ -209,7 +209,7 @@ class Trainer:
             if found is None:
                 raise FileNotFoundError(f"no checkpoints to resume from in {path}")
             path = found
-        state = read_checkpoint(path, map_location="cpu")
+        state = read_checkpoint(path, map_location="cpu").obj
         if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
             raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
         changed = config_changes(state["config"], self.cfg)
@@ -382,7 +382,7 @@ class Trainer:
                 losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
         for path in reversed(list_checkpoints(self.out)):
             try:
-                state = read_checkpoint(path, map_location="cpu")
+                state = read_checkpoint(path, map_location="cpu").obj
             except ValueError:
                 continue
             step = int(state.get("steps", 0))

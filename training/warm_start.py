@@ -30,7 +30,7 @@ import torch
 from repdyn.model.backbone import MODEL_SIZES, PATCH_SIZES, ModelConfig, model_config
 from repdyn.model.checkpoint import CKPT_RE, checkpoint_from
 from repdyn.model.foreign import TRAINING_ONLY_HEADS, args_get, rename_official_keys, strip_wrapper_prefixes
-from repdyn.model.torch_file import file_sha, read_checkpoint
+from repdyn.model.torch_file import CheckpointFile, read_checkpoint
 
 __all__ = ["WarmStart", "read_warm_start", "is_training_checkpoint", "projector_layout"]
 
@@ -212,16 +212,16 @@ def _steps(obj: dict, path: Path) -> tuple[int | None, str]:
     return None, ""
 
 
-def read_warm_start(path: str | Path, *, obj: Any = None, family: str | None = None, num_heads: int | None = None,
-                    trust: bool = False) -> WarmStart:
-    """Read a published checkpoint once for a new run (see the module docstring); ``obj``: the file
+def read_warm_start(path: str | Path, *, file: CheckpointFile | None = None, family: str | None = None,
+                    num_heads: int | None = None, trust: bool = False) -> WarmStart:
+    """Read a published checkpoint once for a new run (see the module docstring); ``file``: the file
     already read."""
     path = Path(path)
-    if obj is None:
-        obj = read_checkpoint(path, trust=trust, map_location="cpu")
+    if file is None:
+        file = read_checkpoint(path, trust=trust, map_location="cpu")
+    obj, sha = file.obj, file.sha
     if is_training_checkpoint(obj):
         raise ValueError(f"{path} is a training checkpoint of this toolkit: resume it (--resume), not a warm start")
-    sha = file_sha(path)
     wrapped = isinstance(obj, dict) and ("model" in obj or "ema" in obj)
     both = wrapped and "model" in obj and "ema" in obj
     online = checkpoint_from(obj, path, "model" if wrapped and "model" in obj else "ema", family=family,
