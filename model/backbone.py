@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from torch import nn
 __all__ = [
     "ModelConfig",
     "DiffusionTransformer",
+    "Features",
+    "FeatureForward",
     "MODEL_SIZES",
     "registry_names",
     "model_config",
@@ -371,13 +374,24 @@ def build_model(name: str, **overrides) -> "DiffusionTransformer":
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Features:
+    """One training forward: the prediction and what the method terms read beside it."""
+
+    out: torch.Tensor  # (N, out_channels, H, W): the prediction, as forward returns it
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # block k (1-based) -> (N, T, D)
+    head: torch.Tensor | None = None  # (N, T, D): the SRA head on project_block's output
+    repa: tuple[torch.Tensor, ...] = ()  # REPA projector j on repa_block's output: (N, T, z_dims[j])
+
+
 class DiffusionTransformer(nn.Module):
     """DiT / SiT backbone. ``forward(x, t, y)`` as in the official code.
 
-    ``forward(..., features=[k, ...])`` also returns the residual stream after the listed blocks
-    (1-based), ``project_block=k`` adds ``"head"``: the SRA head applied to block k's output, and
-    ``repa_block=k`` adds ``("repa", j)``: REPA projector j applied to block k's output.
-    ``block_features`` runs only as deep as the deepest requested block (teacher / probing).
+    ``forward`` returns the prediction only; :meth:`forward_features` also returns the residual
+    stream after listed blocks (1-based), the SRA head's output and REPA's projections (a
+    :class:`Features`), and :class:`FeatureForward` makes it a module's forward for DDP and
+    ``torch.compile``. ``block_features`` runs only as deep as the deepest requested block
+    (teacher / probing).
     """
 
     def __init__(self, config: ModelConfig):
@@ -500,24 +514,32 @@ class DiffusionTransformer(nn.Module):
         return x, feats
 
     # -- forwards ---------------------------------------------------------------------------------
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        drop_labels: bool | None = None,
-        features: Iterable[int] | None = None,
-        project_block: int | None = None,
-        repa_block: int | None = None,
-    ):
-        """Prediction (N, out_channels, H, W); with ``features`` also a dict of block outputs.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                drop_labels: bool | None = None) -> torch.Tensor:
+        """Forward pass of DiT / SiT, as the official code's.
+
+        x: (N, C, H, W) tensor of spatial inputs (images or latent representations of images)
+        t: (N,) tensor of diffusion timesteps (DiT: integer DDPM steps; SiT: floats in [0, 1]), or a scalar
+        y: (N,) tensor of class labels (``num_classes`` is the null class)
+        returns: (N, out_channels, H, W); a SiT with a learned-sigma head returns only its C velocity
+        channels, as willisma/SiT's forward does.
 
         ``drop_labels``: None applies CFG label dropout in train mode (official behaviour); the
         trainer drops labels itself (so an SRA teacher can see the same labels) and passes False.
         """
-        tokens, c = self.embed(x, t, y, drop_labels)
-        collect = set(features or ())
+        return self.forward_features(x, t, y, drop_labels=drop_labels).out
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                         drop_labels: bool | None = None, blocks: Iterable[int] = (),
+                         project_block: int | None = None, repa_block: int | None = None) -> Features:
+        """:meth:`forward` and what the training losses read beside it, from one pass.
+
+        ``blocks``: 1-based blocks whose outputs (N, T, D) to return (DiverseDiT, SRA's student);
+        ``project_block``: the block the SRA head reads (``head``, (N, T, D));
+        ``repa_block``: the block REPA's projectors read (``repa[j]``, (N, T, z_dims[j])).
+        """
+        tokens, c = self.embed(x, t, y, drop_labels)  # (N, T, D), (N, D)
+        collect = set(blocks)
         if project_block is not None:
             if self.ap_head is None:
                 raise ValueError("project_block needs a model built with sra_head=True")
@@ -526,19 +548,14 @@ class DiffusionTransformer(nn.Module):
             if self.projectors is None:
                 raise ValueError("repa_block needs a model built with REPA projectors (z_dims)")
             collect.add(repa_block)
-        h, feats = self.run_blocks(tokens, c, collect)
-        out = self.unpatchify(self.final_layer(h, c))
-        if self.family == "sit" and self.learn_sigma and features is None:
+        h, feats = self.run_blocks(tokens, c, collect)  # (N, T, D), {k: (N, T, D)}
+        out = self.unpatchify(self.final_layer(h, c))  # (N, out_channels, H, W)
+        if self.family == "sit" and self.learn_sigma:
             # willisma/SiT keeps the 2C head but its forward returns only the velocity channels.
             out = out[:, : self.in_channels]
-        if features is None and project_block is None and repa_block is None:
-            return out
-        if project_block is not None:
-            feats["head"] = self.ap_head(feats[project_block])
-        if repa_block is not None:
-            for j, projector in enumerate(self.projectors):
-                feats[("repa", j)] = projector(feats[repa_block])
-        return out, feats
+        head = self.ap_head(feats[project_block]) if project_block is not None else None
+        repa = tuple(projector(feats[repa_block]) for projector in self.projectors) if repa_block is not None else ()
+        return Features(out=out, blocks={k: v for k, v in feats.items() if k in set(blocks)}, head=head, repa=repa)
 
     def block_features(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: Iterable[int], drop_labels: bool = False
@@ -550,3 +567,17 @@ class DiffusionTransformer(nn.Module):
         tokens, c = self.embed(x, t, y, drop_labels)
         _, feats = self.run_blocks(tokens, c, blocks, stop_after=blocks[-1])
         return feats
+
+
+class FeatureForward(nn.Module):
+    """:meth:`DiffusionTransformer.forward_features` as a module's ``forward``: DDP synchronises
+    gradients and ``torch.compile`` compiles only what goes through ``forward``, so the trainer
+    wraps this, not a second method of the model. Holds the model as ``model`` (no parameters of
+    its own)."""
+
+    def __init__(self, model: DiffusionTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kw: Any) -> Features:
+        return self.model.forward_features(x, t, y, **kw)
