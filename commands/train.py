@@ -225,7 +225,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    rank = dist_info()[0]
+    rank = dist_info().rank
     if rank == 0:
         check_writable(out, "--out")  # a read-only place fails in one line, before the data or model are built
         lock_folder(out)  # before looking: a second writer is refused, not raced

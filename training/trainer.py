@@ -69,7 +69,8 @@ class Trainer:
                  warm: WarmStart | None = None):
         self.cfg = config.validate()
         self.quiet = quiet
-        self.rank, self.world, self.local_rank = dist_info()
+        place = dist_info()
+        self.rank, self.world, self.local_rank = place.rank, place.world, place.local_rank
         init_distributed(config.device)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
