@@ -71,7 +71,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, D, H/p, W/p) -> (N, T, D)
 
 
 class Attention(nn.Module):
@@ -86,9 +86,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens -> (N, T, D)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, D / heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
@@ -127,7 +128,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        """t: (N,) times -> (N, D)."""
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, frequency_embedding_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -148,6 +150,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, drop: bool) -> torch.Tensor:
+        """labels: (N,) int -> (N, D)."""
         return self.embedding_table(self.drop(labels) if drop else labels)
 
 
@@ -163,6 +166,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens, c: (N, D) conditioning (time + label) -> (N, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -177,6 +181,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D), c: (N, D) -> (N, T, p * p * out_channels) patch values (see ``unpatchify``)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -462,7 +467,7 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: bool | None = None):
-        """Tokens with positions, and the conditioning vector c = t_emb + y_emb."""
+        """Tokens with positions (N, T, D), and the conditioning vector c = t_emb + y_emb (N, D)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.config.input_size:
             raise ValueError(
                 f"model expects input (N, {self.in_channels}, {self.config.input_size}, {self.config.input_size}), "
@@ -494,7 +499,8 @@ class DiffusionTransformer(nn.Module):
     def run_blocks(
         self, x: torch.Tensor, c: torch.Tensor, collect: Iterable[int] = (), stop_after: int | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run the transformer blocks, returning the final stream and the collected block outputs."""
+        """Run the transformer blocks on x (N, T, D) with c (N, D), returning the final stream (N, T, D)
+        and the collected block outputs {k: (N, T, D)}."""
         want = set(collect)
         for k in want:
             self._check_block(k)
@@ -539,7 +545,8 @@ class DiffusionTransformer(nn.Module):
         ``repa_block``: the block REPA's projectors read (``repa[j]``, (N, T, z_dims[j])).
         """
         tokens, c = self.embed(x, t, y, drop_labels)  # (N, T, D), (N, D)
-        collect = set(blocks)
+        wanted = set(blocks)
+        collect = set(wanted)
         if project_block is not None:
             if self.ap_head is None:
                 raise ValueError("project_block needs a model built with sra_head=True")
@@ -555,7 +562,7 @@ class DiffusionTransformer(nn.Module):
             out = out[:, : self.in_channels]
         head = self.ap_head(feats[project_block]) if project_block is not None else None
         repa = tuple(projector(feats[repa_block]) for projector in self.projectors) if repa_block is not None else ()
-        return Features(out=out, blocks={k: v for k, v in feats.items() if k in set(blocks)}, head=head, repa=repa)
+        return Features(out=out, blocks={k: v for k, v in feats.items() if k in wanted}, head=head, repa=repa)
 
     def block_features(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: Iterable[int], drop_labels: bool = False
