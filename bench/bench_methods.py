@@ -48,8 +48,8 @@ class FullTeacherSRA(SRATerm):
         t_teacher = ctx.objective.less_noisy(ctx.t, self.t_max, ctx.generator)
         x_teacher = ctx.objective.corrupt(ctx.x0, t_teacher, ctx.eps)
         with ctx.autocast():
-            _, feats = ctx.ema(x_teacher, t_teacher, ctx.y, drop_labels=False, features=[self.teacher_block])
-        return feats[self.teacher_block], t_teacher
+            feats = ctx.ema.forward_features(x_teacher, t_teacher, ctx.y, drop_labels=False, blocks=[self.teacher_block])
+        return feats.blocks[self.teacher_block], t_teacher
 
 
 class CachedTargetREPA(REPATerm):

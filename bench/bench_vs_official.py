@@ -367,9 +367,9 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
         term = next((tm for tm in trainer.terms if isinstance(tm, SRATerm)), None)
         # the forward the timed step runs (the torch.compile'd one with --compile: its fusions reorder
         # float operations, so the check then shows rounding-level differences instead of 0)
-        res_out = trainer.forward_model(x_t, t, y_used, drop_labels=False,
-                                        project_block=term.student_block if term else None)
-        out, feats = res_out if isinstance(res_out, tuple) else (res_out, {})
+        feats = trainer.forward_model(x_t, t, y_used, drop_labels=False,
+                                      project_block=term.student_block if term else None)
+        out = feats.out
         our_gen = objective.loss(out.float(), x0, x_t, t, noise)["loss"].mean()
         res.update(out_max_abs_diff=float((out - o_out).abs().max()),
                    gen_loss_ours=float(our_gen), gen_loss_official=float(off_gen),
@@ -382,7 +382,7 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
                               autocast=contextlib.nullcontext, generator=None)
             extra, logs = term(ctx)
             our_teacher, _ = term.teacher_features(ctx)
-            res.update(head_max_abs_diff=float((feats["head"] - o_head).abs().max()),
+            res.update(head_max_abs_diff=float((feats.head - o_head).abs().max()),
                        teacher_max_abs_diff=float((our_teacher - o_teacher).abs().max()),
                        align_loss_ours=float(logs["loss_align"]), align_loss_official=float(off_align),
                        align_loss_diff=float((logs["loss_align"] - off_align).abs()),
@@ -584,7 +584,7 @@ def compare_extraction(model_name: str, official: Official | None, *, n: int = 2
                 return om(x_t, tt, yy, ad=b)[1]
         else:
             def feature(x_t, tt, yy, b):
-                return model(x_t, tt, yy, drop_labels=False, features=[b])[1][b]
+                return model.forward_features(x_t, tt, yy, drop_labels=False, blocks=[b]).blocks[b]
 
         x0 = load_x0(ds, idx, seed, "train").to(dev)
         eps = grid_noise(idx, (cfg.in_channels, cfg.input_size, cfg.input_size), seed, "train").to(dev)

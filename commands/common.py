@@ -21,7 +21,8 @@ import numpy as np
 from repdyn.probe.cache import DEFAULT_CACHE, FeatureCache
 from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_ts
 from repdyn.core.timesteps import format_t
-from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, load_checkpoint, run_dir_of
+from repdyn.model.checkpoint import LoadedCheckpoint, load_checkpoint, run_dir_of
+from repdyn.model.torch_file import file_sha
 from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, held_folders, lock_folder,
                                save_figure, unlock_folder)

@@ -24,7 +24,8 @@ from repdyn.analysis.correlation import SmallSampleWarning, correlate, join_prob
 from repdyn.core.timesteps import format_t
 from repdyn.core.files import write_table
 
-from repdyn.model.checkpoint import file_sha, run_dir_of
+from repdyn.model.checkpoint import run_dir_of
+from repdyn.model.torch_file import file_sha
 from repdyn.study.power import seed_of
 
 from repdyn.commands.common import Outputs, claim_output, parse_cells, releases_outputs, weights_word

@@ -49,7 +49,8 @@ from repdyn.core.timesteps import format_t
 from repdyn.probe.grid import validate_blocks
 from repdyn.probe.layer_grid import check_probe_sizes, grid_table
 from repdyn.probe.probes import PROBES
-from repdyn.model.checkpoint import LoadedCheckpoint, file_sha, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.model.checkpoint import LoadedCheckpoint, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.model.torch_file import file_sha
 from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import write_table
 from repdyn.training.methods import SRAOptions
@@ -61,7 +62,7 @@ from repdyn.commands.align import encoder_features, parse_metrics
 from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, claim_output, load_features,
                                     releases_outputs)
 
-__all__ = ["CurveSettings", "BlockSettings", "CurvesResult", "resolve_cells", "run_curves", "PROBE_COLUMNS",
+__all__ = ["CurveSettings", "BlockSettings", "CurvesResult", "Cells", "resolve_cells", "run_curves", "PROBE_COLUMNS",
            "SIM_COLUMNS", "BLOCK_COLUMNS"]
 
 PROBE_COLUMNS = ["run", "checkpoint", "checkpoint_sha", "step", "role", "weights", "block", "t", "log_snr",
@@ -138,9 +139,22 @@ def _sra_options(ck: LoadedCheckpoint) -> SRAOptions | None:
     return SRAOptions.from_dict(opts, ck.model.config)
 
 
+@dataclass(frozen=True)
+class Cells:
+    """The student and teacher cells a curves run follows, and where they came from."""
+
+    student_block: int
+    teacher_block: int
+    t: float | int  # the student's time (SiT: float; DiT: DDPM step)
+    t_teacher: float | int
+    sra: bool  # whether the run trained with SRA (its config chose the blocks)
+    t_max: float  # SRA's largest teacher time offset (the default for a run without SRA)
+    source: str  # "flags", "SRA config" or "default_blocks (no SRA)"
+
+
 def resolve_cells(ck, student_block: int | None = None, teacher_block: int | None = None, t: float | None = None,
-                  t_teacher: float | None = None) -> tuple[int, int, float | int, float | int, dict]:
-    """(k_s, k_t, t, t_teacher, info): flags first, then the run's SRA config, then the defaults."""
+                  t_teacher: float | None = None) -> Cells:
+    """The student and teacher cells: flags first, then the run's SRA config, then the defaults."""
     sra = _sra_options(ck)
     depth = ck.model.depth
     ks_def, kt_def = (sra.student_block, sra.teacher_block) if sra else (
@@ -160,8 +174,7 @@ def resolve_cells(ck, student_block: int | None = None, teacher_block: int | Non
         raise ValueError(f"--t-teacher {tt} is noisier than --t {t0}: SRA's teacher sees a less noisy input")
     flagged = student_block is not None or teacher_block is not None
     source = "flags" if flagged else ("SRA config" if sra is not None else "default_blocks (no SRA)")
-    info = {"sra": sra is not None, "t_max": t_max, "source": source}
-    return ks, kt, t0, tt, info
+    return Cells(ks, kt, t0, tt, sra=sra is not None, t_max=t_max, source=source)
 
 
 def _read(path: Path, columns: list[str]) -> pd.DataFrame:
@@ -297,7 +310,8 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     first = load_checkpoint(ckpts[-1], weights="ema", family=spec.family, time_convention=spec.time_convention,
                             num_heads=spec.num_heads,
                             trust=spec.trust)
-    ks, kt, t0, tt, info = resolve_cells(first, student_block, teacher_block, t, t_teacher)
+    cells = resolve_cells(first, student_block, teacher_block, t, t_teacher)
+    ks, kt, t0, tt = cells.student_block, cells.teacher_block, cells.t, cells.t_teacher
     settings = CurveSettings(ks, kt, t0, tt, probe, n_train, n_test, n_div, similarity_weights, spec.label,
                              spec.pooling, spec.seed, spec.data)
     h = settings.hash()
@@ -340,12 +354,12 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     model = str(pcur["model"].iloc[0]) if len(pcur) else "?"
     meta = {"model": model,
             "protocol": f"{probe} probe, label={spec.label}, pooling={spec.pooling}, n_train={n_train}, "
-                        f"n_test={n_test}", "blocks": info["source"]}
+                        f"n_test={n_test}", "blocks": cells.source}
     pcur["cell"] = [f"{r} ({'online' if w == 'model' else 'EMA'}, block {b}, t={format_t(cell_t(first, tv))})"
                     for r, w, b, tv in zip(pcur["role"], pcur["weights"], pcur["block"], pcur["t"])]
     pcur["accuracy (%)"] = 100 * pcur["accuracy"]
     res = CurvesResult(outdir, notes=notes, computed=len(todo), checkpoints=len(ckpts), student=(ks, t0), teacher=(kt, tt),
-                       source=info["source"])
+                       source=cells.source)
     res.save("png", plots.plot_curves(pcur, "step", "accuracy (%)", hue="cell",
                                       title=f"Linear-probe accuracy over training: student vs teacher ({run})",
                                       meta=meta, xlabel="training step", ylabel="top-1 accuracy (%)"), "curves.png", pdf)

@@ -27,7 +27,8 @@ from typing import Any
 
 from repdyn.core.files import check_writable, lock_folder, unlock_folder
 from repdyn.core.runtime import dist_info
-from repdyn.model.checkpoint import CKPT_RE, list_checkpoints, read_checkpoint
+from repdyn.model.checkpoint import CKPT_RE, list_checkpoints
+from repdyn.model.torch_file import CheckpointFile, read_checkpoint
 from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
 from repdyn.training.trainer import train
 from repdyn.training.warm_start import WarmStart, is_training_checkpoint, read_warm_start
@@ -50,12 +51,12 @@ class TrainResult:
 class _Source:
     """What ``--resume`` points at: the checkpoint file, its run folder (None outside one) and its
     config; for a published file (not one of our training checkpoints, outside a run folder) the
-    object read, which a new run starts from (:mod:`repdyn.training.warm_start`)."""
+    file read, which a new run starts from (:mod:`repdyn.training.warm_start`)."""
 
     ckpt: Path
     run: Path | None
     config: dict[str, Any]
-    published: Any = None
+    published: CheckpointFile | None = None
 
 
 def _step(path: Path) -> int:
@@ -75,16 +76,16 @@ def _same(a: Path | None, b: Path) -> bool:
 def _read_source(ckpt: Path, run: Path | None, trust: bool = False) -> _Source:
     """The checkpoint's config; a broken file of a run is named with the last good one before it."""
     try:
-        state = read_checkpoint(ckpt, map_location="cpu", trust=trust)
+        file = read_checkpoint(ckpt, map_location="cpu", trust=trust)
     except ValueError as e:
         if run is None or "unreadable" not in str(e):
             raise
         raise ValueError(_broken_message(ckpt, run, str(e))) from None
-    if is_training_checkpoint(state):
-        return _Source(ckpt, run, dict(state["config"]))
+    if is_training_checkpoint(file.obj):
+        return _Source(ckpt, run, dict(file.obj["config"]))
     # A published file, even where the official trainers write theirs (<exp>/checkpoints/NNNNNNN.pt, as
     # ours): never a run of this toolkit to resume into.
-    return _Source(ckpt, None, {}, published=state)
+    return _Source(ckpt, None, {}, published=file)
 
 
 def _broken_message(ckpt: Path, run: Path, error: str) -> str:
@@ -214,7 +215,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
                                  "--out to start a new run from it")
             overrides["out"] = str(source.run)
         if source.published is not None:
-            warm = read_warm_start(source.ckpt, obj=source.published, family=family, num_heads=num_heads)
+            warm = read_warm_start(source.ckpt, file=source.published, family=family, num_heads=num_heads)
             source = None  # a new run, from the file's weights
         elif preset is None and config is None:
             overrides = {**source.config, **{k: v for k, v in overrides.items() if v is not None}}
@@ -224,7 +225,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
-    rank = dist_info()[0]
+    rank = dist_info().rank
     if rank == 0:
         check_writable(out, "--out")  # a read-only place fails in one line, before the data or model are built
         lock_folder(out)  # before looking: a second writer is refused, not raced

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import atexit
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["resolve_device", "machine_description", "peak_rss_mib", "local_rank", "dist_info", "init_distributed", "dist_world",
+__all__ = ["resolve_device", "machine_description", "peak_rss_mib", "local_rank", "DistInfo", "dist_info", "init_distributed", "dist_world",
            "shard_bounds"]
 
 
@@ -37,17 +38,26 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return dev
 
 
-def dist_info() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from torchrun's environment (0, 1, 0 without it)."""
+@dataclass(frozen=True)
+class DistInfo:
+    """This process's place in a torchrun launch."""
+
+    rank: int
+    world: int  # the number of processes
+    local_rank: int  # the rank on this machine (its GPU index)
+
+
+def dist_info() -> DistInfo:
+    """This process's rank, world size and local rank from torchrun's environment (0, 1, 0 without it)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank()
-    return 0, 1, 0
+        return DistInfo(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), local_rank())
+    return DistInfo(0, 1, 0)
 
 
 def init_distributed(device: str | torch.device = "auto") -> tuple[int, int]:
     """Join the torchrun process group when launched by torchrun with more than one process: NCCL
     when this rank computes on a GPU, gloo otherwise. Returns (rank, world size)."""
-    _, world, _ = dist_info()
+    world = dist_info().world
     if world > 1 and dist.is_available() and not dist.is_initialized():
         use_nccl = torch.cuda.is_available() and resolve_device(device).type == "cuda"
         if use_nccl:

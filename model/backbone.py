@@ -29,7 +29,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -39,6 +40,8 @@ from torch import nn
 __all__ = [
     "ModelConfig",
     "DiffusionTransformer",
+    "Features",
+    "FeatureForward",
     "MODEL_SIZES",
     "registry_names",
     "model_config",
@@ -68,7 +71,7 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, C, H, W) -> (N, D, H/p, W/p) -> (N, T, D)
 
 
 class Attention(nn.Module):
@@ -83,9 +86,10 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens -> (N, T, D)."""
         b, n, d = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
+        q, k, v = qkv.unbind(0)  # each (N, heads, T, D / heads)
         x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(b, n, d))
 
@@ -124,7 +128,8 @@ class TimestepEmbedder(nn.Module):
         return emb
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        freq = self.timestep_embedding(t, self.frequency_embedding_size)
+        """t: (N,) times -> (N, D)."""
+        freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, frequency_embedding_size)
         return self.mlp(freq.to(self.mlp[0].weight.dtype))
 
 
@@ -145,6 +150,7 @@ class LabelEmbedder(nn.Module):
         return torch.where(u < self.dropout_prob, torch.full_like(labels, self.num_classes), labels)
 
     def forward(self, labels: torch.Tensor, drop: bool) -> torch.Tensor:
+        """labels: (N,) int -> (N, D)."""
         return self.embedding_table(self.drop(labels) if drop else labels)
 
 
@@ -160,6 +166,7 @@ class DiTBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D) tokens, c: (N, D) conditioning (time + label) -> (N, T, D)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
         x = x + gate_msa.unsqueeze(1) * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))
         x = x + gate_mlp.unsqueeze(1) * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
@@ -174,6 +181,7 @@ class FinalLayer(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
 
     def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """x: (N, T, D), c: (N, D) -> (N, T, p * p * out_channels) patch values (see ``unpatchify``)."""
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(modulate(self.norm_final(x), shift, scale))
 
@@ -371,13 +379,24 @@ def build_model(name: str, **overrides) -> "DiffusionTransformer":
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Features:
+    """One training forward: the prediction and what the method terms read beside it."""
+
+    out: torch.Tensor  # (N, out_channels, H, W): the prediction, as forward returns it
+    blocks: dict[int, torch.Tensor] = field(default_factory=dict)  # block k (1-based) -> (N, T, D)
+    head: torch.Tensor | None = None  # (N, T, D): the SRA head on project_block's output
+    repa: tuple[torch.Tensor, ...] = ()  # REPA projector j on repa_block's output: (N, T, z_dims[j])
+
+
 class DiffusionTransformer(nn.Module):
     """DiT / SiT backbone. ``forward(x, t, y)`` as in the official code.
 
-    ``forward(..., features=[k, ...])`` also returns the residual stream after the listed blocks
-    (1-based), ``project_block=k`` adds ``"head"``: the SRA head applied to block k's output, and
-    ``repa_block=k`` adds ``("repa", j)``: REPA projector j applied to block k's output.
-    ``block_features`` runs only as deep as the deepest requested block (teacher / probing).
+    ``forward`` returns the prediction only; :meth:`forward_features` also returns the residual
+    stream after listed blocks (1-based), the SRA head's output and REPA's projections (a
+    :class:`Features`), and :class:`FeatureForward` makes it a module's forward for DDP and
+    ``torch.compile``. ``block_features`` runs only as deep as the deepest requested block
+    (teacher / probing).
     """
 
     def __init__(self, config: ModelConfig):
@@ -448,7 +467,7 @@ class DiffusionTransformer(nn.Module):
         return x.reshape(x.shape[0], c, h * p, w * p)
 
     def embed(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, drop_labels: bool | None = None):
-        """Tokens with positions, and the conditioning vector c = t_emb + y_emb."""
+        """Tokens with positions (N, T, D), and the conditioning vector c = t_emb + y_emb (N, D)."""
         if x.ndim != 4 or x.shape[1] != self.in_channels or x.shape[-1] != self.config.input_size:
             raise ValueError(
                 f"model expects input (N, {self.in_channels}, {self.config.input_size}, {self.config.input_size}), "
@@ -480,7 +499,8 @@ class DiffusionTransformer(nn.Module):
     def run_blocks(
         self, x: torch.Tensor, c: torch.Tensor, collect: Iterable[int] = (), stop_after: int | None = None
     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Run the transformer blocks, returning the final stream and the collected block outputs."""
+        """Run the transformer blocks on x (N, T, D) with c (N, D), returning the final stream (N, T, D)
+        and the collected block outputs {k: (N, T, D)}."""
         want = set(collect)
         for k in want:
             self._check_block(k)
@@ -500,24 +520,33 @@ class DiffusionTransformer(nn.Module):
         return x, feats
 
     # -- forwards ---------------------------------------------------------------------------------
-    def forward(
-        self,
-        x: torch.Tensor,
-        t: torch.Tensor,
-        y: torch.Tensor,
-        *,
-        drop_labels: bool | None = None,
-        features: Iterable[int] | None = None,
-        project_block: int | None = None,
-        repa_block: int | None = None,
-    ):
-        """Prediction (N, out_channels, H, W); with ``features`` also a dict of block outputs.
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                drop_labels: bool | None = None) -> torch.Tensor:
+        """Forward pass of DiT / SiT, as the official code's.
+
+        x: (N, C, H, W) tensor of spatial inputs (images or latent representations of images)
+        t: (N,) tensor of diffusion timesteps (DiT: integer DDPM steps; SiT: floats in [0, 1]), or a scalar
+        y: (N,) tensor of class labels (``num_classes`` is the null class)
+        returns: (N, out_channels, H, W); a SiT with a learned-sigma head returns only its C velocity
+        channels, as willisma/SiT's forward does.
 
         ``drop_labels``: None applies CFG label dropout in train mode (official behaviour); the
         trainer drops labels itself (so an SRA teacher can see the same labels) and passes False.
         """
-        tokens, c = self.embed(x, t, y, drop_labels)
-        collect = set(features or ())
+        return self.forward_features(x, t, y, drop_labels=drop_labels).out
+
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, *,
+                         drop_labels: bool | None = None, blocks: Iterable[int] = (),
+                         project_block: int | None = None, repa_block: int | None = None) -> Features:
+        """:meth:`forward` and what the training losses read beside it, from one pass.
+
+        ``blocks``: 1-based blocks whose outputs (N, T, D) to return (DiverseDiT, SRA's student);
+        ``project_block``: the block the SRA head reads (``head``, (N, T, D));
+        ``repa_block``: the block REPA's projectors read (``repa[j]``, (N, T, z_dims[j])).
+        """
+        tokens, c = self.embed(x, t, y, drop_labels)  # (N, T, D), (N, D)
+        wanted = set(blocks)
+        collect = set(wanted)
         if project_block is not None:
             if self.ap_head is None:
                 raise ValueError("project_block needs a model built with sra_head=True")
@@ -526,19 +555,14 @@ class DiffusionTransformer(nn.Module):
             if self.projectors is None:
                 raise ValueError("repa_block needs a model built with REPA projectors (z_dims)")
             collect.add(repa_block)
-        h, feats = self.run_blocks(tokens, c, collect)
-        out = self.unpatchify(self.final_layer(h, c))
-        if self.family == "sit" and self.learn_sigma and features is None:
+        h, feats = self.run_blocks(tokens, c, collect)  # (N, T, D), {k: (N, T, D)}
+        out = self.unpatchify(self.final_layer(h, c))  # (N, out_channels, H, W)
+        if self.family == "sit" and self.learn_sigma:
             # willisma/SiT keeps the 2C head but its forward returns only the velocity channels.
             out = out[:, : self.in_channels]
-        if features is None and project_block is None and repa_block is None:
-            return out
-        if project_block is not None:
-            feats["head"] = self.ap_head(feats[project_block])
-        if repa_block is not None:
-            for j, projector in enumerate(self.projectors):
-                feats[("repa", j)] = projector(feats[repa_block])
-        return out, feats
+        head = self.ap_head(feats[project_block]) if project_block is not None else None
+        repa = tuple(projector(feats[repa_block]) for projector in self.projectors) if repa_block is not None else ()
+        return Features(out=out, blocks={k: v for k, v in feats.items() if k in wanted}, head=head, repa=repa)
 
     def block_features(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, blocks: Iterable[int], drop_labels: bool = False
@@ -550,3 +574,17 @@ class DiffusionTransformer(nn.Module):
         tokens, c = self.embed(x, t, y, drop_labels)
         _, feats = self.run_blocks(tokens, c, blocks, stop_after=blocks[-1])
         return feats
+
+
+class FeatureForward(nn.Module):
+    """:meth:`DiffusionTransformer.forward_features` as a module's ``forward``: DDP synchronises
+    gradients and ``torch.compile`` compiles only what goes through ``forward``, so the trainer
+    wraps this, not a second method of the model. Holds the model as ``model`` (no parameters of
+    its own)."""
+
+    def __init__(self, model: DiffusionTransformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **kw: Any) -> Features:
+        return self.model.forward_features(x, t, y, **kw)

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 
 from repdyn.core.files import save_torch
 from repdyn.datasets.sources import make_dataset
-from repdyn.model.checkpoint import file_sha
+from repdyn.model.torch_file import file_sha
 from repdyn.model.classifier import cache_root, dataset_fingerprint, fit_cross_entropy, metric_name, model_batches
 
 __all__ = ["Encoder", "TinyViT", "EmbeddedEncoder", "TimmEncoder", "PrecomputedFeatures", "EncodedFeatures",

@@ -59,7 +59,7 @@ def test_dataloader_worker_errors_keep_only_the_message():
 
 
 def test_warnings_are_one_line():
-    from repdyn.model.checkpoint import PickledCodeWarning
+    from repdyn.model.pickled import PickledCodeWarning
 
     def warn():
         warnings.warn("evil.pt contains pickled code (posix.system): loading it runs that code", PickledCodeWarning)

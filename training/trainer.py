@@ -24,12 +24,13 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, read_checkpoint, save_checkpoint
+from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
+from repdyn.model.torch_file import read_checkpoint
 from repdyn.training.config import TrainConfig
 from repdyn.training.warm_start import WarmStart, read_warm_start
 from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
 from repdyn.training.methods import LossTerm, REPATerm, StepContext, build_loss_terms, model_flags_for_method
-from repdyn.model.backbone import DiffusionTransformer, model_config
+from repdyn.model.backbone import DiffusionTransformer, FeatureForward, model_config
 from repdyn.core.files import atomic_path, atomic_write_text
 from repdyn.model.objectives import make_objective
 from repdyn.core.runtime import dist_info, init_distributed, resolve_device
@@ -68,7 +69,8 @@ class Trainer:
                  warm: WarmStart | None = None):
         self.cfg = config.validate()
         self.quiet = quiet
-        self.rank, self.world, self.local_rank = dist_info()
+        place = dist_info()
+        self.rank, self.world, self.local_rank = place.rank, place.world, place.local_rank
         init_distributed(config.device)
         self.device = resolve_device(config.device)
         if self.device.type == "cuda":
@@ -131,9 +133,9 @@ class Trainer:
         elif warm is not None:
             self._warm_start(warm)
 
-        fwd = self.model
+        fwd: torch.nn.Module = FeatureForward(self.model)  # one training forward: prediction and features
         if self.world > 1:
-            fwd = DDP(self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+            fwd = DDP(fwd, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         if config.compile:
             fwd = torch.compile(fwd)
         self.forward_model = fwd
@@ -208,7 +210,7 @@ class Trainer:
             if found is None:
                 raise FileNotFoundError(f"no checkpoints to resume from in {path}")
             path = found
-        state = read_checkpoint(path, map_location="cpu")
+        state = read_checkpoint(path, map_location="cpu").obj
         if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
             raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
         changed = config_changes(state["config"], self.cfg)
@@ -285,10 +287,9 @@ class Trainer:
         project = next((term.project_block() for term in self.terms if term.project_block() is not None), None)
         repa = next((term.repa_block() for term in self.terms if term.repa_block() is not None), None)
         with self._autocast():
-            res = self.forward_model(x_t, t, y_used, drop_labels=False, features=blocks or None,
-                                     project_block=project, repa_block=repa)
-        out, feats = res if isinstance(res, tuple) else (res, {})
-        gen_terms = self.objective.loss(out.float(), x0, x_t, t, eps)
+            feats = self.forward_model(x_t, t, y_used, drop_labels=False, blocks=blocks, project_block=project,
+                                       repa_block=repa)
+        gen_terms = self.objective.loss(feats.out.float(), x0, x_t, t, eps)
         gen_loss = gen_terms["loss"].mean()
         logs = {"loss_gen": gen_loss.detach()}
         if "vb" in gen_terms:
@@ -381,7 +382,7 @@ class Trainer:
                 losses = {int(r["step"]): float(r["loss"]) for r in csv.DictReader(f) if r.get("loss")}
         for path in reversed(list_checkpoints(self.out)):
             try:
-                state = read_checkpoint(path, map_location="cpu")
+                state = read_checkpoint(path, map_location="cpu").obj
             except ValueError:
                 continue
             step = int(state.get("steps", 0))

@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from repdyn.model.backbone import MODEL_SIZES, PATCH_SIZES, ModelConfig, model_config
-from repdyn.model.checkpoint import (CKPT_RE, TRAINING_ONLY_HEADS, checkpoint_from, file_sha, read_checkpoint,
-                                     rename_official_keys, strip_wrapper_prefixes)
+from repdyn.model.checkpoint import CKPT_RE, checkpoint_from
+from repdyn.model.foreign import TRAINING_ONLY_HEADS, args_get, rename_official_keys, strip_wrapper_prefixes
+from repdyn.model.torch_file import CheckpointFile, read_checkpoint
 
 __all__ = ["WarmStart", "read_warm_start", "is_training_checkpoint", "projector_layout"]
 
@@ -55,10 +56,6 @@ def projector_layout(heads: dict[str, torch.Tensor], name: str) -> tuple[tuple[i
         raise ValueError(f"{name}'s projectors.* are not REPA's projector MLPs (indices {ks}, hidden widths "
                          f"{sorted(widths)}); fine-tune it with a method without repa, which leaves them out")
     return z, widths.pop()
-
-
-def _arg(args: Any, key: str) -> Any:
-    return args.get(key) if isinstance(args, dict) else getattr(args, key, None)
 
 
 def is_training_checkpoint(obj: Any) -> bool:
@@ -215,16 +212,16 @@ def _steps(obj: dict, path: Path) -> tuple[int | None, str]:
     return None, ""
 
 
-def read_warm_start(path: str | Path, *, obj: Any = None, family: str | None = None, num_heads: int | None = None,
-                    trust: bool = False) -> WarmStart:
-    """Read a published checkpoint once for a new run (see the module docstring); ``obj``: the file
+def read_warm_start(path: str | Path, *, file: CheckpointFile | None = None, family: str | None = None,
+                    num_heads: int | None = None, trust: bool = False) -> WarmStart:
+    """Read a published checkpoint once for a new run (see the module docstring); ``file``: the file
     already read."""
     path = Path(path)
-    if obj is None:
-        obj = read_checkpoint(path, trust=trust, map_location="cpu")
+    if file is None:
+        file = read_checkpoint(path, trust=trust, map_location="cpu")
+    obj, sha = file.obj, file.sha
     if is_training_checkpoint(obj):
         raise ValueError(f"{path} is a training checkpoint of this toolkit: resume it (--resume), not a warm start")
-    sha = file_sha(path)
     wrapped = isinstance(obj, dict) and ("model" in obj or "ema" in obj)
     both = wrapped and "model" in obj and "ema" in obj
     online = checkpoint_from(obj, path, "model" if wrapped and "model" in obj else "ema", family=family,
@@ -244,10 +241,10 @@ def read_warm_start(path: str | Path, *, obj: Any = None, family: str | None = N
     notes += replace(online, ignored_keys=[k for k in online.ignored_keys if k not in head_keys]).load_notes()
     head_note = replace(online, ignored_keys=head_keys, inferred={}, notes=[]).load_notes()
     args = obj.get("args") if wrapped else None
-    repa_args = {k: v for k in ("encoder_depth",) if isinstance(v := _arg(args, k), int) and not isinstance(v, bool)}
-    if heads and _arg(args, "enc_type"):
-        notes.append(f"{path.name} was trained with REPA encoder(s) {_arg(args, 'enc_type')} at block "
-                     f"{_arg(args, 'encoder_depth')} (its args)")
+    repa_args = {k: v for k in ("encoder_depth",) if isinstance(v := args_get(args, k), int) and not isinstance(v, bool)}
+    if heads and args_get(args, "enc_type"):
+        notes.append(f"{path.name} was trained with REPA encoder(s) {args_get(args, 'enc_type')} at block "
+                     f"{args_get(args, 'encoder_depth')} (its args)")
     notes.append(f"continuing its step count from {steps} ({how})" if steps is not None
                  else f"{path.name} does not say its step count: the run counts from 0")
     opt = obj.get("opt") if wrapped else None

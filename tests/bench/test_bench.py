@@ -48,8 +48,8 @@ class SiT(DiffusionTransformer):
         p = self.y_embedder.dropout_prob
         if self.training and p > 0:  # label drop from the global RNG, inside the forward
             y = torch.where(torch.rand(y.shape[0], device=y.device) < p, self.y_embedder.num_classes, y)
-        out, feats = super().forward(x, t, y, drop_labels=False, features=[ad])
-        return out, (self.ap_head(feats[ad]) if self.training else feats[ad]), y
+        f = self.forward_features(x, t, y, drop_labels=False, blocks=[ad])
+        return f.out, (self.ap_head(f.blocks[ad]) if self.training else f.blocks[ad]), y
 '''
 
 _FAKE_LOSS_SRA = '''
@@ -98,8 +98,8 @@ class SiT(DiffusionTransformer):
         p = self.y_embedder.dropout_prob
         if self.training and p > 0:
             y = torch.where(torch.rand(y.shape[0], device=y.device) < p, self.y_embedder.num_classes, y)
-        out, feats = super().forward(x, t, y, drop_labels=False, features=[self.encoder_depth])
-        return out, [proj(feats[self.encoder_depth]) for proj in self.projectors]
+        f = self.forward_features(x, t, y, drop_labels=False, blocks=[self.encoder_depth])
+        return f.out, [proj(f.blocks[self.encoder_depth]) for proj in self.projectors]
 '''
 
 _FAKE_LOSS_REPA = '''

@@ -61,8 +61,9 @@ def test_curves_nothing_new_and_non_sra_flags(curves_run, tiny_sit_ckpt, tmp_pat
     from repdyn.commands.curves import resolve_cells
     from repdyn.model.checkpoint import load_checkpoint
 
-    ks, kt, t, tt, info = resolve_cells(load_checkpoint(tiny_sit_ckpt))
-    assert (ks, kt, t, tt, info["sra"], info["source"]) == (1, 3, 0.5, 0.4, False, "default_blocks (no SRA)")
+    c = resolve_cells(load_checkpoint(tiny_sit_ckpt))
+    assert (c.student_block, c.teacher_block, c.t, c.t_teacher, c.sra, c.source) == (
+        1, 3, 0.5, 0.4, False, "default_blocks (no SRA)")
     base_run = tiny_sit_ckpt.parent.parent
     res = _ok(["curves", base_run, "--student-block", "2", "--teacher-block", "4", "--t", "0.6", "--t-teacher", "0.3",
                "--out", tmp_path / "b", "--cache", cache, *CURVE_ARGS])

@@ -99,11 +99,11 @@ def tiny():
 
 def test_features_and_early_exit_match_full_forward(tiny):
     x, t, y = torch.randn(3, 1, 16, 16), torch.rand(3), torch.tensor([0, 1, 2])
-    out, feats = tiny(x, t, y, features=[1, 2, 3, 4], project_block=2)
-    assert out.shape == (3, 1, 16, 16)
+    f = tiny.forward_features(x, t, y, blocks=[1, 2, 3, 4], project_block=2)
+    assert f.out.shape == (3, 1, 16, 16)
     early = tiny.block_features(x, t, y, [1, 3])
-    torch.testing.assert_close(early[3], feats[3])
-    torch.testing.assert_close(feats["head"], tiny.ap_head(feats[2]))
+    torch.testing.assert_close(early[3], f.blocks[3])
+    torch.testing.assert_close(f.head, tiny.ap_head(f.blocks[2]))
     # the hookable module for a deep block of a long-skip model is its fusion
     assert tiny.block_output_module(4) is tiny.skip_fusions[1]
     assert tiny.block_output_module(1) is tiny.blocks[0]

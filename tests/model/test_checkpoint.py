@@ -7,7 +7,8 @@ import warnings
 import pytest
 import torch
 
-from repdyn.model.checkpoint import PickledCodeWarning, load_checkpoint, pickled_globals, save_checkpoint
+from repdyn.model.checkpoint import load_checkpoint, save_checkpoint
+from repdyn.model.pickled import PickledCodeWarning, pickled_globals
 from repdyn.model.backbone import build_model
 
 

@@ -121,7 +121,8 @@ def test_official_diversedit_matches_reference_forward(official_files, kind):
     x, t, y = _inputs()
     with torch.no_grad():
         ref, streams, z = reference_forward(m, ema, x, t, y)
-        out, feats = m(x, t, y, features=range(1, DEPTH + 1))
+        f = m.forward_features(x, t, y, blocks=range(1, DEPTH + 1))
+        out, feats = f.out, f.blocks
         torch.testing.assert_close(m(x, t, y), ref, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
         hooked = {}

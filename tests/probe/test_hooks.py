@@ -60,7 +60,7 @@ def test_early_exit_equals_full_forward_and_skips_the_rest():
     calls = []
     h = m.final_layer.register_forward_hook(lambda *a: calls.append(1))
     with torch.no_grad():
-        _, full = m(x, t, y, drop_labels=False, features=[1, 2, 3, 4])
+        full = m.forward_features(x, t, y, drop_labels=False, blocks=[1, 2, 3, 4]).blocks
         calls.clear()
         with BlockCapture(m, [2, 3]) as cap:
             m(x, t, y, drop_labels=False)

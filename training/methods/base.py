@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from repdyn.model.backbone import Features
 from repdyn.model.objectives import Objective
 
 __all__ = ["StepContext", "LossTerm", "check_option_names"]
@@ -28,7 +29,7 @@ class StepContext:
     t: torch.Tensor
     x_t: torch.Tensor
     y: torch.Tensor  # labels after CFG dropout, shared by student and teacher
-    feats: dict[Any, torch.Tensor]  # student block outputs (1-based keys), "head", ("repa", j)
+    feats: Features  # the student forward: block outputs, SRA head, REPA projections
     step: int
     epoch: int
     autocast: Any  # a context-manager factory: the student's autocast settings
@@ -46,11 +47,11 @@ class LossTerm:
         return set()
 
     def project_block(self) -> int | None:
-        """Block whose output goes through the SRA head (``feats["head"]``), if any."""
+        """Block whose output goes through the SRA head (``feats.head``), if any."""
         return None
 
     def repa_block(self) -> int | None:
-        """Block whose output goes through the REPA projectors (``feats[("repa", j)]``), if any."""
+        """Block whose output goes through the REPA projectors (``feats.repa[j]``), if any."""
         return None
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

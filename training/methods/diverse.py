@@ -279,7 +279,7 @@ class DiverseOptions:
 class DiversityTerm(LossTerm):
     """``w * L_div`` on the student's block outputs (after long-skip fusion), training steps only.
 
-    The features come from the student forward's ``features=`` (the trainer asks for
+    The features come from the student's ``forward_features`` (the trainer asks for
     :meth:`student_blocks`), so sampling and probing never collect them.
     """
 
@@ -305,7 +305,7 @@ class DiversityTerm(LossTerm):
         return set(range(1, self.depth + 1))
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        feats = {k: ctx.feats[k] for k in range(1, self.depth + 1)}
+        feats = {k: ctx.feats.blocks[k] for k in range(1, self.depth + 1)}
         terms = diversity_loss(feats, self.pairs)
         if self.weight_mode == "adaptive":
             w = adaptive_weight(terms.loss, self.low, self.high, detach=self.detach_weight)

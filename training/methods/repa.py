@@ -318,7 +318,7 @@ class REPATerm(LossTerm):
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         targets = self.target_tokens(ctx)
-        projected = [ctx.feats[("repa", j)] for j in range(len(self.targets))]
+        projected = [ctx.feats.repa[j] for j in range(len(self.targets))]
         per = [token_cosine_loss(p, z) for p, z in zip(projected, targets)]
         loss = torch.stack(per).mean()
         logs = {"loss_proj": loss.detach()}

@@ -219,7 +219,7 @@ class SRATerm(LossTerm):
         return feats[self.teacher_block], t_teacher
 
     def __call__(self, ctx: StepContext) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        head = ctx.feats["head"]
+        head = ctx.feats.head
         target, _ = self.teacher_features(ctx)
         align = sra_distance(head, target, self.distance, self.beta)
         lam = self.current_weight(ctx.epoch)

@@ -13,7 +13,7 @@ from repdyn.training.config import TrainConfig
 from repdyn.training.methods import StepContext, build_loss_terms
 from repdyn.training.methods.diverse import (DiversityTerm, adaptive_weight, dispersion, diversity_loss, mi_proxy,
     official_pairs, orthogonality)
-from repdyn.model.backbone import build_model, model_config
+from repdyn.model.backbone import Features, build_model, model_config
 from repdyn.model.objectives import make_objective
 
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
@@ -55,7 +55,7 @@ def test_lrc_pairs_block_i_with_block_L_minus_1_minus_i(family):
         fus.register_forward_hook(lambda m, a, o, j=j: received.__setitem__(j, (a[0], a[1], o)))
     x, t, y = inputs(family=family)
     with torch.no_grad():
-        _, feats = model(x, t, y, features=range(1, depth + 1))
+        feats = model.forward_features(x, t, y, blocks=range(1, depth + 1)).blocks
     half = depth // 2
     assert len(received) == half
     for i in range(half, depth):  # 0-based deep block i
@@ -240,7 +240,7 @@ def test_adaptive_weight_gradient_multiplier(value, official, detached):
 
 def _ctx(feats):
     return StepContext(model=None, ema=None, objective=None, x0=None, eps=None, t=None, x_t=None, y=None,
-                       feats=feats, step=0, epoch=0, autocast=None, generator=None)
+                       feats=Features(out=None, blocks=feats), step=0, epoch=0, autocast=None, generator=None)
 
 
 @pytest.mark.parametrize("detach", [False, True])

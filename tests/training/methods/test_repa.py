@@ -139,11 +139,12 @@ def test_projectors_are_repas_mlps_under_repas_keys():
         refs.append(ref)
     x, t, y = torch.randn(3, 4, 16, 16), torch.rand(3), torch.tensor([1, 2, 10])
     with torch.no_grad():
-        out, feats = m(x, t, y, drop_labels=False, repa_block=3)
+        f = m.forward_features(x, t, y, drop_labels=False, repa_block=3)
+        out = f.out
         h = m.block_features(x, t, y, [3])[3]
         n, tokens, d = h.shape
         for j, ref in enumerate(refs):
-            torch.testing.assert_close(feats[("repa", j)], ref(h.reshape(-1, d)).reshape(n, tokens, -1),
+            torch.testing.assert_close(f.repa[j], ref(h.reshape(-1, d)).reshape(n, tokens, -1),
                                        rtol=0, atol=1e-6)
         plain = m(x, t, y, drop_labels=False)  # sampling: no projector runs, the output is the same
         assert torch.equal(plain, out)
@@ -151,7 +152,7 @@ def test_projectors_are_repas_mlps_under_repas_keys():
         assert torch.equal(m(x, t, y, drop_labels=False), plain)
     assert DiffusionTransformer(model_config("SiT-T/4", depth=2)).projectors is None
     with pytest.raises(ValueError, match="repa_block needs a model built with REPA projectors"):
-        m(x, t, y, repa_block=1)
+        m.forward_features(x, t, y, repa_block=1)
 
 
 # -- options -------------------------------------------------------------------------------------------

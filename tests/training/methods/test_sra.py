@@ -14,7 +14,7 @@ import torch
 from repdyn.training.config import TrainConfig, resolve_config
 from repdyn.training.methods import StepContext, build_loss_terms
 from repdyn.training.methods.sra import SRATerm, default_blocks, official_weight, sra_distance
-from repdyn.model.backbone import build_model, model_config
+from repdyn.model.backbone import Features, build_model, model_config
 from repdyn.model.objectives import make_objective
 
 HAVE_FMNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").exists()
@@ -46,10 +46,10 @@ def make_ctx(model, ema, family="sit", n=6, seed=1, autocast=contextlib.nullcont
     t = obj.sample_t(n, torch.device("cpu"), g)
     y = torch.tensor([3, 10, 1, 10, 7, 0][:n])  # 10 = null class: some labels were dropped
     x_t = obj.corrupt(x0, t, eps)
-    feats = {}
+    feats = Features(out=None)
     if term is not None:
-        _, feats = model(x_t, t, y, drop_labels=False, features=sorted(term.student_blocks()) or None,
-                         project_block=term.project_block())
+        feats = model.forward_features(x_t, t, y, drop_labels=False, blocks=sorted(term.student_blocks()),
+                                       project_block=term.project_block())
     return StepContext(model=model, ema=ema, objective=obj, x0=x0, eps=eps, t=t, x_t=x_t, y=y, feats=feats,
                        step=0, epoch=epoch, autocast=autocast, generator=g), obj
 
@@ -162,7 +162,7 @@ def test_sra_loss_equals_hand_computation(distance):
     ctx, _ = make_ctx(model, ema, term=term, seed=4)
     ctx.t = torch.tensor([0.05, 0.1, 0.3, 0.6, 0.95, 0.15])
     ctx.x_t = (1 - ctx.t.view(-1, 1, 1, 1)) * ctx.x0 + ctx.t.view(-1, 1, 1, 1) * ctx.eps
-    _, ctx.feats = model(ctx.x_t, ctx.t, ctx.y, drop_labels=False, project_block=ks)
+    ctx.feats = model.forward_features(ctx.x_t, ctx.t, ctx.y, drop_labels=False, project_block=ks)
     seed_state = ctx.generator.get_state()
     loss, logs = term(ctx)
 
@@ -173,8 +173,8 @@ def test_sra_loss_equals_hand_computation(distance):
     tt = (ctx.t - delta).clamp(0, 1)
     x_tt = (1 - tt.view(-1, 1, 1, 1)) * ctx.x0 + tt.view(-1, 1, 1, 1) * ctx.eps
     with torch.no_grad():
-        _, tf = ema(x_tt, tt, ctx.y, drop_labels=False, features=[kt])  # full teacher pass, shared labels
-        _, sf = model(ctx.x_t, ctx.t, ctx.y, drop_labels=False, features=[ks])
+        tf = ema.forward_features(x_tt, tt, ctx.y, drop_labels=False, blocks=[kt]).blocks  # full teacher pass
+        sf = model.forward_features(ctx.x_t, ctx.t, ctx.y, drop_labels=False, blocks=[ks]).blocks
     teacher = tf[kt]
     w1, b1 = model.ap_head.linear1.weight, model.ap_head.linear1.bias
     w2, b2 = model.ap_head.linear2.weight, model.ap_head.linear2.bias
