@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from repdyn.core.runtime import resolve_device
-from repdyn.study.engine import record_study, run_in_processes, run_steps
+from repdyn.study.engine import record_run, record_study, run_in_processes, run_steps
 from repdyn.study.figures import write_figures
 from repdyn.study.paths import StudyPaths
 from repdyn.study.plan import FeatureSettings, study_steps
@@ -102,6 +102,7 @@ def run_study(out: str | os.PathLike = "runs/demo", scale: str | StudyConfig = "
         timings[k] = timings.get(k, 0.0) + v
     timings["total"] = time.perf_counter() - t_all
     if only is not None:
+        record_run(paths, only, timings)
         log(f"[done] run {only}; gather with `probe demo --scale {cfg.name} --out {paths.out}`")
         return None
     record_study(paths, cfg, timings)

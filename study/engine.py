@@ -20,7 +20,7 @@ from .paths import StudyPaths
 from .plan import Step, StudyActions, study_steps
 from .scales import StudyConfig
 
-__all__ = ["run_steps", "run_in_processes", "record_study"]
+__all__ = ["run_steps", "run_in_processes", "record_study", "record_run", "RUN_TIMINGS"]
 
 Timings = dict[str, float]
 
@@ -71,16 +71,44 @@ def _run_one(job: tuple[StudyPaths, StudyConfig, StudyActions, str]) -> Timings:
     return run_steps(steps, lambda msg: print(f"{msg} ({name})", flush=True))
 
 
+RUN_TIMINGS = "study_timings.json"  # in a run folder: the compute of its --only sessions
+
+
+def record_run(paths: StudyPaths, run: str, timings: Timings) -> None:
+    """Add an ``--only`` session's compute to its run folder (one writer: the run's own session), so
+    that the gathering session can count it; sessions of one run accumulate."""
+    path = paths.run_dir(run) / RUN_TIMINGS
+    prev = json.loads(path.read_text()) if path.exists() else {}
+    total = _add(dict(prev.get("timings_s", {})), timings)
+    atomic_write_text(path, json.dumps({"timings_s": total, "sessions": prev.get("sessions", 0) + 1}, indent=2))
+
+
+def _run_timings(paths: StudyPaths) -> tuple[Timings, int]:
+    """The compute of every run's ``--only`` sessions, summed, and how many sessions that was."""
+    total: Timings = {}
+    sessions = 0
+    for f in sorted(paths.runs.glob(f"*/{RUN_TIMINGS}")):
+        rec = json.loads(f.read_text())
+        total = _add(total, rec.get("timings_s", {}))
+        sessions += int(rec.get("sessions", 0))
+    return total, sessions
+
+
 def record_study(paths: StudyPaths, cfg: StudyConfig, timings: Timings) -> None:
     """study.json: config, the cells, the side-by-side per-step cost, and compute time summed over
-    sessions of the same config."""
+    sessions of the same config (the gathering ones here, plus every run's ``--only`` sessions,
+    :func:`record_run`)."""
     path: Path = paths.study
     prev = json.loads(path.read_text()) if path.exists() else {}
     same = prev.get("config") == json.loads(json.dumps(asdict(cfg), default=str))
-    total = _add(dict(prev.get("timings_s", {})) if same else {}, timings)
+    gathered = _add(dict(prev.get("gather_timings_s", prev.get("timings_s", {}))) if same else {}, timings)
+    runs, run_sessions = _run_timings(paths)
+    total = _add(dict(gathered), runs)
     ks, kt, t_s, t_t = cfg.sra_cells()
     cost = paths.step_cost
-    info = {"config": asdict(cfg), "timings_s": total, "sessions": (prev.get("sessions", 0) if same else 0) + 1,
+    sessions = (prev.get("gather_sessions", prev.get("sessions", 0)) if same else 0) + 1
+    info = {"config": asdict(cfg), "timings_s": total, "gather_timings_s": gathered, "gather_sessions": sessions,
+            "run_sessions": run_sessions, "sessions": sessions + run_sessions,
             "cells": {"student_block": ks, "teacher_block": kt, "t_student": t_s, "t_teacher": t_t},
             "step_cost": json.loads(cost.read_text())["seconds_per_step"] if cost.exists() else {}}
     atomic_write_text(path, json.dumps(info, indent=2, default=str))

@@ -19,6 +19,19 @@ from repdyn.study.tables import StudyTables
 __all__ = ["render_report", "write_report"]
 
 
+def _sessions(study: dict) -> str:
+    """Which sessions the compute line sums: the whole study, or its gathering and its runs' ``--only``
+    sessions (runs made by an older version recorded none, and the line says so)."""
+    if "gather_sessions" not in study:
+        return f"{study.get('sessions', 1)} session(s)"
+    runs = study.get("run_sessions", 0)
+    if not runs and "train" in study.get("gather_timings_s", {}):
+        return f"{study['gather_sessions']} session(s)"
+    return (f"{study['gather_sessions']} gathering session(s) and {runs} `--only` run session(s)"
+            + ("" if runs else ": the runs were trained in --only sessions that recorded no compute (an older "
+               "version), so their training, probes and evaluation are not in it"))
+
+
 def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collection[str], machine: str,
                   tables_dir: str) -> str:
     """The report's Markdown. ``figures``: the file names present beside it (only those are linked)."""
@@ -30,8 +43,8 @@ def render_report(tb: StudyTables, verdicts: Sequence[Verdict], figures: Collect
              f"{', '.join(m for m in cfg.get('methods', []))}"
              + (f" + SRA teacher blocks {cfg.get('extra_teacher_blocks')}" if cfg.get("extra_teacher_blocks") else "")
              + ".", f"Machine: {machine}.",
-             f"Compute time of the study (s, summed over {study.get('sessions', 1)} session(s), installation "
-             "not included): " + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
+             f"Compute time of the study (s, summed over {_sessions(study)}, installation not included): "
+             + ", ".join(f"{k} {v:.0f}" for k, v in tim.items()) + ".", "",
              f"Verdicts are computed by `repdyn.study.claims` from the tables in `{tables_dir}`; the rule for each "
              "claim is stated below. Comparisons of arms (C3, C4, C6, C7) are made over training seeds, as a "
              "paired t interval of the per-seed differences where the arms share their seeds (Welch where they "
