@@ -30,7 +30,7 @@ from repdyn.core.runtime import dist_info
 from repdyn.model.checkpoint import CKPT_RE, list_checkpoints
 from repdyn.model.torch_file import CheckpointFile, read_checkpoint
 from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
-from repdyn.training.trainer import train
+from repdyn.training.trainer import NO_OPT_STATE, train
 from repdyn.training.warm_start import WarmStart, is_training_checkpoint, read_warm_start
 
 __all__ = ["TrainResult", "run_train", "RUN_RECORDS"]
@@ -83,6 +83,10 @@ def _read_source(ckpt: Path, run: Path | None, trust: bool = False) -> _Source:
         raise ValueError(_broken_message(ckpt, run, str(e))) from None
     if is_training_checkpoint(file.obj):
         return _Source(ckpt, run, dict(file.obj["config"]))
+    obj = file.obj
+    if isinstance(obj, dict) and "meta" in obj and "config" in obj and "model" in obj:  # ours, saved without opt
+        raise ValueError(f"{ckpt} {NO_OPT_STATE}: resume from a checkpoint that has it, or start the run afresh "
+                         "with --overwrite")
     # A published file, even where the official trainers write theirs (<exp>/checkpoints/NNNNNNN.pt, as
     # ours): never a run of this toolkit to resume into.
     return _Source(ckpt, None, {}, published=file)

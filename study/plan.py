@@ -95,7 +95,7 @@ def train_config(cfg: StudyConfig, method: str, out: Path, **extra: Any) -> Trai
     fields = dict(model=cfg.model, model_overrides=dict(cfg.model_overrides), method=method, data=cfg.data,
                   steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, ema_decay=cfg.ema_decay, seed=cfg.seed,
                   ckpt_every=0, ckpt_steps=cfg.ckpt_steps(), log_every=max(1, cfg.steps // 100), out=str(out),
-                  device=cfg.device)
+                  device=cfg.device, opt_state=cfg.opt_state)
     if MethodSpec.parse(method).repa:  # REPA aligns to the study's encoder, the one its curves measure
         fields["repa"] = {"encoder": cfg.encoder}
     return resolve_config(None, None, {**fields, **extra})

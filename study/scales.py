@@ -45,6 +45,7 @@ class StudyConfig:
     eval_sampler: str = "ode-euler"
     pca_images: tuple[int, ...] = (0, 1, 2, 3)
     encoder: str = "embedded"  # the external encoder of the alignment curves (embedded:N: trained on N images)
+    opt_state: str = "every"  # "final": only final checkpoints keep the optimiser state (disk on the GPU machine)
     device: str = "auto"
 
     def ckpt_steps(self) -> list[int]:
@@ -114,5 +115,6 @@ SCALES: dict[str, StudyConfig] = {
     "gpu": StudyConfig(name="gpu", model="SiT-S/4", methods=("baseline", "sra", "diverse", "repa"), steps=1200,
                        n_ckpts=4, batch_size=256, lr=3e-4, ema_decay=0.995, seeds=(0, 1, 2), extra_seeds=(),
                        grid_runs=("baseline", "sra"), n_train=10000, n_test=5000, curve_n_train=5000,
-                       curve_n_test=5000, n_div=64, sim_n=1024, eval_n=1000, eval_steps=24, device="cuda"),
+                       curve_n_test=5000, n_div=64, sim_n=1024, eval_n=1000, eval_steps=24, device="cuda",
+                       opt_state="final"),
 }

@@ -88,6 +88,7 @@ class TrainConfig:
     init_from: str | None = None  # a published checkpoint the run started from (training/warm_start.py)
     out: str = "runs/default"
     ckpt_every: int = 0  # 0: only at the end
+    opt_state: str = "every"  # which checkpoints keep the optimiser state: every | final (smaller files, no mid-run resume)
     ckpt_steps: list[int] = field(default_factory=list)  # extra steps to checkpoint (training-dynamics curves)
     log_every: int = 10
     device: str = "auto"
@@ -101,6 +102,8 @@ class TrainConfig:
             raise ValueError(f"batch_size {self.batch_size} must be divisible by grad_accum {self.grad_accum}")
         if not 0.0 <= self.ema_decay < 1.0:
             raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.opt_state not in ("every", "final"):
+            raise ValueError(f"opt_state must be every or final, got {self.opt_state!r}")
         if self.precision not in ("auto", "fp32", "bf16", "fp16"):
             raise ValueError(f"precision must be auto, fp32, bf16 or fp16, got {self.precision!r}")
         if self.lr <= 0 or self.grad_clip < 0:

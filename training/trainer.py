@@ -35,7 +35,7 @@ from repdyn.core.files import atomic_path, atomic_write_text
 from repdyn.model.objectives import make_objective
 from repdyn.core.runtime import dist_info, init_distributed, resolve_device
 
-__all__ = ["Trainer", "TrainingDiverged", "train", "config_changes", "RESUMABLE_CHANGES"]
+__all__ = ["Trainer", "TrainingDiverged", "train", "config_changes", "RESUMABLE_CHANGES", "NO_OPT_STATE"]
 
 
 class TrainingDiverged(ValueError):
@@ -45,7 +45,9 @@ class TrainingDiverged(ValueError):
 
 # Fields a resumed run may change: how long and where it runs and logs, not what it computes.
 RESUMABLE_CHANGES = ("steps", "out", "ckpt_every", "ckpt_steps", "log_every", "device", "num_workers", "compile",
-                     "data_root")
+                     "data_root", "opt_state")
+NO_OPT_STATE = ("holds no optimiser state (opt_state: final keeps it in the final checkpoint only), so it cannot be "
+                "resumed exactly")
 
 
 def config_changes(old: dict, new: TrainConfig) -> list[str]:
@@ -194,10 +196,12 @@ class Trainer:
         path = None
         if self.rank == 0:
             state = {
-                "model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict(),
-                "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+                "model": self.model.state_dict(), "ema": self.ema.state_dict(),
                 "steps": self.step, "epoch": meta["data_position"]["epoch"], "config": self.cfg.to_dict(), "meta": meta,
             }
+            if self.cfg.opt_state == "every" or self.step >= self.cfg.steps:  # what an exact resume needs
+                state["opt"] = self.opt.state_dict()
+                state["scaler"] = self.scaler.state_dict() if self.scaler is not None else {}
             path = save_checkpoint(state, self.out / "checkpoints" / f"{self.step:07d}.pt")
         if self.world > 1:
             dist.barrier()
@@ -211,6 +215,8 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoints to resume from in {path}")
             path = found
         state = read_checkpoint(path, map_location="cpu").obj
+        if isinstance(state, dict) and "meta" in state and "config" in state and "opt" not in state:
+            raise ValueError(f"{path} {NO_OPT_STATE}: resume from the final checkpoint, or start the run afresh")
         if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
             raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
         changed = config_changes(state["config"], self.cfg)

@@ -203,3 +203,18 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
     assert "--preset" in subprocess.run([sys.executable, "-m", "repdyn", "train", "--help"],
                                         capture_output=True, text=True, cwd=ROOT).stdout
+
+
+def test_opt_state_final_keeps_the_optimiser_in_the_final_checkpoint_only(tmp_path):
+    """Smaller files (the gpu scale's 12 runs x 4 checkpoints): the intermediate checkpoints hold
+    weights and EMA only; resuming one is a one-line error, the final one resumes exactly."""
+    run = tmp_path / "run"
+    train(cfg(run, steps=4, ckpt_every=2, opt_state="final"), quiet=True)
+    mid, last = (torch.load(run / "checkpoints" / f"000000{s}.pt", weights_only=True) for s in (2, 4))
+    assert "opt" not in mid and {"model", "ema", "meta", "config"} <= set(mid) and "opt" in last
+    with pytest.raises(ValueError, match="holds no optimiser state .* cannot be resumed exactly"):
+        Trainer(cfg(run, steps=6, opt_state="final"), resume=run / "checkpoints" / "0000002.pt", quiet=True)
+    train(cfg(run, steps=6, opt_state="final"), resume=run, quiet=True)
+    assert (run / "checkpoints" / "0000006.pt").exists()
+    with pytest.raises(ValueError, match="opt_state must be every or final"):
+        cfg(run, opt_state="sometimes")
