@@ -51,8 +51,8 @@ class CommandActions:
         return run_curves(run_dir, _spec(features), out=out, **kw)
 
     def evaluate(self, ckpt: Path, metrics: Path, *, n: int, data: str, device: str, sampler: str, steps: int,
-                 seed: int) -> Any:
-        return run_eval(ckpt, metrics, n=n, data=data, device=str(resolve_device(device)),
+                 seed: int, weights: str = "ema") -> Any:
+        return run_eval(ckpt, metrics, weights=weights, n=n, data=data, device=str(resolve_device(device)),
                         sampler=SamplerSettings(method=sampler, steps=steps, seed=seed, batch_size=256))
 
     def similarity(self, ckpt: Path, out: Path, features: FeatureSettings, *, ts: list[float]) -> Any:

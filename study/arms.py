@@ -37,6 +37,12 @@ def _per_run(tb: StudyTables) -> pd.DataFrame:
         metric = q["metric"].iloc[0]
         cols = ["run", metric] + [c for c in ("class_acc", "init_fraction") if c in q.columns]
         rows = rows.merge(_final(q)[cols].rename(columns={metric: "metric_value"}), on="run", how="left")
+    online = tb.eval_online
+    if online is not None and not online.empty and not q.empty:
+        metric = q["metric"].iloc[0]
+        if metric in online.columns:
+            rows = rows.merge(_final(online)[["run", metric]].rename(columns={metric: "online_value"}), on="run",
+                              how="left")
     if tb.curves is not None:
         c = _final(tb.curves)
         for role in ("teacher", "student"):
@@ -46,10 +52,11 @@ def _per_run(tb: StudyTables) -> pd.DataFrame:
 
 
 def arm_table(tb: StudyTables) -> pd.DataFrame:
-    """Per arm: number of seeds, mean and SD over seeds of the final metric, its samples' class
-    accuracy and initial-weight fraction, and the final teacher / student probe accuracy."""
+    """Per arm: number of seeds, mean and SD over seeds of the final metric (EMA, and the online
+    weights' cross-check where evaluated), its samples' class accuracy and initial-weight fraction,
+    and the final teacher / student probe accuracy."""
     per = _per_run(tb)
-    cols = [c for c in ("metric_value", "class_acc", "init_fraction", "teacher_acc", "student_acc")
+    cols = [c for c in ("metric_value", "online_value", "class_acc", "init_fraction", "teacher_acc", "student_acc")
             if c in per.columns]
     agg = per.groupby("arm")[cols].agg(["mean", "std"])
     agg.columns = [f"{c}_{s}" for c, s in agg.columns]

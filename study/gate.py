@@ -89,7 +89,7 @@ def maturity(tb: StudyTables, arms: Sequence[str], baseline: str = "baseline") -
     """The maturity gate (module docstring) for a claim comparing ``arms``: the EMA age of every run of
     ``arms`` and the class accuracy of ``baseline`` (``baseline-ema<d>`` arms are their own
     baselines: pass the arm's name)."""
-    ev = tb.eval
+    ev = tb.eval_ema
     if ev is None or ev.empty or "run" not in ev.columns:
         return Maturity(math.nan, "", math.nan, math.nan, math.nan, math.nan, ("no evaluation table",))
     rows = _final_rows(ev, tuple(arms) + (baseline,))

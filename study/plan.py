@@ -66,7 +66,7 @@ class StudyActions(Protocol):
                encoder: str) -> Any: ...
 
     def evaluate(self, ckpt: Path, metrics: Path, *, n: int, data: str, device: str, sampler: str, steps: int,
-                 seed: int) -> Any: ...
+                 seed: int, weights: str = "ema") -> Any: ...
 
     def similarity(self, ckpt: Path, out: Path, features: FeatureSettings, *, ts: list[float]) -> Any: ...
 
@@ -75,8 +75,12 @@ class StudyActions(Protocol):
     def pca(self, ckpt: Path, out: Path, features: FeatureSettings, *, images: list[int]) -> Any: ...
 
 
-def _evaluated(metrics: Path) -> set[str]:
-    return set(pd.read_csv(metrics, dtype={"ckpt_sha": str})["ckpt_sha"]) if metrics.exists() else set()
+def _evaluated(metrics: Path, weights: str = "ema") -> set[str]:
+    """The checkpoints (sha) evaluated on ``weights`` in the study's metrics table."""
+    if not metrics.exists():
+        return set()
+    ev = pd.read_csv(metrics, dtype={"ckpt_sha": str})
+    return set(ev.loc[ev["weights"] == weights, "ckpt_sha"] if "weights" in ev.columns else ev["ckpt_sha"])
 
 
 def _curves_done(folder: Path, run_dir: Path) -> bool:
@@ -149,6 +153,13 @@ def study_steps(cfg: StudyConfig, paths: StudyPaths, actions: StudyActions, prog
                               lambda ck=ck: actions.evaluate(
                                   ck, metrics, n=cfg.eval_n, data=cfg.data, device=cfg.device,
                                   sampler=cfg.eval_sampler, steps=cfg.eval_steps, seed=cfg.seed), name))
+        # the online weights of the final checkpoint: a cross-check beside the sampled EMA's, which
+        # can lag (or, young, still be its initialisation)
+        steps.append(Step(f"eval {name} {final(run_dir).name} (online weights)", "eval",
+                          lambda r=run_dir: file_sha(final(r)) in _evaluated(metrics, "model"),
+                          lambda r=run_dir: actions.evaluate(
+                              final(r), metrics, n=cfg.eval_n, data=cfg.data, device=cfg.device,
+                              sampler=cfg.eval_sampler, steps=cfg.eval_steps, seed=cfg.seed, weights="model"), name))
         if extra.get("seed", 0) != 0:  # the figures of one seed per arm
             continue
         for kind, marker, go in (

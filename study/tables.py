@@ -70,6 +70,25 @@ class StudyTables:
     def quality(self) -> pd.DataFrame:
         return quality_table(self)
 
+    @property
+    def eval_ema(self) -> pd.DataFrame | None:
+        """The evaluation rows of the sampled (EMA) weights, what every generation claim reads."""
+        return weights_rows(self.eval, "ema")
+
+    @property
+    def eval_online(self) -> pd.DataFrame | None:
+        """The online weights' evaluation rows: the cross-check beside the EMA's (final checkpoints)."""
+        return weights_rows(self.eval, "model")
+
+
+def weights_rows(ev: pd.DataFrame | None, weights: str) -> pd.DataFrame | None:
+    """The rows of ``ev`` evaluated on ``weights`` (a table without the column holds EMA rows only)."""
+    if ev is None:
+        return None
+    if "weights" not in ev.columns:
+        return ev if weights == "ema" else ev.iloc[0:0]
+    return ev[ev["weights"] == weights]
+
 
 def quality_table(tb: StudyTables) -> pd.DataFrame:
     """One row per evaluated checkpoint: teacher-cell probe accuracy, ``fd_<data>`` and its
@@ -79,7 +98,7 @@ def quality_table(tb: StudyTables) -> pd.DataFrame:
     its initialisation the sampled EMA still holds, :func:`init_fraction`)."""
     if tb.eval is None or tb.curves is None:
         return pd.DataFrame(columns=["checkpoint_sha", "accuracy", "run", "step", "train_seconds", "metric"])
-    ev = tb.eval
+    ev = tb.eval_ema
     metric = next(c for c in ev.columns if c.startswith("fd_") and not c.endswith("_se"))
     teach = tb.curves[tb.curves["role"] == "teacher"][["checkpoint_sha", "accuracy", "run", "step"]]
     ev = ev.rename(columns={"ckpt_sha": "checkpoint_sha"})

@@ -4,6 +4,7 @@ import os
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from repdyn.study import claims
@@ -35,6 +36,11 @@ def test_study_writes_report_covering_every_claim(smoke_study):
     os.umask(umask)
     for written in (report, run / "tables" / "eval_metrics.csv", run / "tables" / "layer_grid_baseline" / "layer_grid.csv"):
         assert written.stat().st_mode & 0o777 == 0o666 & ~umask, written  # readable as the umask says
+    # the online weights of every run's final checkpoint are evaluated beside the EMA (the cross-check)
+    ev = pd.read_csv(run / "tables" / "eval_metrics.csv")
+    online = ev[ev.weights == "model"]
+    assert sorted(online.run) == sorted(ev.run.unique()) and (online.step == 40).all()
+    assert "| online weights |" in text
     rows = [ln for ln in text.splitlines() if ln.startswith("| C")]
     assert len(rows) == len(claims.CLAIMS) == 9 and all(any(f"**{v}**" in r for v in VERDICTS) for r in rows)
     for name in ("layer_grid_baseline.png", "teacher_vs_student.png", "probe_vs_quality.png", "quality_vs_time.png",
