@@ -188,7 +188,7 @@ def _ints(values: Optional[list[str]], flag: str) -> Optional[list[int]]:
 
 def _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
           trust, quiet, num_heads=None):
-    from repdyn.commands.common import FeatureSpec
+    from repdyn.commands.features import FeatureSpec
 
     return FeatureSpec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
                        device=device, cache_dir=None if no_cache else cache, family=family,

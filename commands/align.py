@@ -21,8 +21,8 @@ from repdyn.model.encoders import (EncodedFeatures, Encoder, PrecomputedFeatures
     load_encoder, parse_encoder)
 from repdyn.probe.cache import FeatureCache
 
-from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import FeatureSpec, checkpoint_columns, describe_grid, load_features, load_for_analysis
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["AlignResult", "run_align", "encoder_features", "parse_metrics", "DEFAULT_METRICS"]
 

@@ -59,8 +59,8 @@ from repdyn.core.runtime import resolve_device
 
 from repdyn.model.encoders import Encoder, load_encoder, parse_encoder
 from repdyn.commands.align import encoder_features, parse_metrics
-from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, claim_output, load_features,
-                                    releases_outputs)
+from repdyn.commands.features import FeatureSpec, cell_t, load_features
+from repdyn.commands.outputs import Outputs, claim_output, releases_outputs
 
 __all__ = ["CurveSettings", "BlockSettings", "CurvesResult", "Cells", "resolve_cells", "run_curves", "PROBE_COLUMNS",
            "SIM_COLUMNS", "BLOCK_COLUMNS"]

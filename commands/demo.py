@@ -23,7 +23,7 @@ from repdyn.study.report import write_report
 from repdyn.study.scales import SCALES, StudyConfig
 from repdyn.study.tables import load_study_tables
 
-from .common import FeatureSpec
+from .features import FeatureSpec
 from .curves import run_curves
 from .diversity import run_diversity
 from .eval import run_eval

@@ -29,8 +29,8 @@ from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import atomic_write_text, save_figure, write_table
 from repdyn.core.runtime import init_distributed, resolve_device
 
-from repdyn.commands.common import (check_weights, claim_output, default_out, release_output,
-                                    releases_outputs)
+from repdyn.commands.features import check_weights
+from repdyn.commands.outputs import claim_output, default_out, release_output, releases_outputs
 
 __all__ = ["LayerGridResult", "run_layer_grid"]
 
