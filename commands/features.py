@@ -22,8 +22,8 @@ from repdyn.model.checkpoint import LoadedCheckpoint, load_checkpoint
 from repdyn.probe.cache import DEFAULT_CACHE, FeatureCache
 from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_ts
 
-__all__ = ["FeatureSpec", "check_weights", "weights_word", "load_for_analysis", "checkpoint_columns", "dataset_for",
-           "load_features", "cell_t", "parse_cells", "spread_blocks", "analysis_ts", "describe_grid"]
+__all__ = ["FeatureSpec", "check_weights", "weights_word", "load_for_analysis", "checkpoint_columns", "data_of",
+           "dataset_for", "load_features", "cell_t", "parse_cells", "spread_blocks", "analysis_ts", "describe_grid"]
 
 
 @dataclass
@@ -75,10 +75,16 @@ def checkpoint_columns(ck: LoadedCheckpoint) -> dict[str, object]:
             "step": ck.step, "weights": ck.weights}
 
 
-def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):
-    """The dataset a command analyses: ``--data`` when given, else the one the run trained on, in the
-    checkpoint's channels (:meth:`LoadedCheckpoint.dataset_inputs`)."""
-    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split, **ck.dataset_inputs())
+def data_of(ck: LoadedCheckpoint, spec: FeatureSpec) -> str:
+    """The dataset a command analyses: ``--data`` when given, else the one the run trained on (else
+    Fashion-MNIST, for files that do not say)."""
+    return spec.data or ck.data or "fashion-mnist"
+
+
+def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None, *, root: str | None = None):
+    """The split of :func:`data_of` in the checkpoint's channels (:meth:`LoadedCheckpoint.dataset_inputs`);
+    ``root``: where a downloaded dataset lives (default: its own)."""
+    return make_dataset(data_of(ck, spec), split or spec.split, root=root, **ck.dataset_inputs())
 
 
 def load_features(ck: LoadedCheckpoint, spec: FeatureSpec, *, blocks: Sequence[int] | None = None,
