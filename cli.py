@@ -310,11 +310,10 @@ def layer_grid(
     from repdyn.commands.layer_grid import run_layer_grid
     from repdyn.probe.layer_grid import summarize
 
-    res = run_layer_grid(ckpt, data=data, blocks=_parse_blocks(blocks), ts=_parse_ts(t), weights=weights, label=label,
-                         probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
-                         batch_size=batch_size, out_dir=out, cache_dir=None if no_cache else cache, family=family,
-                         time_convention=time_convention, trust=trust_checkpoint, progress=not quiet,
-                         overwrite=overwrite, num_heads=num_heads)
+    spec = _spec(data, "test", n_test, label, pooling, seed, batch_size, device, cache, no_cache, family,
+                 time_convention, trust_checkpoint, quiet, num_heads)
+    res = run_layer_grid(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t), probe=probe,
+                         n_train=n_train, out=out, overwrite=overwrite)
     if res.csv is None:  # a non-zero torchrun rank
         return
     _echo_notes(res.notes)

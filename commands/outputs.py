@@ -12,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -148,22 +149,28 @@ R = TypeVar("R", bound=Outputs)
 
 
 def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, result: type[R] = Outputs, *,
-                identity: dict[str, Any] | None = None, overwrite: bool = False, sha: str | None = None) -> R:
+                identity: dict[str, Any] | None = None, overwrite: bool = False, sha: str | None = None,
+                root: str | os.PathLike | None = None, parts: Sequence[str] = ()) -> R:
     """The command's output folder, claimed for this process and these results, in its result type.
 
     Called before any heavy work. ``identity`` (the checkpoint and every setting that changes the
     results) is recorded in the folder; a folder recorded for another identity is never replaced
     unless ``overwrite`` (see :func:`claim_output`). ``Outputs.finish()`` releases the claim.
+    Without ``out`` the folder is :func:`default_out` under ``root`` (default ``figures/<kind>``),
+    its name carrying ``parts`` (settings worth reading in a folder name).
     """
     identity = {"command": kind, **(identity or {})}
-    path = Path(out) if out is not None else default_out(FIGURES_ROOT / kind, ckpt, weights, identity, sha=sha)
+    root = FIGURES_ROOT / kind if root is None else root
+    path = Path(out) if out is not None else default_out(root, ckpt, weights, identity, *parts, sha=sha)
     claim_output(path, identity, overwrite)
     return result(path)
 
 
 def prepare_for(ck: LoadedCheckpoint, out: str | os.PathLike | None, kind: str, result: type[R] = Outputs, *,
-                identity: dict[str, Any] | None = None, overwrite: bool = False) -> R:
+                identity: dict[str, Any] | None = None, overwrite: bool = False,
+                root: str | os.PathLike | None = None, parts: Sequence[str] = ()) -> R:
     """:func:`prepare_out` for a loaded checkpoint: its default folder, and its load notes carried."""
-    res = prepare_out(out, kind, ck.path, ck.weights, result, identity=identity, overwrite=overwrite, sha=ck.sha)
+    res = prepare_out(out, kind, ck.path, ck.weights, result, identity=identity, overwrite=overwrite, sha=ck.sha,
+                      root=root, parts=parts)
     res.notes = ck.load_notes()
     return res
