@@ -2,16 +2,20 @@
 
 Each command calls one ``commands.<name>.run_<name>`` and prints what it returned. Options that
 several commands share are declared once below (``Opt*``), so their names, defaults and help read
-the same everywhere. Imports of the heavy layers happen inside the commands, so ``probe --help``
+the same everywhere; the flags that close every feature command (cache, foreign checkpoints, --pdf,
+--overwrite, --quiet) are added by ``@feature_options`` and arrive as one ``FeatureOptions``, which
+builds the command's ``FeatureSpec``. Imports of the heavy layers happen inside the commands, so ``probe --help``
 stays fast.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import os
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -186,13 +190,62 @@ def _ints(values: Optional[list[str]], flag: str) -> Optional[list[int]]:
         raise ValueError(f"{flag} expects integers, e.g. 0,5,9") from None
 
 
-def _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
-          trust, quiet, num_heads=None):
-    from repdyn.commands.common import FeatureSpec
+@dataclass
+class FeatureOptions:
+    """The options that close every feature command, in this order: the feature cache, how a foreign
+    checkpoint is read, and what is written (``--pdf``, ``--overwrite``) and shown (``--quiet``)."""
 
-    return FeatureSpec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
-                       device=device, cache_dir=None if no_cache else cache, family=family,
-                       time_convention=time_convention, num_heads=num_heads, trust=trust, progress=not quiet)
+    cache: Optional[Path]
+    no_cache: bool
+    family: Optional[str]
+    time_convention: Optional[str]
+    num_heads: Optional[int]
+    trust_checkpoint: bool
+    pdf: bool = False
+    overwrite: bool = False
+    quiet: bool = False
+
+    def spec(self, *, data: Optional[str], split: str, n: int, label: str, pooling: str, seed: int, batch_size: int,
+             device: str) -> Any:
+        """The :class:`repdyn.commands.features.FeatureSpec` of these options and the command's own."""
+        from repdyn.commands.features import FeatureSpec
+
+        return FeatureSpec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
+                           device=device, cache_dir=None if self.no_cache else self.cache, family=self.family,
+                           time_convention=self.time_convention, num_heads=self.num_heads, trust=self.trust_checkpoint,
+                           progress=not self.quiet)
+
+
+# (name, option, default) of FeatureOptions' flags, in the order --help lists them
+_FEATURE_TAIL = (("cache", OptCache, DEFAULT_CACHE), ("no_cache", OptNoCache, False), ("family", OptFamily, None),
+                 ("time_convention", OptTime, None), ("num_heads", OptNumHeads, None),
+                 ("trust_checkpoint", OptTrust, False), ("pdf", OptPdf, False), ("overwrite", OptOverwrite, False),
+                 ("quiet", OptQuiet, False))
+
+
+def feature_options(*, pdf: bool = True, overwrite: bool = True):
+    """Close a command's options with :class:`FeatureOptions`' flags (``pdf`` / ``overwrite``: whether it
+    has those two) and hand them to it as one keyword argument ``opts``, so every feature command
+    declares them once and in the same order."""
+    tail = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=default, annotation=option)
+            for name, option, default in _FEATURE_TAIL
+            if (name != "pdf" or pdf) and (name != "overwrite" or overwrite)]
+
+    def decorate(fn):
+        sig = inspect.signature(fn, eval_str=True)
+        own = [p for p in sig.parameters.values() if p.name != "opts"]
+
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            opts = FeatureOptions(**{p.name: kwargs.pop(p.name) for p in tail})
+            return fn(*args, opts=opts, **kwargs)
+
+        params = [*own, *tail]
+        wrapper.__signature__ = sig.replace(parameters=params)  # what typer reads: the flags, in order
+        wrapper.__annotations__ = {**{p.name: p.annotation for p in params}, "return": sig.return_annotation}
+        return wrapper
+
+    return decorate
 
 
 def _sampler(method, steps, cfg_scale, guidance_low, guidance_high, legacy_cfg, labels, seed, batch_size):
@@ -286,6 +339,7 @@ def train(
 
 @app.command("layer-grid")
 @friendly_errors
+@feature_options(pdf=False)
 def layer_grid(
     ckpt: OptCkpt, data: OptData = None,
     blocks: Annotated[Optional[list[str]], typer.Option(help="Blocks: 1,4,8 or 0-6 (0 = the input embedding, the "
@@ -297,8 +351,7 @@ def layer_grid(
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: under layer_grid/, named by run, "
                                                 "checkpoint, its hash, weights, label, probe and a hash of the "
                                                 "settings).")] = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """Linear-probe accuracy for every (block, t) cell: writes layer_grid.csv, a heatmap PNG and the protocol.
 
@@ -310,11 +363,10 @@ def layer_grid(
     from repdyn.commands.layer_grid import run_layer_grid
     from repdyn.probe.layer_grid import summarize
 
-    res = run_layer_grid(ckpt, data=data, blocks=_parse_blocks(blocks), ts=_parse_ts(t), weights=weights, label=label,
-                         probe=probe, device=device, n_train=n_train, n_test=n_test, pooling=pooling, seed=seed,
-                         batch_size=batch_size, out_dir=out, cache_dir=None if no_cache else cache, family=family,
-                         time_convention=time_convention, trust=trust_checkpoint, progress=not quiet,
-                         overwrite=overwrite, num_heads=num_heads)
+    spec = opts.spec(data=data, split="test", n=n_test, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
+                     device=device)
+    res = run_layer_grid(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t), probe=probe,
+                         n_train=n_train, out=out, overwrite=opts.overwrite)
     if res.csv is None:  # a non-zero torchrun rank
         return
     _echo_notes(res.notes)
@@ -462,6 +514,7 @@ OutSimilarity, OutDiversity, OutPca, OutUmap, OutAttribution, OutAlign, OutSpati
 
 @app.command()
 @friendly_errors
+@feature_options()
 def similarity(
     ckpt: OptCkpt,
     other: Annotated[Optional[Path], typer.Option(help="Second checkpoint for a cross-model matrix (checkpoint i "
@@ -475,8 +528,7 @@ def similarity(
     cka_method: Annotated[str, typer.Option(help="auto | gram | minibatch | feature (see cka_matrix).")] = "auto",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutSimilarity = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """CKA + cosine over the (block, t) grid: cka.csv/.npz, full-grid, block x block and t x t heatmaps.
 
@@ -486,23 +538,23 @@ def similarity(
     """
     from repdyn.commands.similarity import run_similarity
 
-    spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=n, label=label, pooling="mean", seed=seed, batch_size=batch_size,
+                     device=device)
     _echo_files(run_similarity(ckpt, spec, weights=weights, other=other, other_weights=other_weights,
                                blocks=_parse_blocks(blocks), ts=_parse_ts(t), debiased=not biased, method=cka_method,
-                               out=out, pdf=pdf, overwrite=overwrite))
+                               out=out, pdf=opts.pdf, overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def diversity(
     ckpt: OptCkpt, weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
     n: Annotated[int, typer.Option(help="Images (token features: keep it modest).")] = 128,
     pooling: Annotated[str, typer.Option(help="tokens (DiverseDiT's definition) | mean (per-image terms).")] = "tokens",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutDiversity = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """DiverseDiT's three terms for every block pair and t: diversity.csv, dispersion.csv, figures.
 
@@ -510,14 +562,15 @@ def diversity(
     """
     from repdyn.commands.diversity import run_diversity
 
-    spec = _spec(data, split, n, label, pooling, seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=n, label=label, pooling=pooling, seed=seed, batch_size=batch_size,
+                     device=device)
     _echo_files(run_diversity(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t), out=out,
-                              pdf=pdf, overwrite=overwrite))
+                              pdf=opts.pdf, overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def pca(
     ckpt: OptCkpt, weights: OptWeights = "ema",
     images: Annotated[Optional[list[str]], typer.Option(help="Row indices of --split shown side by side "
@@ -530,8 +583,7 @@ def pca(
                                        "(SRA's per-cell PCA).")] = "shared",
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutPca = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """Patch-token PCA as RGB maps (rows = blocks, columns = t), several images side by side: pca.png, pca.npz.
 
@@ -539,14 +591,15 @@ def pca(
     """
     from repdyn.commands.pca import run_pca
 
-    spec = _spec(data, split, 0, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=0, label=label, pooling="tokens", seed=seed, batch_size=batch_size,
+                     device=device)
     _echo_files(run_pca(ckpt, spec, weights=weights, images=_ints(images, "--images"), blocks=_parse_blocks(blocks),
-                        ts=_parse_ts(t), basis=basis, out=out, pdf=pdf, overwrite=overwrite))
+                        ts=_parse_ts(t), basis=basis, out=out, pdf=opts.pdf, overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def umap(
     ckpt: OptCkpt, weights: OptWeights = "ema",
     cell: Annotated[Optional[list[str]], typer.Option(help="A (block,t) cell, e.g. --cell 4,0.5 (repeatable).")] = None,
@@ -559,8 +612,7 @@ def umap(
     umap_seed: Annotated[Optional[int], typer.Option(help="UMAP random_state (seeded = single-threaded).")] = 0,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutUmap = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """UMAP of mean-pooled features for chosen cells, and AlignedUMAP across t for one block.
 
@@ -569,16 +621,17 @@ def umap(
     """
     from repdyn.commands.umap import run_umap
 
-    spec = _spec(data, split, n, label, "mean", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=n, label=label, pooling="mean", seed=seed, batch_size=batch_size,
+                     device=device)
     cells = [c.strip() for v in cell or [] for c in str(v).split(";") if c.strip()]  # also "4:0.5;6:0.3"
     _echo_files(run_umap(ckpt, spec, weights=weights, cells=cells, aligned_block=aligned_block, ts=_parse_ts(t),
-                         n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=pdf,
-                         overwrite=overwrite))
+                         n_neighbors=n_neighbors, min_dist=min_dist, umap_seed=umap_seed, out=out, pdf=opts.pdf,
+                         overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def align(
     ckpt: OptCkpt,
     encoder: OptEncoder = "embedded",
@@ -590,8 +643,7 @@ def align(
     metrics: OptAlignMetrics = None, topk: OptTopk = 10,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 256, device: OptDevice = "auto", out: OutAlign = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """kNN alignment (CKNNA, mutual kNN) of every (block, t) cell with an external encoder: alignment.csv/.png.
 
@@ -600,22 +652,22 @@ def align(
     """
     from repdyn.commands.align import run_align
 
-    spec = _spec(data, split, n, label, "tokens" if tokens else "mean", seed, batch_size, device, cache, no_cache,
-                 family, time_convention, trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=n, label=label, pooling="tokens" if tokens else "mean", seed=seed,
+                     batch_size=batch_size, device=device)
     _echo_files(run_align(ckpt, spec, encoder=encoder, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t),
-                          metrics=metrics, topk=topk, out=out, pdf=pdf, overwrite=overwrite))
+                          metrics=metrics, topk=topk, out=out, pdf=opts.pdf, overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def spatial(
     ckpt: OptCkpt, weights: OptWeights = "ema", blocks: OptBlocks = None, t: OptTs = None,
     n: Annotated[int, typer.Option(help="Images (token features: keep it modest).")] = 128,
     far_dist: OptFarDist = 6, dmax: OptDmax = 8,
     data: OptData = None, split: OptSplit = "test", label: OptLabel = "null", seed: OptSeed = 0,
     batch_size: OptBatch = 64, device: OptDevice = "auto", out: OutSpatial = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """Spatial structure of patch tokens (iREPA LDS, CDS, RMSC) per (block, t) cell: spatial.csv/.png.
 
@@ -623,14 +675,15 @@ def spatial(
     """
     from repdyn.commands.spatial import run_spatial
 
-    spec = _spec(data, split, n, label, "tokens", seed, batch_size, device, cache, no_cache, family, time_convention,
-                 trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split=split, n=n, label=label, pooling="tokens", seed=seed, batch_size=batch_size,
+                     device=device)
     _echo_files(run_spatial(ckpt, spec, weights=weights, blocks=_parse_blocks(blocks), ts=_parse_ts(t),
-                            far_dist=far_dist, dmax=dmax, out=out, pdf=pdf, overwrite=overwrite))
+                            far_dist=far_dist, dmax=dmax, out=out, pdf=opts.pdf, overwrite=opts.overwrite))
 
 
 @app.command()
 @friendly_errors
+@feature_options()
 def attribute(
     ckpt: OptCkpt,
     block: Annotated[int, typer.Option(help="1-based block whose probe is attributed.")],
@@ -644,8 +697,7 @@ def attribute(
     n_train: OptNTrain = 2000, n_test: OptNTest = 1000,
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto", out: OutAttribution = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, overwrite: OptOverwrite = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """Captum attribution of a trained linear probe's class logit back to the input patches.
 
@@ -653,17 +705,18 @@ def attribute(
     """
     from repdyn.commands.attribute import run_attribute
 
-    spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
-                 time_convention, trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split="test", n=n_test, label=label, pooling="mean", seed=seed, batch_size=batch_size,
+                     device=device)
     res = run_attribute(ckpt, spec, block=block, t=t, weights=weights, images=_ints(images, "--images"),
-                        n_train=n_train, target=target, probe=probe, method=method, n_steps=n_steps, out=out, pdf=pdf,
-                        overwrite=overwrite)
+                        n_train=n_train, target=target, probe=probe, method=method, n_steps=n_steps, out=out,
+                        pdf=opts.pdf, overwrite=opts.overwrite)
     typer.echo(f"probe ({probe}) test accuracy at block {block}, t={t:g}: {100 * res.probe.accuracy:.1f}%")
     _echo_files(res)
 
 
 @app.command()
 @friendly_errors
+@feature_options(overwrite=False)
 def curves(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (with checkpoints/NNNNNNN.pt) or the checkpoints folder.")],
     student_block: Annotated[Optional[int], typer.Option(help="Student block k_s (default: the run's SRA config, "
@@ -686,8 +739,7 @@ def curves(
     data: OptData = None, label: OptLabel = "null", seed: OptSeed = 0, batch_size: OptBatch = 256,
     device: OptDevice = "auto",
     out: Annotated[Optional[Path], typer.Option(help="Output folder (default: RUN_DIR/curves).")] = None,
-    cache: OptCache = DEFAULT_CACHE, no_cache: OptNoCache = False, family: OptFamily = None,
-    time_convention: OptTime = None, num_heads: OptNumHeads = None, trust_checkpoint: OptTrust = False, pdf: OptPdf = False, quiet: OptQuiet = False,
+    *, opts: FeatureOptions,
 ) -> None:
     """Training dynamics: student vs teacher probe accuracy, CKA, diversity, and every block's alignment with an
     encoder and spatial structure, for every checkpoint of a run.
@@ -699,12 +751,12 @@ def curves(
     """
     from repdyn.commands.curves import run_curves
 
-    spec = _spec(data, "test", n_test, label, "mean", seed, batch_size, device, cache, no_cache, family,
-                 time_convention, trust_checkpoint, quiet, num_heads)
+    spec = opts.spec(data=data, split="test", n=n_test, label=label, pooling="mean", seed=seed, batch_size=batch_size,
+                     device=device)
     res = run_curves(run_dir, spec, student_block=student_block, teacher_block=teacher_block, t=t, t_teacher=t_teacher,
                      probe=probe, n_train=n_train, n_test=n_test, n_div=n_div, similarity_weights=similarity_weights,
                      encoder=encoder, align_metrics=metrics, topk=topk, spatial=spatial, far_dist=far_dist, dmax=dmax,
-                     out=out, pdf=pdf)
+                     out=out, pdf=opts.pdf)
     (ks, ts_), (kt, tt) = res.student, res.teacher
     typer.echo(f"{res.computed} of {res.checkpoints} checkpoints computed (others cached); "
                f"student block {ks} @ t={ts_}, teacher block {kt} @ t={tt} ({res.source})")

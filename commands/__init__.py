@@ -5,5 +5,5 @@ dataclass (paths and tables) that the CLI prints. Modules are imported on use
 (``from repdyn.commands.layer_grid import run_layer_grid``), so ``import repdyn.commands`` is cheap.
 """
 
-__all__ = ["common", "train", "layer_grid", "similarity", "diversity", "pca", "umap", "attribute", "curves",
-           "correlate", "sample", "eval", "encode", "demo"]
+__all__ = ["features", "outputs", "train", "layer_grid", "similarity", "diversity", "pca", "umap", "align", "spatial",
+           "attribute", "curves", "correlate", "sample", "eval", "encode", "demo"]

@@ -21,8 +21,9 @@ from repdyn.model.encoders import (EncodedFeatures, Encoder, PrecomputedFeatures
     load_encoder, parse_encoder)
 from repdyn.probe.cache import FeatureCache
 
-from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import (FeatureSpec, checkpoint_columns, data_of, describe_grid, load_features,
+                                      load_for_analysis)
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["AlignResult", "run_align", "encoder_features", "parse_metrics", "DEFAULT_METRICS"]
 
@@ -103,8 +104,7 @@ def run_align(ckpt: str | os.PathLike, spec: FeatureSpec, *, encoder: str = "emb
         raise ValueError(f"--n {spec.n} is too small for --topk {topk}: every image needs topk neighbours "
                          f"(--n >= {max(int(topk) + 1, 4)}; use a few hundred)")
     ck = load_for_analysis(ckpt, weights, spec)
-    data = spec.data or ck.data or "fashion-mnist"
-    enc = load_encoder(encoder, data=data, device=resolve_device(spec.device), progress=spec.progress, log=_log)
+    enc = load_encoder(encoder, data=data_of(ck, spec), device=resolve_device(spec.device), progress=spec.progress, log=_log)
     ident = result_identity(ck, spec, encoder=enc.identity(), blocks=blocks, ts=ts, metrics=names, topk=int(topk))
     res = prepare_for(ck, out, "align", AlignResult, identity=ident, overwrite=overwrite)
     ds, g = load_features(ck, spec, blocks=blocks, ts=ts)

@@ -18,8 +18,8 @@ from repdyn.probe.probes import CellProbe, fit_cell_probe
 from repdyn.core.files import write_npz, write_table
 from repdyn.model.flow import model_time
 
-from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import FeatureSpec, cell_t, describe_grid, load_features, load_for_analysis
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["AttributionResult", "run_attribute"]
 

@@ -28,7 +28,8 @@ from repdyn.model.checkpoint import run_dir_of
 from repdyn.model.torch_file import file_sha
 from repdyn.study.power import seed_of
 
-from repdyn.commands.common import Outputs, claim_output, parse_cells, releases_outputs, weights_word
+from repdyn.commands.features import parse_cells, weights_word
+from repdyn.commands.outputs import Outputs, claim_output, releases_outputs
 
 __all__ = ["CorrelationResult", "run_correlate", "prepare_join", "JOIN_KEYS", "BOOT_UNITS"]
 

@@ -51,7 +51,6 @@ from repdyn.probe.layer_grid import check_probe_sizes, grid_table
 from repdyn.probe.probes import PROBES
 from repdyn.model.checkpoint import LoadedCheckpoint, list_checkpoints, load_checkpoint, run_dir_of
 from repdyn.model.torch_file import file_sha
-from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import write_table
 from repdyn.training.methods import SRAOptions
 from repdyn.training.methods.sra import DEFAULT_T_MAX, default_blocks
@@ -59,8 +58,8 @@ from repdyn.core.runtime import resolve_device
 
 from repdyn.model.encoders import Encoder, load_encoder, parse_encoder
 from repdyn.commands.align import encoder_features, parse_metrics
-from repdyn.commands.common import (FeatureSpec, Outputs, cell_t, claim_output, load_features,
-                                    releases_outputs)
+from repdyn.commands.features import FeatureSpec, cell_t, data_of, dataset_for, load_features
+from repdyn.commands.outputs import Outputs, claim_output, releases_outputs
 
 __all__ = ["CurveSettings", "BlockSettings", "CurvesResult", "Cells", "resolve_cells", "run_curves", "PROBE_COLUMNS",
            "SIM_COLUMNS", "BLOCK_COLUMNS"]
@@ -256,7 +255,7 @@ def _block_settings(first: LoadedCheckpoint, settings: CurveSettings, encoder: s
     """The block measures this run can have: ``encoder`` "auto" is the embedded encoder for image
     data and none for latents (which it cannot read); spatial needs a grid that reaches the
     distance thresholds. What is left out is said in ``notes``."""
-    data = spec.data or first.data or "fashion-mnist"
+    data = data_of(first, spec)
     latent = first.meta.get("latent_scale") is not None
     if encoder == "auto":
         encoder = None if latent else "embedded"
@@ -330,9 +329,7 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
     pdev = probe_device or str(resolve_device(spec.device))
     run = run_dir_of(ckpts[0]).name
     if todo:  # loaded once for every checkpoint (the same images and noise for all of them)
-        data = spec.data or first.data or "fashion-mnist"
-        inputs = first.dataset_inputs()  # channels follow the model
-        dtr, dte = make_dataset(data, "train", **inputs), make_dataset(data, "test", **inputs)
+        dtr, dte = dataset_for(first, spec, "train"), dataset_for(first, spec, "test")  # channels follow the model
         check_probe_sizes(n_train, len(dtr), dtr.num_classes)
     for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):
         if shas[p] not in done:

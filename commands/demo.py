@@ -23,7 +23,7 @@ from repdyn.study.report import write_report
 from repdyn.study.scales import SCALES, StudyConfig
 from repdyn.study.tables import load_study_tables
 
-from .common import FeatureSpec
+from .features import FeatureSpec
 from .curves import run_curves
 from .diversity import run_diversity
 from .eval import run_eval
@@ -44,8 +44,10 @@ class CommandActions:
     """The study's analysis steps, each the ``probe`` command of the same name (picklable, so the
     worker processes of ``--jobs`` rebuild the same steps)."""
 
-    def layer_grid(self, ckpt: Path, out: Path, **kw: Any) -> Any:
-        return run_layer_grid(ckpt, out_dir=out, **kw)
+    def layer_grid(self, ckpt: Path, out: Path, *, data: str, ts: list[float], n_train: int, n_test: int,
+                   device: str, cache_dir: Path, seed: int, progress: bool) -> Any:
+        spec = FeatureSpec(data=data, n=n_test, device=device, cache_dir=cache_dir, seed=seed, progress=progress)
+        return run_layer_grid(ckpt, spec, ts=ts, n_train=n_train, out=out)
 
     def curves(self, run_dir: Path, out: Path, features: FeatureSettings, **kw: Any) -> Any:
         return run_curves(run_dir, _spec(features), out=out, **kw)

@@ -13,8 +13,8 @@ from repdyn.analysis import plots
 from repdyn.analysis.diversity import dispersion_table, diversity_report
 from repdyn.core.files import write_table
 
-from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import FeatureSpec, describe_grid, load_features, load_for_analysis
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["DiversityResult", "run_diversity"]
 

@@ -14,8 +14,9 @@ from repdyn.core.timesteps import format_t
 from repdyn.probe.grid import load_x0
 from repdyn.core.files import write_npz
 
-from repdyn.commands.common import (FeatureSpec, Outputs, analysis_ts, describe_grid, load_features,
-    load_for_analysis, prepare_for, releases_outputs, result_identity, spread_blocks)
+from repdyn.commands.features import (FeatureSpec, analysis_ts, describe_grid, load_features, load_for_analysis,
+                                      spread_blocks)
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["run_pca"]
 

@@ -19,8 +19,8 @@ from repdyn.core.timesteps import format_t
 from repdyn.core.files import write_npz, write_table
 from repdyn.model.checkpoint import run_dir_of
 
-from repdyn.commands.common import (FeatureSpec, Outputs, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import FeatureSpec, describe_grid, load_features, load_for_analysis
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["SimilarityResult", "run_similarity", "cross_similarity", "check_n"]
 

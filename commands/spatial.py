@@ -14,8 +14,8 @@ from repdyn.analysis.spatial import SPATIAL_METRICS, spatial_cells
 from repdyn.core.files import write_table
 from repdyn.core.runtime import resolve_device
 
-from repdyn.commands.common import (FeatureSpec, Outputs, checkpoint_columns, describe_grid, load_features, load_for_analysis,
-    prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import FeatureSpec, checkpoint_columns, describe_grid, load_features, load_for_analysis
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["SpatialResult", "run_spatial", "SPATIAL_METRICS"]
 

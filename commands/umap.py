@@ -11,8 +11,9 @@ from repdyn.analysis import plots
 from repdyn.analysis.embedding import aligned_umap, embedding_frame, umap_cells
 from repdyn.core.files import write_table
 
-from repdyn.commands.common import (FeatureSpec, Outputs, analysis_ts, cell_t, describe_grid, load_features,
-    load_for_analysis, parse_cells, prepare_for, releases_outputs, result_identity)
+from repdyn.commands.features import (FeatureSpec, analysis_ts, cell_t, describe_grid, load_features, load_for_analysis,
+                                      parse_cells)
+from repdyn.commands.outputs import Outputs, prepare_for, releases_outputs, result_identity
 
 __all__ = ["run_umap"]
 

@@ -30,7 +30,7 @@ def test_attribute_probe_matches_cached_features(tiny_sit_ckpt, cache):
     import torch
 
     from repdyn.analysis.attribution import backbone_feature_fn
-    from repdyn.commands.common import FeatureSpec, load_features, load_for_analysis
+    from repdyn.commands.features import FeatureSpec, load_features, load_for_analysis
     from repdyn.probe.grid import grid_noise, load_x0
 
     spec = FeatureSpec(n=8, cache_dir=cache, progress=False, device="cpu")

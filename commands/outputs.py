@@ -1,8 +1,9 @@
-"""What every ``probe`` command shares: how features are extracted (:class:`FeatureSpec`), loading a
-checkpoint and its data under that spec, parsing cells, output folders and the result type.
+"""Where a command writes: its output folder, claimed for one process and one result, never
+silently replaced, named by the checkpoint and every setting that changes the result.
 
-``commands/`` is the only layer that reads checkpoints and writes files; the measures, figures
-and claim rules it calls live in ``analysis/`` and ``probe/``.
+A folder records what it holds (``.repdyn-output.json``: command, checkpoint, settings, files) and
+is locked while written (the pid lock of :mod:`repdyn.core.files`), so two writers never mix
+results and a rerun with other settings never passes for this one.
 """
 
 from __future__ import annotations
@@ -16,46 +17,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
-
-from repdyn.probe.cache import DEFAULT_CACHE, FeatureCache
-from repdyn.probe.grid import GridFeatures, default_ts, extract_grid, validate_ts
-from repdyn.core.timesteps import format_t
-from repdyn.model.checkpoint import LoadedCheckpoint, load_checkpoint, run_dir_of
-from repdyn.model.torch_file import file_sha
-from repdyn.datasets.sources import make_dataset
 from repdyn.core.files import (FOLDER_LOCK, atomic_write_text, check_writable, held_folders, lock_folder,
                                save_figure, unlock_folder)
+from repdyn.model.checkpoint import LoadedCheckpoint, run_dir_of
+from repdyn.model.torch_file import file_sha
 
-__all__ = ["FeatureSpec", "Outputs", "load_for_analysis", "dataset_for", "checkpoint_columns", "load_features", "cell_t", "parse_cells",
-           "spread_blocks", "analysis_ts", "default_out", "prepare_out", "describe_grid", "weights_word",
-           "check_weights", "claim_output", "release_output", "result_identity", "releases_outputs", "prepare_for",
-           "checkpoint_tag"]
+from repdyn.commands.features import FeatureSpec
 
-
-
-@dataclass
-class FeatureSpec:
-    """How features are extracted (the protocol every command states in its titles).
-
-    ``cache_dir=None`` disables the cache. ``split`` defaults to the official test split: the
-    analyses describe the representation, they do not fit anything that could overfit it.
-    """
-
-    data: str | None = None
-    split: str = "test"
-    n: int = 512
-    label: str = "null"
-    pooling: str = "mean"
-    seed: int = 0
-    batch_size: int = 256
-    device: str = "auto"
-    cache_dir: str | os.PathLike | None = DEFAULT_CACHE
-    family: str | None = None
-    time_convention: str | None = None
-    num_heads: int | None = None
-    trust: bool = False
-    progress: bool = True
+__all__ = ["Outputs", "OWNER_FILE", "LOCK_FILE", "FIGURES_ROOT", "releases_outputs", "claim_output",
+           "release_output", "result_identity", "checkpoint_tag", "default_out", "prepare_out", "prepare_for"]
 
 
 @dataclass
@@ -78,12 +48,9 @@ class Outputs:
         return self
 
 
-# ----------------------------------------------------------------------------------------------
-# Output folders: one writer at a time, never silently replaced
-# ----------------------------------------------------------------------------------------------
-
 OWNER_FILE = ".repdyn-output.json"  # what the folder holds: command, checkpoint(s), settings, files
 LOCK_FILE = FOLDER_LOCK  # the pid of the process writing it
+FIGURES_ROOT = Path("figures")  # default folders: <FIGURES_ROOT>/<command>/<checkpoint, weights, settings>
 
 
 def releases_outputs(fn):
@@ -162,82 +129,6 @@ def result_identity(ck: LoadedCheckpoint, spec: FeatureSpec | None = None, **set
     return {"checkpoint_sha": ck.sha, "weights": ck.weights, **proto, **settings}
 
 
-def check_weights(weights: str) -> str:
-    if weights not in ("ema", "model"):
-        raise ValueError(f"--weights must be ema or model, got {weights!r}")
-    return weights
-
-
-def load_for_analysis(path: str | os.PathLike, weights: str, spec: FeatureSpec) -> LoadedCheckpoint:
-    return load_checkpoint(path, weights=check_weights(weights), family=spec.family,
-                           time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
-
-
-def checkpoint_columns(ck: LoadedCheckpoint) -> dict[str, object]:
-    """The columns that tie a result row to its checkpoint, as every probe table writes them, so
-    ``probe correlate`` can join any of them with ``probe eval``'s metrics (on the content hash)."""
-    return {"run": ck.run_name, "checkpoint": str(Path(ck.path).resolve()), "checkpoint_sha": ck.sha,
-            "step": ck.step, "weights": ck.weights}
-
-
-def dataset_for(ck: LoadedCheckpoint, spec: FeatureSpec, split: str | None = None):
-    """The dataset a command analyses: ``--data`` when given, else the one the run trained on, in the
-    checkpoint's channels (:meth:`LoadedCheckpoint.dataset_inputs`)."""
-    return make_dataset(spec.data or ck.data or "fashion-mnist", split or spec.split, **ck.dataset_inputs())
-
-
-def load_features(ck: LoadedCheckpoint, spec: FeatureSpec, *, blocks: Sequence[int] | None = None,
-                  ts: Sequence | None = None, split: str | None = None, n: int | None = None,
-                  pooling: str | None = None, indices: Sequence[int] | None = None,
-                  dataset=None) -> tuple[Any, GridFeatures]:
-    """Grid features of a loaded checkpoint under ``spec`` (overrides per call); returns (dataset, grid)."""
-    ds = dataset if dataset is not None else dataset_for(ck, spec, split)
-    cache = FeatureCache(spec.cache_dir) if spec.cache_dir is not None else None
-    g = extract_grid(ck, ds, blocks=blocks, ts=ts, n_samples=n if n is not None else spec.n,
-                     label_policy=spec.label, pooling=pooling or spec.pooling, batch_size=spec.batch_size,
-                     seed=spec.seed, device=spec.device, cache=cache, split=split or spec.split, indices=indices,
-                     progress=spec.progress)
-    return ds, g
-
-
-def cell_t(ck: LoadedCheckpoint, t) -> float | int:
-    """One t in the checkpoint family's canonical form (SiT float, DiT int), validated."""
-    return validate_ts([t], ck.family, ck.num_timesteps)[0]
-
-
-def parse_cells(cells: Sequence[str | tuple] | None) -> list[tuple[int, float]]:
-    """``["2,0.5", "4,0.3"]`` (or tuples) -> [(2, 0.5), (4, 0.3)]; a clear error otherwise."""
-    out = []
-    for c in cells or []:
-        if isinstance(c, tuple):
-            b, t = c
-        else:
-            parts = [p.strip() for p in str(c).replace(":", ",").split(",") if p.strip()]
-            if len(parts) != 2:
-                raise ValueError(f"a cell is 'block,t' (e.g. 4,0.5), got {c!r}")
-            b, t = parts
-        try:
-            out.append((int(b), float(t)))
-        except ValueError:
-            raise ValueError(f"a cell is 'block,t' with an integer block and a numeric t, got {c!r}") from None
-    return out
-
-
-def spread_blocks(depth: int, max_blocks: int) -> list[int]:
-    """All blocks for shallow models, else ``max_blocks`` evenly spaced ones including 1 and depth."""
-    if depth <= max_blocks:
-        return list(range(1, depth + 1))
-    return sorted({int(round(x)) for x in np.linspace(1, depth, max_blocks)})
-
-
-def analysis_ts(ck: LoadedCheckpoint, few: bool) -> list:
-    """The layer-grid default, or SRA's PCA times (0.1, 0.3, 0.5, 0.7; DiT analogues) when ``few``."""
-    if not few:
-        return default_ts(ck.family, ck.num_timesteps)
-    fr = (0.1, 0.3, 0.5, 0.7)
-    return list(fr) if ck.family == "sit" else [int(f * ck.num_timesteps) for f in fr]
-
-
 def checkpoint_tag(ckpt: str | os.PathLike, sha: str | None = None) -> str:
     """``<run>-<checkpoint stem>-<sha8>``: unique per checkpoint file even when every run names its
     checkpoints by step (``runs/sit/checkpoints/0000030.pt`` vs ``runs/dit/checkpoints/0000030.pt``)."""
@@ -258,36 +149,28 @@ R = TypeVar("R", bound=Outputs)
 
 
 def prepare_out(out: str | os.PathLike | None, kind: str, ckpt, weights: str, result: type[R] = Outputs, *,
-                identity: dict[str, Any] | None = None, overwrite: bool = False, sha: str | None = None) -> R:
+                identity: dict[str, Any] | None = None, overwrite: bool = False, sha: str | None = None,
+                root: str | os.PathLike | None = None, parts: Sequence[str] = ()) -> R:
     """The command's output folder, claimed for this process and these results, in its result type.
 
     Called before any heavy work. ``identity`` (the checkpoint and every setting that changes the
     results) is recorded in the folder; a folder recorded for another identity is never replaced
     unless ``overwrite`` (see :func:`claim_output`). ``Outputs.finish()`` releases the claim.
+    Without ``out`` the folder is :func:`default_out` under ``root`` (default ``figures/<kind>``),
+    its name carrying ``parts`` (settings worth reading in a folder name).
     """
     identity = {"command": kind, **(identity or {})}
-    path = Path(out) if out is not None else default_out(Path("figures") / kind, ckpt, weights, identity, sha=sha)
+    root = FIGURES_ROOT / kind if root is None else root
+    path = Path(out) if out is not None else default_out(root, ckpt, weights, identity, *parts, sha=sha)
     claim_output(path, identity, overwrite)
     return result(path)
 
 
 def prepare_for(ck: LoadedCheckpoint, out: str | os.PathLike | None, kind: str, result: type[R] = Outputs, *,
-                identity: dict[str, Any] | None = None, overwrite: bool = False) -> R:
+                identity: dict[str, Any] | None = None, overwrite: bool = False,
+                root: str | os.PathLike | None = None, parts: Sequence[str] = ()) -> R:
     """:func:`prepare_out` for a loaded checkpoint: its default folder, and its load notes carried."""
-    res = prepare_out(out, kind, ck.path, ck.weights, result, identity=identity, overwrite=overwrite, sha=ck.sha)
+    res = prepare_out(out, kind, ck.path, ck.weights, result, identity=identity, overwrite=overwrite, sha=ck.sha,
+                      root=root, parts=parts)
     res.notes = ck.load_notes()
     return res
-
-
-def weights_word(weights: str) -> str:
-    return "EMA" if weights == "ema" else "online"
-
-
-def describe_grid(ck: LoadedCheckpoint, g: GridFeatures, **extra: Any) -> dict[str, Any]:
-    """Title metadata: model, step, weights, protocol (data/split, n, label policy, pooling, seed)."""
-    m = g.meta
-    proto = (f"{m['dataset']}/{m['split']} n={m['n_samples']}, label={m['label_policy']}, "
-             f"pooling={m['pooling']}, seed={m['seed']}")
-    d = {"model": m.get("model"), "step": ck.step, "weights": weights_word(ck.weights), "protocol": proto}
-    d.update({k: format_t(v) if k == "t" else v for k, v in extra.items()})
-    return d

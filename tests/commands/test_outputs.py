@@ -99,7 +99,7 @@ def test_reversed_block_range_is_an_error(tiny_sit_ckpt, tmp_path):
 def _hold(kind: str, target: Path, seconds: float = 30) -> subprocess.Popen:
     """A second process that holds an output folder or is mid-way through a cache cell."""
     code = {
-        "folder": f"from repdyn.commands.common import claim_output; from pathlib import Path; "
+        "folder": f"from repdyn.commands.outputs import claim_output; from pathlib import Path; "
                   f"claim_output(Path({str(target)!r}), {{'command': 'x'}}); print('ready', flush=True)",
         "cell": f"import numpy as np; from repdyn.probe.cache import FeatureCache; c = FeatureCache({str(target)!r}); "
                 f"w = c.writer({{'k': 1}}, (4, 3)); w.write(0, np.ones((4, 3))); print('ready', flush=True)",
