@@ -71,6 +71,7 @@ from repdyn.model.checkpoint import LoadedCheckpoint
 from repdyn.training.config import TrainConfig
 from repdyn.datasets.sources import SD_VAE_SCALE, make_dataset
 from repdyn.training.methods.base import StepContext
+from repdyn.training.methods.repa import REPATerm, repa_loss
 from repdyn.training.methods.sra import SRATerm, default_blocks
 from repdyn.model.backbone import model_config
 from repdyn.training.trainer import Trainer
@@ -217,13 +218,14 @@ class OfficialStep:
         self.opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=weight_decay, eps=1e-8)
 
     def losses(self, x: torch.Tensor, y: torch.Tensor, fwd=None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(denoising loss mean, SRA alignment mean or None), drawing t/noise/drop as the official code."""
+        """(denoising loss mean, SRA alignment / REPA projection loss mean or None), drawing t/noise/drop
+        as the official code."""
         fwd = fwd or self.fwd
         if self.method == "sra":
             gen, align = self.loss_fn(fwd, x, self.ema, y)
             return gen.mean(), align.mean()
-        gen, _proj = self.loss_fn(fwd, x, dict(y=y), zs=self.zs)  # REPA: projector + proj loss computed, unused
-        return gen.mean(), None
+        gen, proj = self.loss_fn(fwd, x, dict(y=y), zs=self.zs)  # the baseline: projector and proj loss run, unused
+        return gen.mean(), (proj.mean() if self.method == "repa" else None)
 
     def step(self, moments: torch.Tensor, y: torch.Tensor) -> float:
         with torch.no_grad():
@@ -327,7 +329,7 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
     dev = moments.device
     model, ema, objective = trainer.model, trainer.ema, trainer.objective
     om, oema = ostep.model, ostep.ema
-    sra = ostep.method == "sra"
+    sra, repa = ostep.method == "sra", ostep.method == "repa"
     with torch.no_grad():
         torch.manual_seed(seed + 1)
         x0 = posterior(moments)
@@ -353,7 +355,7 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
             if sra:
                 o_out, o_head, _ = om(x_t, t, y_used, ad=ostep.ks)
             else:
-                o_out, _zs = om(x_t, t, y_used)
+                o_out, o_zs = om(x_t, t, y_used)
         finally:
             om.y_embedder.dropout_prob = p
         rep_gen = ((o_out - target) ** 2).mean(dim=(1, 2, 3)).mean()
@@ -363,12 +365,14 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
             x_teacher = (1 - t_teacher) * x0 + t_teacher * noise
             o_teacher = oema(x_teacher, t_teacher.flatten(), y_used, ad=ostep.kt)[1]
             rep_align = F.smooth_l1_loss(o_head, o_teacher, beta=0.05)
-        # (c) ours: our model, objective and SRA term on the same tensors
+        # (c) ours: our model, objective and SRA / REPA term on the same tensors
         term = next((tm for tm in trainer.terms if isinstance(tm, SRATerm)), None)
+        rterm = next((tm for tm in trainer.terms if isinstance(tm, REPATerm)), None)
         # the forward the timed step runs (the torch.compile'd one with --compile: its fusions reorder
         # float operations, so the check then shows rounding-level differences instead of 0)
         feats = trainer.forward_model(x_t, t, y_used, drop_labels=False,
-                                      project_block=term.student_block if term else None)
+                                      project_block=term.student_block if term else None,
+                                      repa_block=rterm.encoder_depth if rterm else None)
         out = feats.out
         our_gen = objective.loss(out.float(), x0, x_t, t, noise)["loss"].mean()
         res.update(out_max_abs_diff=float((out - o_out).abs().max()),
@@ -389,6 +393,17 @@ def _loss_check(trainer: Trainer, ostep: OfficialStep, moments: torch.Tensor, y:
                        redraw_align_diff=float((rep_align - off_align).abs()),
                        weight_ours=float(term.weight), weight_official=ostep.weight)
             total_ours = our_gen + extra
+            total_off = off_gen + ostep.weight * off_align
+        if repa:
+            # our projectors and formula against the official ones, on the official targets zs (the
+            # encoder is not part of the comparison: both sides align to the same fixed tokens)
+            ours_proj = repa_loss(feats.repa, ostep.zs)
+            res.update(projector_max_abs_diff=float((feats.repa[0] - o_zs[0]).abs().max()),
+                       align_loss_ours=float(ours_proj), align_loss_official=float(off_align),
+                       align_loss_diff=float((ours_proj - off_align).abs()),
+                       redraw_align_diff=float((repa_loss(o_zs, ostep.zs) - off_align).abs()),
+                       weight_ours=float(rterm.proj_coeff), weight_official=ostep.weight)
+            total_ours = our_gen + rterm.proj_coeff * ours_proj
             total_off = off_gen + ostep.weight * off_align
         res["total_loss_diff"] = float((total_ours - total_off).abs())
     scale = max(1.0, abs(res["gen_loss_official"]))
@@ -429,9 +444,18 @@ def compare(model_name: str, method: str, official: Official | None, *, batch_si
         out_dir = stack.enter_context(tempfile.TemporaryDirectory())
         stack.enter_context(warnings.catch_warnings())
         warnings.simplefilter("ignore")
+        repa = {}
+        if method == "repa":  # our targets: fixed token features per item (the encoder is not compared)
+            n_items = len(make_dataset(f"latents:{data_dir}", "train", holdout_cut=False))
+            shape = model_config(model_name, input_size=32, in_channels=4, **overrides)
+            feats = np.random.default_rng(seed).standard_normal((n_items, shape.num_tokens, z_dim)).astype(np.float32)
+            targets = Path(stack.enter_context(tempfile.TemporaryDirectory())) / "repa-targets.npy"
+            np.save(targets, feats)
+            repa = {"encoder": f"features:{targets}", "projector_dim": projector_dim,
+                    "encoder_depth": default_blocks(shape)[0]}
         cfg = TrainConfig(model=model_name, model_overrides=overrides, method=method, data=f"latents:{data_dir}",
                           batch_size=batch_size, steps=10**6, ema_decay=0.9999, device=device, precision=precision,
-                          out=out_dir, seed=seed, compile=compile_ours)
+                          out=out_dir, seed=seed, compile=compile_ours, repa=repa)
         tr = Trainer(cfg, quiet=True)
         tr.model.train()
         perturb_(tr.model, seed)
@@ -455,7 +479,8 @@ def compare(model_name: str, method: str, official: Official | None, *, batch_si
             omodel.train()
             amp = tr.amp_dtype
             ostep = OfficialStep(official, omodel, method, blocks=(ks, kt), t_max=term.t_max if term else 0.2,
-                                 weight=term.weight if term else 0.0, amp_dtype=amp, device=dev, lr=cfg.lr,
+                                 weight=term.weight if term else (0.5 if method == "repa" else 0.0), amp_dtype=amp,
+                                 device=dev, lr=cfg.lr,
                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, clip=cfg.grad_clip,
                                  ema_decay=cfg.ema_decay, z_dim=z_dim, batch_size=batch_size, num_tokens=mc.num_tokens)
             rec["official"] = {"kind": official.kind, "root": str(official.root),
@@ -502,9 +527,12 @@ def check_text(rec: dict) -> str:
     if not c:
         return "not run"
     parts = [f"out {c['out_max_abs_diff']:.1e}", f"gen {c['gen_loss_diff']:.1e}"]
+    if "head_max_abs_diff" in c:
+        parts += [f"head {c['head_max_abs_diff']:.1e}", f"teacher {c['teacher_max_abs_diff']:.1e}"]
+    if "projector_max_abs_diff" in c:
+        parts.append(f"projector {c['projector_max_abs_diff']:.1e}")
     if "align_loss_diff" in c:
-        parts += [f"head {c['head_max_abs_diff']:.1e}", f"teacher {c['teacher_max_abs_diff']:.1e}",
-                  f"align {c['align_loss_diff']:.1e}"]
+        parts.append(f"{'proj' if 'projector_max_abs_diff' in c else 'align'} {c['align_loss_diff']:.1e}")
     parts.append(f"total {c['total_loss_diff']:.1e}")
     return ("ok" if c["ok"] else "MISMATCH") + " (max abs diff: " + ", ".join(parts) + ")"
 
@@ -658,7 +686,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--official", action="append", default=[], metavar="PATH",
                     help="a REPA or SRA checkout (repeat for both)")
-    ap.add_argument("--method", default="both", choices=["baseline", "sra", "both"])
+    ap.add_argument("--method", default="both", choices=["baseline", "sra", "repa", "both", "all"],
+                    help="both: baseline and sra; all: baseline, sra and repa")
     ap.add_argument("--model", default="SiT-T/4", help="comma-separated registry names, e.g. SiT-T/4,SiT-S/2")
     ap.add_argument("--overrides", default="", help="model overrides for every model, e.g. depth=2,hidden_size=32")
     ap.add_argument("--batch-size", default="16", help="one batch size, or one per model (comma-separated)")
@@ -718,7 +747,7 @@ def main(argv: list[str] | None = None) -> dict:
             batch_sizes *= len(models)
         if len(batch_sizes) != len(models):
             raise SystemExit("error: give one --batch-size or one per model")
-        methods = ["baseline", "sra"] if args.method == "both" else [args.method]
+        methods = {"both": ["baseline", "sra"], "all": ["baseline", "sra", "repa"]}.get(args.method, [args.method])
         records = []
         for m, bs in zip(models, batch_sizes):
             for meth in methods:

@@ -92,6 +92,7 @@ class SiT(DiffusionTransformer):
                                      num_classes=num_classes))
         self.encoder_depth = encoder_depth
         self.projectors = nn.ModuleList([nn.Sequential(nn.Linear(hidden_size, projector_dim), nn.SiLU(),
+                                                       nn.Linear(projector_dim, projector_dim), nn.SiLU(),
                                                        nn.Linear(projector_dim, z)) for z in z_dims])
 
     def forward(self, x, t, y, return_logvar=False):
@@ -153,6 +154,18 @@ def test_loss_check_passes_on_an_identical_official_interface(tmp_path, one_thre
     assert c["gen_loss_official"] > 0 and c["align_loss_official"] > 0  # non-trivial weights, not adaLN-Zero zeros
     assert rec["ours_ms"] > 0 and rec["official_ms"] > 0 and rec["ratio_ours_over_official"] > 0
     assert rec["official_only_keys"] == []
+
+
+def test_repa_loss_check_on_the_official_interface(tmp_path, one_thread):
+    """REPA: our projectors (REPA's keys, loaded into the official model) and our -cos loss against the
+    official ones on the official targets; the real code: test_loss_check_against_the_real_official_code."""
+    off = bvo.load_official(_fake_repa(tmp_path / "REPA"))
+    rec = bvo.compare("SiT-T/4", "repa", off, batch_size=4, warmup=0, steps=1, overrides=TINY)
+    c = rec["loss_check"]
+    assert c["ok"], c
+    assert c["projector_max_abs_diff"] < 1e-5 and c["align_loss_diff"] < 1e-6 and c["align_loss_official"] < 0
+    assert c["weight_ours"] == c["weight_official"] == 0.5 and rec["official_only_keys"] == []
+    assert "projector" in bvo.check_text(rec) and "proj" in bvo.check_text(rec)
 
 
 def test_loss_check_reports_a_different_computation(tmp_path, one_thread):
@@ -231,6 +244,7 @@ def _real(env: str, kind: str):
 
 
 @pytest.mark.parametrize("env,kind,method", [("REPDYN_OFFICIAL_REPA", "REPA", "baseline"),
+                                              ("REPDYN_OFFICIAL_REPA", "REPA", "repa"),
                                               ("REPDYN_OFFICIAL_SRA", "SRA", "sra")])
 def test_loss_check_against_the_real_official_code(env, kind, method, one_thread):
     off = _real(env, kind)
