@@ -7,7 +7,7 @@ run at this scale``, ``inconclusive``) plus the numbers behind it. The rules are
 docstring and in the report. Claims about arms are judged over training seeds, paired by seed where
 the arms share them (:func:`repdyn.study.power.compare_arms`); a single model's claims use the
 binomial standard error of a probe accuracy on the test split, so a difference smaller than the
-noise is not called a win. Generation claims (C5-C7) are judged only where the samples pass the
+noise is not called a win. Generation claims (C5-C9) are judged only where the samples pass the
 maturity gate (:mod:`repdyn.study.gate`).
 """
 
