@@ -1,5 +1,5 @@
-"""Results are never lost or silently wrong: unique default folders, one writer per folder and per
-cache cell, checksummed cache cells, outputs checked before any work, clear errors."""
+"""Results are never lost or silently wrong: unique default folders, one writer per folder, outputs
+checked before any work, clear errors (the cache cells: tests/probe/test_cache.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ import pytest
 from typer.testing import CliRunner
 
 from repdyn.cli import app
-from repdyn.probe.cache import FeatureCache
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,12 +96,10 @@ def test_reversed_block_range_is_an_error(tiny_sit_ckpt, tmp_path):
 
 
 def _hold(kind: str, target: Path, seconds: float = 30) -> subprocess.Popen:
-    """A second process that holds an output folder or is mid-way through a cache cell."""
+    """A second process that holds an output folder."""
     code = {
         "folder": f"from repdyn.commands.outputs import claim_output; from pathlib import Path; "
                   f"claim_output(Path({str(target)!r}), {{'command': 'x'}}); print('ready', flush=True)",
-        "cell": f"import numpy as np; from repdyn.probe.cache import FeatureCache; c = FeatureCache({str(target)!r}); "
-                f"w = c.writer({{'k': 1}}, (4, 3)); w.write(0, np.ones((4, 3))); print('ready', flush=True)",
     }[kind] + f"; import time; time.sleep({seconds})"
     p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True,
                          env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -125,55 +122,6 @@ def test_two_processes_never_share_an_output_folder(tiny_sit_ckpt, tmp_path):
     assert not (out / ".repdyn-output.lock").exists()
     rec = json.loads((out / ".repdyn-output.json").read_text())
     assert "layer_grid.csv" in rec["files"]
-
-
-def test_two_writers_of_one_cache_cell_both_succeed(tmp_path):
-    cache = FeatureCache(tmp_path / "c")
-    mine = cache.writer({"k": 1}, (4, 3))
-    mine.write(0, np.full((4, 3), 2.0))
-    other = _hold("cell", tmp_path / "c", seconds=0)  # fills and holds its own partial, then exits
-    other.wait()
-    theirs = FeatureCache(tmp_path / "c").writer({"k": 1}, (4, 3))
-    theirs.write(0, np.full((4, 3), 2.0))
-    theirs.commit()
-    mine.commit()  # used to fail: the other writer had deleted the shared partial file
-    assert cache.has({"k": 1}, (4, 3)) and float(cache.load({"k": 1}).sum()) == 24.0
-    FeatureCache(tmp_path / "c")  # reopening removes partial files of dead processes
-    assert not list((tmp_path / "c" / "cells").glob("*.partial.npy"))
-
-
-def test_corrupted_cells_are_recomputed_and_nan_is_refused(tmp_path):
-    cache = FeatureCache(tmp_path / "c")
-    w = cache.writer({"k": 1}, (50, 8))
-    w.write(0, np.random.default_rng(0).normal(size=(50, 8)))
-    w.commit()
-    path = next((tmp_path / "c" / "cells").glob("*.npy"))
-    raw = bytearray(path.read_bytes())
-    raw[-40:] = b"\x00" * 40  # header intact, values garbage
-    path.write_bytes(bytes(raw))
-    fresh = FeatureCache(tmp_path / "c")
-    assert not fresh.has({"k": 1}, (50, 8))  # checksum mismatch: recompute
-    with pytest.raises(ValueError, match="checksum"):
-        fresh.load({"k": 1})
-    bad = fresh.writer({"k": 2}, (2, 2))
-    bad.write(0, np.array([[1.0, np.nan], [0.0, 1.0]]))
-    with pytest.raises(ValueError, match="non-finite") as e:
-        bad.commit()
-    assert "metrics.csv" in str(e.value) and "fp32" not in str(e.value)  # hints name only what exists
-    assert not fresh.has({"k": 2}) and not list((tmp_path / "c" / "cells").glob("*.partial.npy"))
-
-
-def test_constant_curves_are_drawn_flat():
-    from repdyn.analysis.plots import MIN_Y_SPAN, plot_similarity_curves
-
-    frame = pd.DataFrame({"step": [1, 2, 3], "cka_mean_offdiag": [0.5, 0.5 + 1e-7, 0.5 - 1e-7],
-                          "cka_student_teacher": [0.1, 0.5, 0.9], "orthogonality": 0.2, "token_cosine": 0.3,
-                          "dispersion": -0.01, "diversity": 0.1})
-    fig = plot_similarity_curves(frame, "t", {}, "st")
-    lo, hi = fig.axes[0].get_ylim()
-    assert hi - lo >= MIN_Y_SPAN - 1e-12
-    lo, hi = fig.axes[1].get_ylim()
-    assert hi - lo > 0.5  # a real trend keeps its own scale
 
 
 def test_pca_of_a_latent_model_has_no_input_panel(tmp_path):
