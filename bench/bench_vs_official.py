@@ -71,7 +71,7 @@ from repdyn.model.checkpoint import LoadedCheckpoint
 from repdyn.training.config import TrainConfig
 from repdyn.datasets.sources import SD_VAE_SCALE, make_dataset
 from repdyn.training.methods.base import StepContext
-from repdyn.training.methods.repa import REPATerm, repa_loss
+from repdyn.training.methods.repa import DEFAULT_PROJ_COEFF, REPATerm, repa_loss
 from repdyn.training.methods.sra import SRATerm, default_blocks
 from repdyn.model.backbone import model_config
 from repdyn.training.trainer import Trainer
@@ -479,8 +479,8 @@ def compare(model_name: str, method: str, official: Official | None, *, batch_si
             omodel.train()
             amp = tr.amp_dtype
             ostep = OfficialStep(official, omodel, method, blocks=(ks, kt), t_max=term.t_max if term else 0.2,
-                                 weight=term.weight if term else (0.5 if method == "repa" else 0.0), amp_dtype=amp,
-                                 device=dev, lr=cfg.lr,
+                                 weight=term.weight if term else (DEFAULT_PROJ_COEFF if method == "repa" else 0.0),
+                                 amp_dtype=amp, device=dev, lr=cfg.lr,
                                  betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay, clip=cfg.grad_clip,
                                  ema_decay=cfg.ema_decay, z_dim=z_dim, batch_size=batch_size, num_tokens=mc.num_tokens)
             rec["official"] = {"kind": official.kind, "root": str(official.root),

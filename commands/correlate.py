@@ -26,7 +26,7 @@ from repdyn.core.files import write_table
 
 from repdyn.model.checkpoint import run_dir_of
 from repdyn.model.torch_file import file_sha
-from repdyn.study.power import seed_of
+from repdyn.study.power import seed_or_none
 
 from repdyn.commands.features import parse_cells, weights_word
 from repdyn.commands.outputs import Outputs, claim_output, releases_outputs
@@ -102,9 +102,10 @@ def _boot_groups(joined: pd.DataFrame, unit: str) -> tuple[np.ndarray | None, st
         raise ValueError(f"--boot-unit {unit} needs a run column (or checkpoint paths inside run folders)")
     if unit == "run":
         return runs.to_numpy(), unit, ""
-    if not runs.str.contains(r"-s\d+$").all():
+    seeds = [seed_or_none(r) for r in runs]
+    if None in seeds:
         raise ValueError("--boot-unit seed needs run names <arm>-s<seed> (as the study writes them); use --boot-unit run")
-    return np.array([seed_of(r) for r in runs]), "seed", ""
+    return np.array(seeds), "seed", ""
 
 
 @releases_outputs

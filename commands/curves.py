@@ -49,8 +49,8 @@ from repdyn.core.timesteps import format_t
 from repdyn.probe.grid import validate_blocks
 from repdyn.probe.layer_grid import check_probe_sizes, grid_table
 from repdyn.probe.probes import PROBES
-from repdyn.model.checkpoint import LoadedCheckpoint, list_checkpoints, load_checkpoint, run_dir_of
-from repdyn.model.torch_file import file_sha
+from repdyn.model.checkpoint import LoadedCheckpoint, checkpoint_from, list_checkpoints, load_checkpoint, run_dir_of
+from repdyn.model.torch_file import file_sha, read_checkpoint
 from repdyn.core.files import write_table
 from repdyn.training.methods import SRAOptions
 from repdyn.training.methods.sra import DEFAULT_T_MAX, default_blocks
@@ -184,14 +184,20 @@ def _read(path: Path, columns: list[str]) -> pd.DataFrame:
                        na_values=[""])
 
 
-def _one_checkpoint(path: Path, settings: CurveSettings, spec: FeatureSpec, run: str, probe_device: str,
-                    dtr, dte) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Probe rows (student, teacher) and the similarity row of one checkpoint."""
+def _weight_sets(path: Path, spec: FeatureSpec, weights: set[str]) -> dict[str, LoadedCheckpoint]:
+    """The checkpoint's ``weights`` sets (online, EMA) from one read of the file."""
+    file = read_checkpoint(path, trust=spec.trust, map_location="cpu")
+    return {w: checkpoint_from(file.obj, path, w, family=spec.family, time_convention=spec.time_convention,
+                               num_heads=spec.num_heads, sha=file.sha) for w in weights}
+
+
+def _one_checkpoint(cks: dict[str, LoadedCheckpoint], settings: CurveSettings, spec: FeatureSpec, run: str,
+                    probe_device: str, dtr, dte) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Probe rows (student, teacher) and the similarity row of one checkpoint (``cks``: its online,
+    EMA and similarity weights)."""
     s = settings
-    cks = {w: load_checkpoint(path, weights=w, family=spec.family, time_convention=spec.time_convention,
-                              num_heads=spec.num_heads,
-                              trust=spec.trust) for w in {"model", "ema", s.similarity_weights}}
     ref = cks["ema"]
+    path = ref.path
     k = max(dtr.num_classes, int(np.max(np.asarray(dtr.labels))) + 1)
     rows, test_feats = [], {}
     for role, w, b, t in (("student", "model", s.student_block, s.t), ("teacher", "ema", s.teacher_block, s.t_teacher)):
@@ -332,16 +338,17 @@ def run_curves(run_dir: str | os.PathLike, spec: FeatureSpec, *, student_block: 
         dtr, dte = dataset_for(first, spec, "train"), dataset_for(first, spec, "test")  # channels follow the model
         check_probe_sizes(n_train, len(dtr), dtr.num_classes)
     for p in tqdm(todo, desc=f"curves: {len(todo)} new of {len(ckpts)} checkpoints", disable=not spec.progress):
-        if shas[p] not in done:
-            pr, sr = _one_checkpoint(p, settings, spec, run, pdev, dtr, dte)
+        probes_due = shas[p] not in done
+        cks = _weight_sets(p, spec, {"model", "ema", similarity_weights} if probes_due else {similarity_weights})
+        if probes_due:
+            pr, sr = _one_checkpoint(cks, settings, spec, run, pdev, dtr, dte)
             probe_df = _replace_rows(probe_df, pr, shas[p], h)
             sim_df = _replace_rows(sim_df, sr, shas[p], h)
             write_table(probe_df.sort_values(["settings_hash", "step", "role"]), pcsv)
             write_table(sim_df.sort_values(["settings_hash", "step"]), scsv)
         if done_blocks is not None and shas[p] not in done_blocks:
-            ck = load_checkpoint(p, weights=similarity_weights, family=spec.family,
-                                 time_convention=spec.time_convention, num_heads=spec.num_heads, trust=spec.trust)
-            block_df = _replace_rows(block_df, _block_rows(ck, settings, bset, enc, spec, run, dte), shas[p], bh)
+            block_df = _replace_rows(block_df, _block_rows(cks[similarity_weights], settings, bset, enc, spec, run, dte),
+                                     shas[p], bh)
             write_table(block_df.sort_values(["settings_hash", "step", "measure", "block"]), bcsv)
 
     cur = set(shas.values())

@@ -29,9 +29,9 @@ from repdyn.core.files import check_writable, lock_folder, unlock_folder
 from repdyn.core.runtime import dist_info
 from repdyn.model.checkpoint import CKPT_RE, list_checkpoints
 from repdyn.model.torch_file import CheckpointFile, read_checkpoint
-from repdyn.training.config import TrainConfig, parse_set_overrides, resolve_config
+from repdyn.training.config import TrainConfig, merge_config, parse_set_overrides, resolve_config
 from repdyn.training.trainer import NO_OPT_STATE, train
-from repdyn.training.warm_start import WarmStart, is_training_checkpoint, read_warm_start
+from repdyn.training.warm_start import WarmStart, is_own_checkpoint, is_training_checkpoint, read_warm_start
 
 __all__ = ["TrainResult", "run_train", "RUN_RECORDS"]
 
@@ -83,8 +83,7 @@ def _read_source(ckpt: Path, run: Path | None, trust: bool = False) -> _Source:
         raise ValueError(_broken_message(ckpt, run, str(e))) from None
     if is_training_checkpoint(file.obj):
         return _Source(ckpt, run, dict(file.obj["config"]))
-    obj = file.obj
-    if isinstance(obj, dict) and "meta" in obj and "config" in obj and "model" in obj:  # ours, saved without opt
+    if is_own_checkpoint(file.obj):  # ours, saved without its optimiser state
         raise ValueError(f"{ckpt} {NO_OPT_STATE}: resume from a checkpoint that has it, or start the run afresh "
                          "with --overwrite")
     # A published file, even where the official trainers write theirs (<exp>/checkpoints/NNNNNNN.pt, as
@@ -203,10 +202,7 @@ def run_train(preset: str | None = None, config: str | os.PathLike | None = None
     :data:`repdyn.training.trainer.RESUMABLE_CHANGES`). The run folder is ``--out``, else (resuming) the
     folder that holds the checkpoint. A published file (``resume`` outside a run folder, not ours)
     starts a new run in ``--out`` from its weights; ``family`` / ``num_heads`` / ``trust`` read it."""
-    overrides = dict(flags or {})
-    for key, value in parse_set_overrides(set_ or []).items():  # --set repa.x beside --encoder keeps both
-        both = isinstance(value, dict) and isinstance(overrides.get(key), dict)
-        overrides[key] = {**overrides[key], **value} if both else value
+    overrides = merge_config(dict(flags or {}), parse_set_overrides(set_ or []))  # --set repa.x keeps --encoder
     source = _source(resume, trust) if resume is not None else None
     warm = None
     if source is not None:

@@ -237,12 +237,7 @@ class ImageFolderDataset(Dataset):
         from PIL import Image
 
         path, label = self.files[i]
-        try:
-            with Image.open(path) as f:
-                img = f.convert("RGB" if self.channels == 3 else "L")
-        except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
-            why = "not an image PIL can read" if isinstance(e, Image.UnidentifiedImageError) else _first_line(e)
-            raise ValueError(f"cannot read image {path} ({why}): remove or replace the file") from None
+        img = read_image(path, "RGB" if self.channels == 3 else "L")
         w, h = img.size
         s = min(w, h)
         img = img.crop(((w - s) // 2, (h - s) // 2, (w + s) // 2, (h + s) // 2))
@@ -257,6 +252,19 @@ class ImageFolderDataset(Dataset):
 
     def finalize(self, x, generator=None):
         return x
+
+
+def read_image(path: str | os.PathLike, mode: str):
+    """The image at ``path`` as a PIL image in ``mode`` ("RGB" / "L"); a file PIL cannot read is a
+    one-line error naming it."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as f:
+            return f.convert(mode)
+    except (OSError, SyntaxError, ValueError) as e:  # PIL.UnidentifiedImageError is an OSError
+        why = "not an image PIL can read" if isinstance(e, Image.UnidentifiedImageError) else _first_line(e)
+        raise ValueError(f"cannot read image {path} ({why}): remove or replace the file") from None
 
 
 def _first_line(e: BaseException) -> str:
@@ -353,16 +361,9 @@ class LatentsDataset(Dataset):
         if self.image_files is None:
             raise ValueError(f"{self.name} has no images/ folder beside vae-sd/: the raw images REPA's encoder "
                              "reads (REPA's dataset layout) are missing")
-        from PIL import Image
-
         out = []
         for i in np.asarray(idx, dtype=np.int64):
-            path = self.image_files[int(i)]
-            try:
-                with Image.open(path) as im:
-                    arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
-            except (OSError, ValueError) as e:
-                raise ValueError(f"cannot read image {path} ({type(e).__name__}): replace or remove it") from None
+            arr = np.asarray(read_image(self.image_files[int(i)], "RGB"), dtype=np.uint8)
             out.append(torch.from_numpy(arr.transpose(2, 0, 1).copy()))
         shapes = {tuple(x.shape) for x in out}
         if len(shapes) > 1:

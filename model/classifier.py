@@ -24,7 +24,8 @@ from repdyn.core.files import save_torch
 from repdyn.model.frechet import feature_statistics
 
 __all__ = ["SmallCNN", "DatasetClassifier", "cache_root", "metric_name", "classifier_cache_path", "model_batches",
-           "train_classifier", "get_classifier", "fit_cross_entropy", "dataset_fingerprint",
+           "train_classifier", "get_classifier", "optional_test_split", "fit_cross_entropy",
+           "dataset_fingerprint",
            "CLASSIFIER_FORMAT"]
 
 CLASSIFIER_FORMAT = 1
@@ -204,28 +205,35 @@ def _load_classifier(path: Path) -> DatasetClassifier:
                              state["ref_mu"].numpy(), state["ref_sigma"].numpy(), dict(state["info"]), path)
 
 
+def optional_test_split(make_dataset_fn: Callable, spec: str) -> Any:
+    """The dataset's test split, or None where it has none (a cached network then reports no test
+    accuracy instead of failing)."""
+    try:
+        return make_dataset_fn(spec, split="test")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
 def get_classifier(spec: str, *, train_if_missing: bool = True, device: str | torch.device = "cpu",
                    progress: bool = False, epochs: int = 2, make_dataset_fn: Callable | None = None,
                    log: Callable[[str], None] | None = None) -> DatasetClassifier:
     """The cached classifier for dataset ``spec``; trained (once) and cached if missing or stale."""
     make_dataset_fn = make_dataset_fn or make_dataset
     train_ds = make_dataset_fn(spec, split="train")
-    path = classifier_cache_path(spec, dataset_fingerprint(train_ds))
+    fingerprint = dataset_fingerprint(train_ds)
+    path = classifier_cache_path(spec, fingerprint)
     if path.exists():
         clf = _load_classifier(path)
-        if clf.info.get("fingerprint") == dataset_fingerprint(train_ds) and clf.dataset == spec:
+        if clf.info.get("fingerprint") == fingerprint and clf.dataset == spec:
             return clf
         if log:
             log(f"classifier cache {path} does not match dataset {spec!r}; retraining")
     if not train_if_missing:
         raise ValueError(f"no cached classifier for {spec!r} at {path}; run once with training enabled")
-    try:
-        test_ds = make_dataset_fn(spec, split="test")
-    except (FileNotFoundError, ValueError):
-        test_ds = None
     if log:
         log(f"training the {spec} feature classifier once (cached at {path})")
-    clf = train_classifier(train_ds, test_ds, spec=spec, epochs=epochs, device=device, progress=progress)
+    clf = train_classifier(train_ds, optional_test_split(make_dataset_fn, spec), spec=spec, epochs=epochs,
+                           device=device, progress=progress)
     _save_classifier(clf, path)
     clf.path = path
     return clf

@@ -55,7 +55,8 @@ from tqdm.auto import tqdm
 from repdyn.core.files import save_torch
 from repdyn.datasets.sources import make_dataset
 from repdyn.model.torch_file import file_sha
-from repdyn.model.classifier import cache_root, dataset_fingerprint, fit_cross_entropy, metric_name, model_batches
+from repdyn.model.classifier import (cache_root, dataset_fingerprint, fit_cross_entropy, metric_name, model_batches,
+                                     optional_test_split)
 
 __all__ = ["Encoder", "TinyViT", "EmbeddedEncoder", "TimmEncoder", "PrecomputedFeatures", "EncodedFeatures",
            "DINOV2_MODELS", "REPA_ENCODER_NAMES", "ENCODER_FORMAT", "parse_encoder", "load_encoder",
@@ -249,13 +250,10 @@ def get_embedded_encoder(data: str, *, train_if_missing: bool = True, device: st
     if getattr(train_ds, "latent_scale", None) is not None:
         raise ValueError(f"the embedded encoder needs pixel images, but {data!r} holds VAE latents; pass "
                          "--encoder features:PATH or dinov2-vits14:PATH with images")
-    try:
-        test_ds = make_dataset_fn(data, split="test")
-    except (FileNotFoundError, ValueError):
-        test_ds = None
     if log:
         log(f"training the embedded ViT encoder of {data} once (cached at {path})")
-    model, info = train_embedded(train_ds, test_ds, epochs=epochs, max_train=max_train, device=device,
+    model, info = train_embedded(train_ds, optional_test_split(make_dataset_fn, data), epochs=epochs,
+                                 max_train=max_train, device=device,
                                  progress=progress)
     sha = _state_sha(model.state_dict())
     save_torch({"format": ENCODER_FORMAT, "dataset": data, "in_channels": int(train_ds.channels),

@@ -37,8 +37,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-__all__ = ["Comparison", "compare", "compare_arms", "paired", "probe_noise_comparison", "judge", "arm_of", "seed_of",
-           "HELD", "HELD_SMALLER", "NOT_HELD", "UNDERPOWERED", "NOT_TESTABLE", "NOT_RUN", "INCONCLUSIVE", "VERDICTS"]
+__all__ = ["Comparison", "compare", "compare_arms", "paired", "probe_noise_comparison", "judge", "judge_sign", "arm_of",
+           "seed_of", "seed_or_none", "HELD", "HELD_SMALLER", "NOT_HELD", "UNDERPOWERED", "NOT_TESTABLE", "NOT_RUN",
+           "INCONCLUSIVE", "VERDICTS"]
 
 HELD = "held"
 HELD_SMALLER = "held, smaller than claimed"
@@ -57,9 +58,16 @@ def arm_of(run: str) -> str:
     return m.group("arm") if m else str(run)
 
 
-def seed_of(run: str) -> int:
+def seed_or_none(run: str) -> int | None:
+    """The training seed a run name ``<arm>-s<seed>`` carries, None for a name without one."""
     m = _SEED.match(str(run))
-    return int(m.group("seed")) if m else 0
+    return int(m.group("seed")) if m else None
+
+
+def seed_of(run: str) -> int:
+    """The run's training seed (0 for a name without one: a one-seed study names runs by arm only)."""
+    seed = seed_or_none(run)
+    return 0 if seed is None else seed
 
 
 @dataclass(frozen=True)

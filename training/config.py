@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["TrainConfig", "MethodSpec", "PRESETS", "METHODS", "resolve_config", "parse_set_overrides"]
+__all__ = ["TrainConfig", "MethodSpec", "PRESETS", "METHODS", "resolve_config", "parse_set_overrides", "merge_config"]
 
 METHODS = ("baseline", "sra", "repa", "diverse", "sra+repa", "sra+diverse", "repa+diverse", "sra+repa+diverse")
 
@@ -171,11 +171,12 @@ def parse_set_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict, extra: dict) -> dict:
+def merge_config(base: dict, extra: dict) -> dict:
+    """``extra`` over ``base``, nested sections merged key by key (``--set repa.x`` keeps ``--encoder``)."""
     out = copy.deepcopy(base)
     for k, v in extra.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = _merge(out[k], v)
+            out[k] = merge_config(out[k], v)
         else:
             out[k] = copy.deepcopy(v)
     return out
@@ -188,7 +189,7 @@ def resolve_config(preset: str | None = None, yaml_path: str | Path | None = Non
     if preset is not None:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; use one of {', '.join(PRESETS)}")
-        d = _merge(d, PRESETS[preset])
+        d = merge_config(d, PRESETS[preset])
     if yaml_path is not None:
         p = Path(yaml_path)
         if not p.exists():
@@ -196,6 +197,6 @@ def resolve_config(preset: str | None = None, yaml_path: str | Path | None = Non
         loaded = yaml.safe_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{p} must hold a mapping of config fields")
-        d = _merge(d, loaded)
-    d = _merge(d, {k: v for k, v in (overrides or {}).items() if v is not None})
+        d = merge_config(d, loaded)
+    d = merge_config(d, {k: v for k, v in (overrides or {}).items() if v is not None})
     return TrainConfig.from_dict(d).validate()

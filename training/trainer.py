@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from repdyn.model.checkpoint import latest_checkpoint, list_checkpoints, save_checkpoint
 from repdyn.model.torch_file import read_checkpoint
 from repdyn.training.config import TrainConfig
-from repdyn.training.warm_start import WarmStart, read_warm_start
+from repdyn.training.warm_start import WarmStart, is_own_checkpoint, is_training_checkpoint, read_warm_start
 from repdyn.datasets.sources import ResumableBatchSampler, make_dataset
 from repdyn.training.methods import LossTerm, REPATerm, StepContext, build_loss_terms, model_flags_for_method
 from repdyn.model.backbone import DiffusionTransformer, FeatureForward, model_config
@@ -215,9 +215,9 @@ class Trainer:
                 raise FileNotFoundError(f"no checkpoints to resume from in {path}")
             path = found
         state = read_checkpoint(path, map_location="cpu").obj
-        if isinstance(state, dict) and "meta" in state and "config" in state and "opt" not in state:
+        if is_own_checkpoint(state) and not is_training_checkpoint(state):
             raise ValueError(f"{path} {NO_OPT_STATE}: resume from the final checkpoint, or start the run afresh")
-        if not isinstance(state, dict) or "meta" not in state or "opt" not in state:
+        if not is_training_checkpoint(state):
             raise ValueError(f"{path} is not a training checkpoint of this toolkit (needs model, ema, opt, meta)")
         changed = config_changes(state["config"], self.cfg)
         if changed:  # the optimizer state would win over a new lr and the recorded config would lie

@@ -32,7 +32,7 @@ from repdyn.model.checkpoint import CKPT_RE, checkpoint_from
 from repdyn.model.foreign import TRAINING_ONLY_HEADS, args_get, rename_official_keys, strip_wrapper_prefixes
 from repdyn.model.torch_file import CheckpointFile, read_checkpoint
 
-__all__ = ["WarmStart", "read_warm_start", "is_training_checkpoint", "projector_layout"]
+__all__ = ["WarmStart", "read_warm_start", "is_own_checkpoint", "is_training_checkpoint", "projector_layout"]
 
 # Fields the data or the method decide (checked against the file, never taken from it).
 _FROM_DATA = ("input_size", "in_channels", "num_classes")
@@ -58,9 +58,15 @@ def projector_layout(heads: dict[str, torch.Tensor], name: str) -> tuple[tuple[i
     return z, widths.pop()
 
 
+def is_own_checkpoint(obj: Any) -> bool:
+    """A checkpoint this toolkit's trainer wrote (with or without its optimiser state)."""
+    return isinstance(obj, dict) and all(k in obj for k in ("meta", "config", "model"))
+
+
 def is_training_checkpoint(obj: Any) -> bool:
-    """One of our training checkpoints (resumable exactly), as opposed to a published file."""
-    return isinstance(obj, dict) and all(k in obj for k in ("meta", "config", "model", "opt"))
+    """One of our checkpoints that resumes exactly (it holds the optimiser state), as opposed to a
+    published file or one saved with ``opt_state: final`` before the end."""
+    return is_own_checkpoint(obj) and "opt" in obj
 
 
 @dataclass
